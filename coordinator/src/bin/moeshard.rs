@@ -1,0 +1,3 @@
+//! `moeshard`: the user-facing command line.
+
+fn main() {}

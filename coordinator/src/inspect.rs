@@ -1,0 +1,1 @@
+//! `moeshard inspect`: what a GGUF file holds, read from its header alone.

@@ -1,0 +1,8 @@
+//! moeshard's shared library: everything both the coordinator and the expert
+//! nodes need and that does no networking — the GGUF container (zero-copy
+//! reader, streaming writer), the quant formats and their kernels, and the
+//! facts of each model architecture.
+
+pub mod fuzz;
+pub mod gguf;
+pub mod quant;

@@ -1,0 +1,1 @@
+//! moeshard's end-to-end tests: one binary, one module per area.
