@@ -2,4 +2,12 @@
 //! norms, routers, shared experts, output head), the KV cache, the sampler, and
 //! the `moeshard` command line.
 
+pub mod bench;
+pub mod chat_template;
+pub mod engine;
 pub mod inspect;
+pub mod kv_cache;
+pub mod models;
+pub mod safetensors_out;
+pub mod sampler;
+pub mod tokenizer;

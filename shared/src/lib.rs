@@ -4,5 +4,9 @@
 //! facts of each model architecture.
 
 pub mod fuzz;
+pub mod ggml_math;
 pub mod gguf;
+pub mod membw;
+pub mod models;
+pub mod moe;
 pub mod quant;

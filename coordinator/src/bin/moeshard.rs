@@ -1,3 +1,498 @@
-//! `moeshard`: the user-facing command line.
+//! `moeshard`: the user-facing command line. Thin: parses arguments, sets up
+//! logging, calls into the `coordinator` library and maps errors to exit codes.
 
-fn main() {}
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use coordinator::chat_template::ChatTemplate;
+use coordinator::engine::Engine;
+use coordinator::sampler::{Sampler, SamplerConfig};
+use coordinator::tokenizer::{StreamDecoder, Tokenizer};
+use shared::gguf::GgufFile;
+
+/// moeshard: serve huge mixture-of-experts models from CPU memory across NUMA sockets and hosts
+#[derive(Parser, Debug)]
+#[command(name = "moeshard", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Describe a GGUF model file from its header: architecture, hyperparameters, tensor types, expert sizes
+    Inspect {
+        /// The GGUF file (for a split model, its first part)
+        file: PathBuf,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate tokens as one batch from an empty cache and write every position's logits
+    Eval {
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// Comma-separated token ids
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Output safetensors file with one f32 tensor `logits` [n_tokens, n_vocab]
+        #[arg(long)]
+        logits_out: PathBuf,
+    },
+    /// Generate text from a prompt (single process)
+    Generate(GenerateArgs),
+    /// Tokenize text with the model's tokenizer
+    Tokenize {
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// Do not add the BOS token even if the model asks for it
+        #[arg(long)]
+        no_bos: bool,
+        /// Treat special-token text (e.g. <|im_start|>) as plain text
+        #[arg(long)]
+        no_parse_special: bool,
+        /// Print only the ids, as a list
+        #[arg(long)]
+        ids: bool,
+        /// Print {"tokens": [...]}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure prompt and decode speed next to the memory-bandwidth bound
+    Bench {
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// Worker threads (default: all cores)
+        #[arg(long, short = 't')]
+        threads: Option<usize>,
+        /// Prompt tokens
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+        n_prompt: usize,
+        /// Decoded tokens
+        #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+        n_gen: usize,
+        /// Repetitions (median and min are reported)
+        #[arg(long, short = 'r', default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render a chat template for a list of messages (like llama-server's /apply-template)
+    Template {
+        /// Take the template (and BOS/EOS tokens) from this model's metadata
+        #[arg(
+            long,
+            short = 'm',
+            conflicts_with = "template",
+            required_unless_present = "template"
+        )]
+        model: Option<PathBuf>,
+        /// A Jinja template file
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// JSON file: an OpenAI-style messages list, or an object with "messages" (and "tools")
+        #[arg(long)]
+        messages: PathBuf,
+        /// Do not append the assistant prompt
+        #[arg(long)]
+        no_generation_prompt: bool,
+        /// Template variable NAME=VALUE (VALUE parsed as JSON when it is valid JSON)
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Prompt text (tokenized with the model's tokenizer, special tokens parsed)
+    #[arg(
+        long,
+        short = 'p',
+        conflicts_with = "tokens",
+        required_unless_present = "tokens"
+    )]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, taken exactly as given (no BOS added)
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Number of tokens to generate
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, short = 's', default_value_t = 0x5EED)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template as a user message
+    #[arg(long)]
+    chat: bool,
+    /// Optional system message for --chat
+    #[arg(long)]
+    system: Option<String>,
+    /// Keep generating after an end-of-generation token
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Context size (default: prompt + n)
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+    /// Print one JSON object with `tokens` and `text` instead of streaming text
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect { file, json } => {
+            let summary = coordinator::inspect::summarize(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", coordinator::inspect::render_text(&summary));
+            }
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            tokens,
+            logits_out,
+        } => {
+            let engine = open_engine(&model)?;
+            let logits = engine.eval(&tokens).context("evaluating tokens")?;
+            let n_vocab = engine.model().hparams().n_vocab;
+            coordinator::safetensors_out::write_f32(
+                &logits_out,
+                "logits",
+                &[tokens.len(), n_vocab],
+                &logits,
+            )
+            .with_context(|| format!("writing {}", logits_out.display()))?;
+            eprintln!(
+                "wrote logits [{}, {}] to {}",
+                tokens.len(),
+                n_vocab,
+                logits_out.display()
+            );
+            Ok(())
+        }
+        Command::Generate(args) => generate(args),
+        Command::Bench {
+            model,
+            threads,
+            n_prompt,
+            n_gen,
+            reps,
+            json,
+        } => {
+            if n_prompt == 0 || reps == 0 {
+                bail!("-p and --reps must be at least 1");
+            }
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            if threads == 0 {
+                bail!("--threads must be at least 1");
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .context("starting worker threads")?;
+            let engine = open_engine(&model)?;
+            let cfg = coordinator::bench::BenchConfig {
+                n_prompt,
+                n_decode: n_gen,
+                reps,
+                bandwidth_buffer: 1 << 30,
+            };
+            let name = model.display().to_string();
+            let r = pool
+                .install(|| coordinator::bench::run(&engine, &name, &cfg))
+                .context("benchmarking")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("model            {}", r.model);
+                println!("threads          {} ({} kernels)", r.threads, r.kernels);
+                println!(
+                    "prompt  (pp{:<4}) {:>9.1} tok/s median, {:.1} min",
+                    r.n_prompt, r.prompt_tps, r.prompt_tps_min
+                );
+                println!(
+                    "decode  (tg{:<4}) {:>9.1} tok/s median, {:.1} min",
+                    r.n_decode, r.decode_tps, r.decode_tps_min
+                );
+                println!("read bandwidth   {:>9.1} GB/s", r.bandwidth_gbs);
+                println!(
+                    "bytes per token  {:>9.1} MB",
+                    r.bytes_per_token as f64 / 1e6
+                );
+                println!(
+                    "bandwidth bound  {:>9.1} tok/s (decode at {:.0}% of it)",
+                    r.bound_tps,
+                    100.0 * r.fraction_of_bound
+                );
+                println!("peak RSS         {:>9.1} MB", r.peak_rss_bytes as f64 / 1e6);
+            }
+            Ok(())
+        }
+        Command::Tokenize {
+            model,
+            text,
+            no_bos,
+            no_parse_special,
+            ids,
+            json,
+        } => {
+            let file = open_gguf(&model)?;
+            let tok = Tokenizer::from_gguf(&file).context("loading the tokenizer")?;
+            let tokens = tok.encode(&text, !no_bos, !no_parse_special);
+            if json {
+                println!("{}", serde_json::json!({ "tokens": tokens }));
+            } else if ids {
+                println!("{tokens:?}");
+            } else {
+                for t in tokens {
+                    let piece = String::from_utf8_lossy(tok.token_to_piece(t)).into_owned();
+                    println!("{t:>6} -> '{piece}'");
+                }
+            }
+            Ok(())
+        }
+        Command::Template {
+            model,
+            template,
+            messages,
+            no_generation_prompt,
+            vars,
+        } => {
+            let mut extra = BTreeMap::new();
+            let source = match (&model, &template) {
+                (Some(m), _) => {
+                    let file = open_gguf(m)?;
+                    if let Ok(tok) = Tokenizer::from_gguf(&file) {
+                        extra.extend(ChatTemplate::special_token_vars(&tok));
+                    }
+                    file.get("tokenizer.chat_template")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                        .with_context(|| {
+                            format!("{} has no tokenizer.chat_template", m.display())
+                        })?
+                }
+                (None, Some(t)) => std::fs::read_to_string(t)
+                    .with_context(|| format!("reading {}", t.display()))?,
+                (None, None) => bail!("give --model or --template"),
+            };
+            for v in vars {
+                let (name, value) = v
+                    .split_once('=')
+                    .with_context(|| format!("--var {v:?} is not NAME=VALUE"))?;
+                let value = serde_json::from_str(value)
+                    .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+                extra.insert(name.to_owned(), value);
+            }
+            let text = std::fs::read_to_string(&messages)
+                .with_context(|| format!("reading {}", messages.display()))?;
+            let parsed: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", messages.display()))?;
+            let msgs = match parsed {
+                serde_json::Value::Object(mut o) => {
+                    for (k, v) in o.iter() {
+                        if k != "messages" {
+                            extra.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                    o.remove("messages")
+                        .context("the messages object has no \"messages\" list")?
+                }
+                list => list,
+            };
+            let tpl = ChatTemplate::new(&source).context("parsing the chat template")?;
+            let out = tpl
+                .render(&msgs, !no_generation_prompt, &extra)
+                .context("rendering the chat template")?;
+            print!("{out}");
+            Ok(())
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let file = open_gguf(&args.model)?;
+    let engine = load_engine(file.clone(), &args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file).ok();
+    let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
+        (Some(t), _) => t.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer
+                .as_ref()
+                .context("this model has no tokenizer: use --tokens")?;
+            if args.chat {
+                let source = file
+                    .get("tokenizer.chat_template")
+                    .and_then(|v| v.as_str())
+                    .context("this model has no chat template")?;
+                let tpl = ChatTemplate::new(source).context("parsing the chat template")?;
+                let mut msgs = Vec::new();
+                if let Some(sys) = &args.system {
+                    msgs.push(serde_json::json!({"role": "system", "content": sys}));
+                }
+                msgs.push(serde_json::json!({"role": "user", "content": text}));
+                let rendered = tpl
+                    .render(
+                        &serde_json::Value::Array(msgs),
+                        true,
+                        &ChatTemplate::special_token_vars(tok),
+                    )
+                    .context("rendering the chat template")?;
+                tok.encode(&rendered, false, true)
+            } else {
+                tok.encode(text, true, true)
+            }
+        }
+        (None, None) => bail!("give --prompt or --tokens"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let config = SamplerConfig {
+        temperature: args.temp,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed: args.seed,
+    };
+    let mut sampler = Sampler::new(config);
+    let n_ctx = args.ctx_size.unwrap_or(prompt.len() + args.n_predict);
+    if prompt.len() + args.n_predict > n_ctx {
+        bail!(
+            "prompt ({} tokens) + n ({}) exceeds the context size {n_ctx}",
+            prompt.len(),
+            args.n_predict
+        );
+    }
+    let mut decoder = tokenizer.as_ref().map(|_| StreamDecoder::new(false));
+    let stdout = std::io::stdout();
+    let json = args.json;
+    let ignore_eos = args.ignore_eos;
+    let (tokens, stats) = engine
+        .generate(&prompt, args.n_predict, n_ctx, &mut sampler, |tok| {
+            if let (Some(dec), Some(t), false) = (decoder.as_mut(), tokenizer.as_ref(), json) {
+                let piece = dec.push(t, tok);
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+            ignore_eos || !tokenizer.as_ref().is_some_and(|t| t.is_eog(tok))
+        })
+        .context("generating")?;
+    if let (Some(dec), false) = (decoder.as_mut(), json) {
+        print!("{}", dec.finish());
+        println!();
+    }
+    if json {
+        let text = tokenizer
+            .as_ref()
+            .map(|t| t.decode(&tokens))
+            .unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens": tokens,
+                "text": text,
+                "n_prompt": stats.n_prompt,
+                "prompt_tps": stats.prompt_tps(),
+                "generation_tps": stats.generation_tps(),
+            })
+        );
+    }
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
+        stats.n_prompt,
+        stats.prompt_tps(),
+        stats.n_generated,
+        stats.generation_tps()
+    );
+    Ok(())
+}
+
+fn open_gguf(path: &Path) -> anyhow::Result<std::sync::Arc<GgufFile>> {
+    Ok(std::sync::Arc::new(
+        GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?,
+    ))
+}
+
+fn open_engine(path: &Path) -> anyhow::Result<Engine> {
+    load_engine(open_gguf(path)?, path)
+}
+
+/// Loads a model; on a terminal a progress bar shows the dense weights being
+/// paged in (nothing is drawn when stderr is a pipe).
+fn load_engine(file: std::sync::Arc<GgufFile>, path: &Path) -> anyhow::Result<Engine> {
+    let engine = Engine::from_file(file).with_context(|| format!("loading {}", path.display()))?;
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading {msg} {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    engine.model().prefault(|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+/// Logs go to stderr; `MOESHARD_LOG` or `RUST_LOG` sets the filter, default `warn`.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("MOESHARD_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,3 +1,409 @@
 //! The kernel table, picked once at run time from the CPU's features.
 //!
-//! OWNED BY HELPER "simd-kernels" (being written).
+//! One binary runs on many Xeons, so the SIMD level is chosen when the process first asks for
+//! [`Kernels::get`]: the best level the CPU supports (`is_x86_feature_detected!`), lowered by
+//! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512` when set (for tests, benches and
+//! debugging). The choice is logged once. [`Kernels::scalar`] is the portable reference table
+//! and [`Kernels::supported`] lists every level the host can run, for tests and comparisons.
+//!
+//! The SIMD functions are `#[target_feature]` functions; a table holding them is only built
+//! after the features were detected, which is what makes the calls below sound. Every public
+//! method checks lengths first and panics on a mismatch: that is a caller bug, as in
+//! [`reference`].
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use super::reference;
+use super::GgmlType;
+
+/// A SIMD level of the kernel table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// The portable reference kernels.
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 plus AVX-512 F, BW, VL and VNNI (Cascade Lake and later, Zen 4): faster Q4_K, Q6_K
+    /// and Q8_0 kernels, AVX2 for the rest.
+    Avx512,
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// The name used in logs and in `MOESHARD_KERNELS`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a name of [`Isa::name`] (case-insensitive).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Whether this CPU can run the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => has_avx2(),
+            Isa::Avx512 => has_avx2() && has_avx512(),
+        }
+    }
+
+    /// The best level this CPU supports.
+    pub fn best() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Scalar)
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
+/// `(n, weight row, activation rows, one result per activation row)`.
+///
+/// Safety contract of every entry: the CPU has the table's features, `w` is a whole row of `n`
+/// elements of the entry's type, `xs.len()` is `out.len()` rows of `n` elements of its
+/// `vec_dot_type`, and `n > 0`.
+type DotFn = unsafe fn(usize, &[u8], &[u8], &mut [f32]);
+
+/// `(source values, destination bytes)`; contract: the CPU has the table's features and `dst`
+/// is exactly the quantized row of `src`.
+type QuantizeFn = unsafe fn(&[f32], &mut [u8]);
+
+/// Slot of a type in the tables (its position in [`GgmlType::ALL`]).
+const fn slot(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q5_0 => 4,
+        GgmlType::Q5_1 => 5,
+        GgmlType::Q8_0 => 6,
+        GgmlType::Q8_1 => 7,
+        GgmlType::Q2_K => 8,
+        GgmlType::Q3_K => 9,
+        GgmlType::Q4_K => 10,
+        GgmlType::Q5_K => 11,
+        GgmlType::Q6_K => 12,
+        GgmlType::Q8_K => 13,
+        GgmlType::BF16 => 14,
+    }
+}
+
+const N_TYPES: usize = GgmlType::ALL.len();
+
+/// Dot products and activation quantization for one SIMD level.
+///
+/// Obtain one with [`Kernels::get`] (the process-wide choice), [`Kernels::scalar`] or
+/// [`Kernels::for_isa`].
+pub struct Kernels {
+    isa: Isa,
+    // Invariant: every entry may run on this CPU (the table is only handed out after its
+    // features were detected).
+    dot: [DotFn; N_TYPES],
+    quantize: [QuantizeFn; N_TYPES],
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kernels").field("isa", &self.isa).finish()
+    }
+}
+
+/// Reference dot product of type `TY` (a ggml id), row by row.
+fn scalar_dot<const TY: u32>(n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+    let Some(ty) = GgmlType::from_id(TY) else {
+        unreachable!("scalar table built from valid ids")
+    };
+    let x_row = xs.len() / out.len();
+    for (o, x) in out.iter_mut().zip(xs.chunks_exact(x_row)) {
+        *o = reference::vec_dot(ty, n, w, x);
+    }
+}
+
+fn scalar_quantize<const TY: u32>(src: &[f32], dst: &mut [u8]) {
+    let Some(ty) = GgmlType::from_id(TY) else {
+        unreachable!("scalar table built from valid ids")
+    };
+    reference::quantize_row(ty, src, dst);
+}
+
+macro_rules! table {
+    ($f:ident) => {
+        [
+            $f::<{ GgmlType::F32.id() }>,
+            $f::<{ GgmlType::F16.id() }>,
+            $f::<{ GgmlType::Q4_0.id() }>,
+            $f::<{ GgmlType::Q4_1.id() }>,
+            $f::<{ GgmlType::Q5_0.id() }>,
+            $f::<{ GgmlType::Q5_1.id() }>,
+            $f::<{ GgmlType::Q8_0.id() }>,
+            $f::<{ GgmlType::Q8_1.id() }>,
+            $f::<{ GgmlType::Q2_K.id() }>,
+            $f::<{ GgmlType::Q3_K.id() }>,
+            $f::<{ GgmlType::Q4_K.id() }>,
+            $f::<{ GgmlType::Q5_K.id() }>,
+            $f::<{ GgmlType::Q6_K.id() }>,
+            $f::<{ GgmlType::Q8_K.id() }>,
+            $f::<{ GgmlType::BF16.id() }>,
+        ]
+    };
+}
+
+static SCALAR: Kernels = Kernels {
+    isa: Isa::Scalar,
+    dot: table!(scalar_dot),
+    quantize: table!(scalar_quantize),
+};
+
+/// The AVX2 entries (the scalar ones where AVX2 has nothing better).
+#[cfg(target_arch = "x86_64")]
+const fn avx2_tables() -> ([DotFn; N_TYPES], [QuantizeFn; N_TYPES]) {
+    use super::x86_64::avx2;
+    let mut dot: [DotFn; N_TYPES] = table!(scalar_dot);
+    dot[slot(GgmlType::F32)] = avx2::dot_f32;
+    dot[slot(GgmlType::F16)] = avx2::dot_f16;
+    dot[slot(GgmlType::BF16)] = avx2::dot_bf16;
+    dot[slot(GgmlType::Q4_0)] = avx2::dot_q4_0;
+    dot[slot(GgmlType::Q4_1)] = avx2::dot_q4_1;
+    dot[slot(GgmlType::Q5_0)] = avx2::dot_q5_0;
+    dot[slot(GgmlType::Q5_1)] = avx2::dot_q5_1;
+    dot[slot(GgmlType::Q8_0)] = avx2::dot_q8_0;
+    dot[slot(GgmlType::Q2_K)] = avx2::dot_q2_k;
+    dot[slot(GgmlType::Q3_K)] = avx2::dot_q3_k;
+    dot[slot(GgmlType::Q4_K)] = avx2::dot_q4_k;
+    dot[slot(GgmlType::Q5_K)] = avx2::dot_q5_k;
+    dot[slot(GgmlType::Q6_K)] = avx2::dot_q6_k;
+    let mut quantize: [QuantizeFn; N_TYPES] = table!(scalar_quantize);
+    quantize[slot(GgmlType::F16)] = avx2::quantize_f16;
+    quantize[slot(GgmlType::Q8_0)] = avx2::quantize_q8_0;
+    quantize[slot(GgmlType::Q8_1)] = avx2::quantize_q8_1;
+    quantize[slot(GgmlType::Q8_K)] = avx2::quantize_q8_k;
+    (dot, quantize)
+}
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = {
+    let (dot, quantize) = avx2_tables();
+    Kernels {
+        isa: Isa::Avx2,
+        dot,
+        quantize,
+    }
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = {
+    use super::x86_64::avx512;
+    let (mut dot, quantize) = avx2_tables();
+    dot[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
+    dot[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
+    dot[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
+    Kernels {
+        isa: Isa::Avx512,
+        dot,
+        quantize,
+    }
+};
+
+/// The environment variable that lowers the chosen level.
+pub const ENV_KERNELS: &str = "MOESHARD_KERNELS";
+
+impl Kernels {
+    /// The process-wide table: the best level of this CPU, or the lower one asked for in
+    /// `MOESHARD_KERNELS`. Chosen and logged on the first call.
+    pub fn get() -> &'static Kernels {
+        static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
+        CHOSEN.get_or_init(|| {
+            let best = Isa::best();
+            let requested = std::env::var(ENV_KERNELS).ok();
+            let isa = match requested.as_deref().map(|s| (s, Isa::from_name(s))) {
+                None => best,
+                Some((_, Some(isa))) if isa <= best => isa,
+                Some((name, Some(_))) => {
+                    tracing::warn!(
+                        requested = name,
+                        best = best.name(),
+                        "{ENV_KERNELS} asks for a level this CPU lacks; using the best it has"
+                    );
+                    best
+                }
+                Some((name, None)) => {
+                    tracing::warn!(
+                        requested = name,
+                        "unknown {ENV_KERNELS} value (want scalar, avx2 or avx512); ignored"
+                    );
+                    best
+                }
+            };
+            tracing::info!(isa = isa.name(), best = best.name(), "kernels selected");
+            Kernels::for_isa(isa).unwrap_or(&SCALAR)
+        })
+    }
+
+    /// The portable reference kernels (every result defined by [`reference`]).
+    pub fn scalar() -> &'static Kernels {
+        &SCALAR
+    }
+
+    /// The table of `isa`, or `None` when this CPU cannot run it.
+    pub fn for_isa(isa: Isa) -> Option<&'static Kernels> {
+        if !isa.is_supported() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(&SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&AVX2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(&AVX512),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => None,
+        }
+    }
+
+    /// Every table this CPU can run, lowest level first.
+    pub fn supported() -> Vec<&'static Kernels> {
+        Isa::ALL.into_iter().filter_map(Kernels::for_isa).collect()
+    }
+
+    /// The SIMD level of this table.
+    pub fn level(&self) -> Isa {
+        self.isa
+    }
+
+    /// The name of the SIMD level (`"scalar"`, `"avx2"`, `"avx512"`).
+    pub fn isa(&self) -> &'static str {
+        self.isa.name()
+    }
+
+    /// Dot product of a weight row of `ty` (`n` elements) with an activation row of
+    /// `ty.vec_dot_type()`.
+    ///
+    /// The activation must be as our quantizers make it (no -128 quant, Q8_K `bsums` equal to
+    /// the sums of the quants; `matmul::Activations::from_bytes` checks both); otherwise the
+    /// result is unspecified. Panics if `ty` is not a weight type or a length does not match.
+    pub fn vec_dot(&self, ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
+        let mut out = [0.0f32];
+        self.vec_dot_batch(ty, n, w, x, &mut out);
+        out[0]
+    }
+
+    /// Dot products of one weight row with `out.len()` activation rows stored back to back in
+    /// `xs` (each `ty.vec_dot_type().row_bytes(n)` bytes); each result is bit-identical to
+    /// [`Kernels::vec_dot`] of that row. The weight row is read from memory once.
+    ///
+    /// Panics as [`Kernels::vec_dot`] does.
+    pub fn vec_dot_batch(&self, ty: GgmlType, n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
+        assert_eq!(
+            xs.len(),
+            x_bytes * out.len(),
+            "vec_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
+            xs.len(),
+            out.len(),
+            x_bytes * out.len()
+        );
+        debug_assert_eq!(w.len(), w_bytes);
+        if n == 0 {
+            out.fill(0.0);
+            return;
+        }
+        if out.is_empty() {
+            return;
+        }
+        // SAFETY: the table's features were detected before it was handed out (invariant of
+        // `Kernels`), and the lengths were checked above, which is the entry's whole contract.
+        unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
+    }
+
+    /// Quantizes an activation row to `ty` (F32, F16, BF16, Q8_0, Q8_1 or Q8_K), bit-identical
+    /// to [`reference::quantize_row`].
+    ///
+    /// Panics if `ty` is not an activation type or `dst.len()` is not `ty.row_bytes(src.len())`.
+    pub fn quantize_row(&self, ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+        assert!(
+            matches!(
+                ty,
+                GgmlType::F32
+                    | GgmlType::F16
+                    | GgmlType::BF16
+                    | GgmlType::Q8_0
+                    | GgmlType::Q8_1
+                    | GgmlType::Q8_K
+            ),
+            "quantize_row: {ty} is not an activation type"
+        );
+        let want = ty.row_bytes(src.len());
+        assert_eq!(
+            Some(dst.len()),
+            want,
+            "quantize_row {ty}: {} destination bytes for {} values",
+            dst.len(),
+            src.len()
+        );
+        // SAFETY: the table's features were detected before it was handed out (invariant of
+        // `Kernels`), and the lengths were checked above.
+        unsafe { (self.quantize[slot(ty)])(src, dst) }
+    }
+}
+
+/// Checks a dot product's type and weight length; returns the weight and activation row bytes.
+fn check_dot(ty: GgmlType, n: usize, w_len: usize) -> (usize, usize) {
+    assert!(
+        !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K),
+        "vec_dot: {ty} is an activation-only type"
+    );
+    let (Some(w_bytes), Some(x_bytes)) = (ty.row_bytes(n), ty.vec_dot_type().row_bytes(n)) else {
+        panic!(
+            "vec_dot {ty}: {n} elements is not a whole number of {}-element blocks",
+            ty.block_elems()
+        )
+    };
+    assert_eq!(
+        w_len, w_bytes,
+        "vec_dot {ty}: {w_len} weight bytes for {n} elements (want {w_bytes})"
+    );
+    (w_bytes, x_bytes)
+}

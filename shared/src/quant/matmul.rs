@@ -1,3 +1,502 @@
 //! A weight matrix times a batch of activation rows, each weight row read once per batch.
 //!
-//! OWNED BY HELPER "simd-kernels" (being written).
+//! [`WeightMatrix`] is a view of a ggml 2-D tensor (`ne = [n_cols, n_rows]`: rows of `n_cols`
+//! elements, row-major), usually straight from the mmap. [`Activations`] holds token rows
+//! already quantized to the weight's `vec_dot_type`, either by [`Activations::quantize`] or, on
+//! the network path, validated by [`Activations::from_bytes`]. [`matmul`] computes
+//! `out[token * n_rows + row] = W[row] · x[token]` in parallel over chunks of rows on the
+//! current rayon pool (callers install socket-pinned pools), each chunk streaming a contiguous
+//! range of weights; with several tokens each weight row goes through
+//! [`Kernels::vec_dot_batch`] once per group of tokens, so a batch costs one pass over the
+//! weights. Each result equals [`Kernels::vec_dot`] of its row and token, bit for bit.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+use thiserror::Error;
+
+use super::dispatch::Kernels;
+use super::GgmlType;
+
+/// Why a weight matrix or a buffer of activation rows was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum MatmulError {
+    #[error("{ty}: {n_cols} columns is not a whole number of {block_elems}-element blocks")]
+    PartialBlock {
+        ty: GgmlType,
+        n_cols: usize,
+        block_elems: usize,
+    },
+    #[error("{0} is not a weight type")]
+    NotWeightType(GgmlType),
+    #[error("{0} is not an activation type (F32, F16, BF16, Q8_0, Q8_1, Q8_K)")]
+    NotActivationType(GgmlType),
+    #[error("{what}: {got} bytes, want {want}")]
+    Length {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("activation row {token}, block {block}: quant -128 (quantizers make -127..=127)")]
+    QuantOutOfRange { token: usize, block: usize },
+    #[error("activation row {token}, block {block}: bsums[{group}] is {stored}, the quants sum to {actual}")]
+    BadBlockSum {
+        token: usize,
+        block: usize,
+        group: usize,
+        stored: i16,
+        actual: i32,
+    },
+    #[error("activation row {token}, element or block {index}: non-finite value")]
+    NonFinite { token: usize, index: usize },
+}
+
+/// A view of a weight matrix: `n_rows` rows of `n_cols` elements of `ty`, row-major.
+///
+/// The fields are public so that views can be cut cheaply (an expert of a 3-D tensor, a
+/// head); [`WeightMatrix::new`] validates, and [`matmul`] checks again (panicking, as that is
+/// then a caller bug).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    pub ty: GgmlType,
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightMatrix<'a> {
+    /// Checks that `ty` is a weight type, that `n_cols` is whole blocks and that `data` holds
+    /// exactly `n_rows` rows.
+    pub fn new(
+        ty: GgmlType,
+        n_rows: usize,
+        n_cols: usize,
+        data: &'a [u8],
+    ) -> Result<WeightMatrix<'a>, MatmulError> {
+        if !GgmlType::WEIGHT_TYPES.contains(&ty) {
+            return Err(MatmulError::NotWeightType(ty));
+        }
+        let row_bytes = ty.row_bytes(n_cols).ok_or(MatmulError::PartialBlock {
+            ty,
+            n_cols,
+            block_elems: ty.block_elems(),
+        })?;
+        let want = row_bytes.checked_mul(n_rows).ok_or(MatmulError::Length {
+            what: "weight matrix",
+            got: data.len(),
+            want: usize::MAX,
+        })?;
+        if data.len() != want {
+            return Err(MatmulError::Length {
+                what: "weight matrix",
+                got: data.len(),
+                want,
+            });
+        }
+        Ok(WeightMatrix {
+            ty,
+            n_rows,
+            n_cols,
+            data,
+        })
+    }
+
+    /// Bytes of one row.
+    ///
+    /// Panics if `n_cols` is not whole blocks (a view not made by [`WeightMatrix::new`]).
+    pub fn row_bytes(&self) -> usize {
+        match self.ty.row_bytes(self.n_cols) {
+            Some(b) => b,
+            None => panic!(
+                "weight matrix {}: {} columns is not whole blocks",
+                self.ty, self.n_cols
+            ),
+        }
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Panics unless the view is what [`WeightMatrix::new`] accepts.
+    fn assert_valid(&self) {
+        if let Err(e) = WeightMatrix::new(self.ty, self.n_rows, self.n_cols, self.data) {
+            panic!("matmul: invalid weight matrix: {e}");
+        }
+    }
+}
+
+/// Token rows quantized to one activation type, back to back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Activations {
+    ty: GgmlType,
+    n_cols: usize,
+    n_tokens: usize,
+    // Invariant: `data.len() == n_tokens * ty.row_bytes(n_cols)`, and the rows are as our
+    // quantizers make them (checked in `from_bytes`).
+    data: Vec<u8>,
+}
+
+const ACTIVATION_TYPES: [GgmlType; 6] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q8_1,
+    GgmlType::Q8_K,
+];
+
+impl Activations {
+    /// Quantizes the token rows of `x` (`n_cols` values each) to `weight_ty.vec_dot_type()`,
+    /// the form a weight of `weight_ty` is multiplied with (an activation type stands for
+    /// itself).
+    ///
+    /// Panics if `x.len()` is not a multiple of `n_cols` or `n_cols` is not whole blocks of
+    /// that type (caller bugs: the shapes come from a validated model).
+    pub fn quantize(
+        kernels: &Kernels,
+        weight_ty: GgmlType,
+        x: &[f32],
+        n_cols: usize,
+    ) -> Activations {
+        let ty = weight_ty.vec_dot_type();
+        let Some(row_bytes) = ty.row_bytes(n_cols) else {
+            panic!(
+                "Activations::quantize: {n_cols} columns is not whole {ty} blocks of {}",
+                ty.block_elems()
+            )
+        };
+        let n_tokens = x.len().checked_div(n_cols).unwrap_or(0);
+        assert_eq!(
+            n_tokens * n_cols,
+            x.len(),
+            "Activations::quantize: {} values is not whole rows of {n_cols}",
+            x.len()
+        );
+        let mut data = vec![0u8; n_tokens * row_bytes];
+        if row_bytes > 0 {
+            for (src, dst) in x.chunks_exact(n_cols).zip(data.chunks_exact_mut(row_bytes)) {
+                kernels.quantize_row(ty, src, dst);
+            }
+        }
+        Activations {
+            ty,
+            n_cols,
+            n_tokens,
+            data,
+        }
+    }
+
+    /// Takes rows quantized elsewhere (the network path), after checking everything the
+    /// kernels rely on: the type, the length, finite scales and values, no -128 quant, and
+    /// Q8_K block sums equal to the sums of their quants.
+    pub fn from_bytes(
+        ty: GgmlType,
+        n_cols: usize,
+        n_tokens: usize,
+        data: Vec<u8>,
+    ) -> Result<Activations, MatmulError> {
+        if !ACTIVATION_TYPES.contains(&ty) {
+            return Err(MatmulError::NotActivationType(ty));
+        }
+        let row_bytes = ty.row_bytes(n_cols).ok_or(MatmulError::PartialBlock {
+            ty,
+            n_cols,
+            block_elems: ty.block_elems(),
+        })?;
+        let want = row_bytes.checked_mul(n_tokens).ok_or(MatmulError::Length {
+            what: "activation rows",
+            got: data.len(),
+            want: usize::MAX,
+        })?;
+        if data.len() != want {
+            return Err(MatmulError::Length {
+                what: "activation rows",
+                got: data.len(),
+                want,
+            });
+        }
+        if row_bytes > 0 {
+            for (token, row) in data.chunks_exact(row_bytes).enumerate() {
+                validate_row(ty, token, row)?;
+            }
+        }
+        Ok(Activations {
+            ty,
+            n_cols,
+            n_tokens,
+            data,
+        })
+    }
+
+    /// The activation type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Values per token row.
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+
+    /// Number of token rows.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Bytes of one token row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len().checked_div(self.n_tokens).unwrap_or(0)
+    }
+
+    /// All rows, back to back.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Token row `t`.
+    pub fn row(&self, t: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[t * rb..(t + 1) * rb]
+    }
+
+    /// The bytes, e.g. to send them.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
+    }
+
+    /// The rows of `tokens`, in that order (a token may repeat).
+    ///
+    /// Panics if a token is out of range.
+    pub fn gather(&self, tokens: &[usize]) -> Activations {
+        let mut data = Vec::with_capacity(tokens.len() * self.row_bytes());
+        for &t in tokens {
+            assert!(
+                t < self.n_tokens,
+                "gather: token {t} of {} rows",
+                self.n_tokens
+            );
+            data.extend_from_slice(self.row(t));
+        }
+        Activations {
+            ty: self.ty,
+            n_cols: self.n_cols,
+            n_tokens: tokens.len(),
+            data,
+        }
+    }
+}
+
+fn validate_row(ty: GgmlType, token: usize, row: &[u8]) -> Result<(), MatmulError> {
+    let non_finite = |index| MatmulError::NonFinite { token, index };
+    let f16_ok = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).is_finite();
+    match ty {
+        GgmlType::F32 => {
+            for (i, v) in row.chunks_exact(4).enumerate() {
+                if !f32::from_le_bytes([v[0], v[1], v[2], v[3]]).is_finite() {
+                    return Err(non_finite(i));
+                }
+            }
+        }
+        GgmlType::F16 => {
+            for (i, _) in row.chunks_exact(2).enumerate() {
+                if !f16_ok(row, 2 * i) {
+                    return Err(non_finite(i));
+                }
+            }
+        }
+        GgmlType::BF16 => {
+            for (i, v) in row.chunks_exact(2).enumerate() {
+                // All exponent bits set is Inf or NaN.
+                if u16::from_le_bytes([v[0], v[1]]) & 0x7f80 == 0x7f80 {
+                    return Err(non_finite(i));
+                }
+            }
+        }
+        GgmlType::Q8_0 | GgmlType::Q8_1 => {
+            let qs_at = if ty == GgmlType::Q8_0 { 2 } else { 4 };
+            for (block, b) in row.chunks_exact(ty.block_bytes()).enumerate() {
+                if !f16_ok(b, 0) || (ty == GgmlType::Q8_1 && !f16_ok(b, 2)) {
+                    return Err(non_finite(block));
+                }
+                if b[qs_at..].contains(&0x80) {
+                    return Err(MatmulError::QuantOutOfRange { token, block });
+                }
+            }
+        }
+        GgmlType::Q8_K => {
+            for (block, b) in row.chunks_exact(ty.block_bytes()).enumerate() {
+                if !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite() {
+                    return Err(non_finite(block));
+                }
+                let qs = &b[4..260];
+                if qs.contains(&0x80) {
+                    return Err(MatmulError::QuantOutOfRange { token, block });
+                }
+                for (group, (q, s)) in qs
+                    .chunks_exact(16)
+                    .zip(b[260..].chunks_exact(2))
+                    .enumerate()
+                {
+                    let actual: i32 = q.iter().map(|&v| i32::from(v as i8)).sum();
+                    let stored = i16::from_le_bytes([s[0], s[1]]);
+                    if i32::from(stored) != actual {
+                        return Err(MatmulError::BadBlockSum {
+                            token,
+                            block,
+                            group,
+                            stored,
+                            actual,
+                        });
+                    }
+                }
+            }
+        }
+        other => return Err(MatmulError::NotActivationType(other)),
+    }
+    Ok(())
+}
+
+/// Bytes of weights one parallel task streams at least (when the matrix has enough rows for
+/// every thread to get several tasks): large enough that rayon's per-task cost is noise.
+const TASK_BYTES: usize = 256 * 1024;
+
+/// Tokens whose activation rows are multiplied with a chunk of weight rows before moving on
+/// to the next group: the group's rows stay in L2 while the chunk's weights are reused.
+const TOKEN_GROUP: usize = 32;
+
+/// `out[token * n_rows + row] = W[row] · x[token]` for every row and token.
+///
+/// Panics if the shapes do not fit: `x` must be `w.ty.vec_dot_type()` rows of `w.n_cols`,
+/// `out.len()` must be `x.n_tokens() * w.n_rows`.
+pub fn matmul(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
+    matmul_rows(kernels, w, 0..w.n_rows, x, out);
+}
+
+/// [`matmul`] over the rows `rows` only (an expert slice):
+/// `out[token * rows.len() + (row - rows.start)] = W[row] · x[token]`.
+///
+/// Panics as [`matmul`] does, or if `rows` is not within the matrix.
+pub fn matmul_rows(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    rows: Range<usize>,
+    x: &Activations,
+    out: &mut [f32],
+) {
+    w.assert_valid();
+    assert!(
+        rows.start <= rows.end && rows.end <= w.n_rows,
+        "matmul: rows {rows:?} of a {}-row matrix",
+        w.n_rows
+    );
+    assert_eq!(
+        x.ty,
+        w.ty.vec_dot_type(),
+        "matmul: {} activations for {} weights",
+        x.ty,
+        w.ty
+    );
+    assert_eq!(
+        x.n_cols, w.n_cols,
+        "matmul: activations of {} columns for a matrix of {}",
+        x.n_cols, w.n_cols
+    );
+    let n_rows = rows.len();
+    let n_tokens = x.n_tokens;
+    assert_eq!(
+        out.len(),
+        n_tokens * n_rows,
+        "matmul: output of {} values for {n_tokens} tokens x {n_rows} rows",
+        out.len()
+    );
+    if n_rows == 0 || n_tokens == 0 {
+        return;
+    }
+    let row_bytes = w.row_bytes();
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let weights = &w.data[rows.start * row_bytes..rows.end * row_bytes];
+    let rows_per_task = rows_per_task(n_rows, row_bytes);
+    let (ty, n) = (w.ty, w.n_cols);
+    let x_row = x.row_bytes();
+
+    // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
+    let task = |chunk: &[u8], dst: &mut [f32]| {
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let t1 = (t0 + TOKEN_GROUP).min(n_tokens);
+            let xs = &x.data[t0 * x_row..t1 * x_row];
+            for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
+                kernels.vec_dot_batch(
+                    ty,
+                    n,
+                    w_row,
+                    xs,
+                    &mut dst[r * n_tokens + t0..r * n_tokens + t1],
+                );
+            }
+            t0 = t1;
+        }
+    };
+
+    if n_tokens == 1 {
+        // Row-major and token-major coincide: write straight into `out`.
+        run_chunks(
+            weights,
+            row_bytes * rows_per_task,
+            out,
+            rows_per_task,
+            &task,
+        );
+        return;
+    }
+    let mut by_row = vec![0.0f32; n_rows * n_tokens];
+    run_chunks(
+        weights,
+        row_bytes * rows_per_task,
+        &mut by_row,
+        rows_per_task * n_tokens,
+        &task,
+    );
+    for (r, values) in by_row.chunks_exact(n_tokens).enumerate() {
+        for (t, &v) in values.iter().enumerate() {
+            out[t * n_rows + r] = v;
+        }
+    }
+}
+
+/// Runs `task` on matching chunks of `weights` and `dst`, in parallel unless there is only
+/// one chunk.
+fn run_chunks(
+    weights: &[u8],
+    weight_chunk: usize,
+    dst: &mut [f32],
+    dst_chunk: usize,
+    task: &(impl Fn(&[u8], &mut [f32]) + Sync),
+) {
+    if weights.len() <= weight_chunk {
+        task(weights, dst);
+        return;
+    }
+    weights
+        .par_chunks(weight_chunk)
+        .zip(dst.par_chunks_mut(dst_chunk))
+        .for_each(|(w, d)| task(w, d));
+}
+
+/// Weights below which a task is not worth splitting further (a few microseconds of work).
+const MIN_TASK_BYTES: usize = 32 * 1024;
+
+/// Rows per task: [`TASK_BYTES`] of weights, but small enough that each thread of the current
+/// pool gets about four tasks (for balance), and never under [`MIN_TASK_BYTES`] or one row.
+fn rows_per_task(n_rows: usize, row_bytes: usize) -> usize {
+    let by_bytes = TASK_BYTES.div_ceil(row_bytes);
+    let by_balance = n_rows.div_ceil(4 * rayon::current_num_threads());
+    let floor = MIN_TASK_BYTES.div_ceil(row_bytes);
+    by_bytes.min(by_balance).max(floor).max(1)
+}

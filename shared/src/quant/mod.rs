@@ -10,6 +10,8 @@ pub mod blocks;
 pub mod dispatch;
 pub mod matmul;
 pub mod reference;
+#[cfg(test)]
+mod simd_tests;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_64;
 
@@ -221,7 +223,7 @@ impl GgmlType {
     /// Bytes of a row of `n_elems` elements, or `None` when `n_elems` is not a
     /// whole number of blocks.
     pub const fn row_bytes(self, n_elems: usize) -> Option<usize> {
-        if n_elems % self.block_elems() != 0 {
+        if !n_elems.is_multiple_of(self.block_elems()) {
             return None;
         }
         Some(n_elems / self.block_elems() * self.block_bytes())

@@ -1,3 +1,10 @@
-//! AVX2+FMA (and AVX-512 where present) kernels, reached only through `dispatch::Kernels`.
+//! x86-64 SIMD kernels, reached only through `dispatch::Kernels`, which checks the CPU's
+//! features before it hands any of them out.
 //!
-//! OWNED BY HELPER "simd-kernels" (being written).
+//! - `avx2`: AVX2 + FMA + F16C (every Xeon since Haswell): all weight types, and the Q8_0,
+//!   Q8_1, Q8_K and F16 activation quantizers.
+//! - `avx512`: AVX-512 F/BW/VL/VNNI versions of the hottest kernels (Q4_K, Q6_K, Q8_0), with
+//!   tiles of eight tokens; the other entries of that level are AVX2's.
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;

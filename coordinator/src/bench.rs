@@ -1,0 +1,139 @@
+//! `moeshard bench`: prompt and decode speed of a model on this machine, next
+//! to the memory-bandwidth bound measured in the same run.
+//!
+//! Bytes read per decoded token = every tensor except `token_embd` (one row of
+//! it is read), with expert tensors counted at `n_expert_used / n_expert`. The
+//! bound is bandwidth / bytes per token.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use shared::gguf::GgufFile;
+use shared::models::HParams;
+
+use crate::engine::Engine;
+use crate::models::{EngineError, Logits};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub n_prompt: usize,
+    pub n_decode: usize,
+    pub reps: usize,
+    /// Bytes of the buffer the bandwidth is measured on.
+    pub bandwidth_buffer: usize,
+}
+
+/// Results (`--json` prints this object).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub threads: usize,
+    pub n_prompt: usize,
+    pub n_decode: usize,
+    pub reps: usize,
+    /// Median over repetitions.
+    pub prompt_tps: f64,
+    pub prompt_tps_min: f64,
+    pub decode_tps: f64,
+    pub decode_tps_min: f64,
+    pub bandwidth_gbs: f64,
+    pub bytes_per_token: u64,
+    pub bound_tps: f64,
+    /// decode_tps / bound_tps.
+    pub fraction_of_bound: f64,
+    pub peak_rss_bytes: u64,
+    pub kernels: String,
+}
+
+/// Bytes a decode step reads (see the module comment).
+pub fn bytes_per_token(file: &GgufFile, hp: &HParams) -> u64 {
+    let mut total = 0u64;
+    for t in file.tensors() {
+        if t.name == "token_embd.weight" {
+            total += t.byte_len / t.ne.get(1).copied().unwrap_or(1).max(1);
+        } else if t.name.contains("_exps") && hp.n_expert > 0 {
+            total += t.byte_len * hp.n_expert_used as u64 / hp.n_expert as u64;
+        } else {
+            total += t.byte_len;
+        }
+    }
+    // A tied output head reads all of token_embd.
+    if file.tensor("output.weight").is_none() {
+        if let Some(t) = file.tensor("token_embd.weight") {
+            total += t.byte_len;
+        }
+    }
+    total
+}
+
+/// Runs the benchmark in the current rayon pool.
+pub fn run(
+    engine: &Engine,
+    model_name: &str,
+    cfg: &BenchConfig,
+) -> Result<BenchResult, EngineError> {
+    let hp = engine.model().hparams();
+    let n_vocab = hp.n_vocab as u32;
+    // Deterministic pseudo-random tokens: the speed must not depend on the text.
+    let tokens: Vec<u32> = (0..cfg.n_prompt as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % n_vocab)
+        .collect();
+    let mut prompt_tps = Vec::new();
+    let mut decode_tps = Vec::new();
+    // One warm-up pass faults the weights in.
+    {
+        let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
+        engine.forward(&mut cache, &tokens, Logits::Last)?;
+    }
+    for _ in 0..cfg.reps.max(1) {
+        let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
+        let t = Instant::now();
+        let logits = engine.forward(&mut cache, &tokens, Logits::Last)?;
+        prompt_tps.push(cfg.n_prompt as f64 / t.elapsed().as_secs_f64());
+        let mut next = argmax(&logits);
+        let t = Instant::now();
+        for _ in 0..cfg.n_decode {
+            let logits = engine.forward(&mut cache, &[next], Logits::Last)?;
+            next = argmax(&logits);
+        }
+        decode_tps.push(cfg.n_decode as f64 / t.elapsed().as_secs_f64());
+    }
+    let bandwidth = shared::membw::read_bandwidth(cfg.bandwidth_buffer, 5);
+    let bpt = bytes_per_token(engine.model().file(), hp);
+    let bound = bandwidth / bpt as f64;
+    let (p_med, p_min) = median_min(&mut prompt_tps);
+    let (d_med, d_min) = median_min(&mut decode_tps);
+    Ok(BenchResult {
+        model: model_name.to_owned(),
+        threads: rayon::current_num_threads(),
+        n_prompt: cfg.n_prompt,
+        n_decode: cfg.n_decode,
+        reps: cfg.reps,
+        prompt_tps: p_med,
+        prompt_tps_min: p_min,
+        decode_tps: d_med,
+        decode_tps_min: d_min,
+        bandwidth_gbs: bandwidth / 1e9,
+        bytes_per_token: bpt,
+        bound_tps: bound,
+        fraction_of_bound: d_med / bound,
+        peak_rss_bytes: shared::membw::peak_rss_bytes().unwrap_or(0),
+        kernels: engine.model().kernels().isa().to_string(),
+    })
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn median_min(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0])
+}

@@ -1,0 +1,129 @@
+//! Single-process inference: a [`Model`] with its routed experts computed by the
+//! in-process node, plus the generation loop (one batch for the prompt, then
+//! one token per step).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shared::gguf::GgufFile;
+
+use crate::kv_cache::KvCache;
+use crate::models::{EngineError, ExpertExecutor, InprocExperts, Logits, Model};
+use crate::sampler::Sampler;
+
+/// A model ready to evaluate, with the executor of its routed experts.
+pub struct Engine {
+    model: Model,
+    experts: Box<dyn ExpertExecutor>,
+}
+
+/// What a generation did, and how fast.
+#[derive(Clone, Debug, Default)]
+pub struct GenerationStats {
+    pub n_prompt: usize,
+    pub n_generated: usize,
+    pub prompt_time: Duration,
+    pub generation_time: Duration,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second.
+    pub fn prompt_tps(&self) -> f64 {
+        self.n_prompt as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+    /// Generated tokens per second (the first token's step included).
+    pub fn generation_tps(&self) -> f64 {
+        self.n_generated as f64 / self.generation_time.as_secs_f64().max(1e-9)
+    }
+}
+
+impl Engine {
+    /// Opens a GGUF file and loads it for single-process inference.
+    pub fn open(path: &Path) -> Result<Engine, EngineError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Engine::from_file(file)
+    }
+
+    /// Loads an opened file for single-process inference.
+    pub fn from_file(file: Arc<GgufFile>) -> Result<Engine, EngineError> {
+        let model = Model::load(file.clone())?;
+        let experts = InprocExperts::new(file, model.hparams())?;
+        Ok(Engine {
+            model,
+            experts: Box::new(experts),
+        })
+    }
+
+    /// A model whose routed experts are computed elsewhere.
+    pub fn with_executor(model: Model, experts: Box<dyn ExpertExecutor>) -> Engine {
+        Engine { model, experts }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// A fresh KV cache of `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
+        self.model.new_cache(n_ctx)
+    }
+
+    /// Evaluates `tokens` after what `cache` holds; logits of every position or the last.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        self.model
+            .forward(self.experts.as_ref(), cache, tokens, which)
+    }
+
+    /// Logits `[n_tokens, n_vocab]` of `tokens` evaluated as one batch from an empty cache.
+    pub fn eval(&self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let mut cache = self.new_cache(tokens.len());
+        self.forward(&mut cache, tokens, Logits::All)
+    }
+
+    /// Generates up to `n_predict` tokens after `prompt` (evaluated as one batch),
+    /// calling `on_token` for each; stops early when `on_token` returns false.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        n_predict: usize,
+        n_ctx: usize,
+        sampler: &mut Sampler,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenerationStats), EngineError> {
+        let mut stats = GenerationStats {
+            n_prompt: prompt.len(),
+            ..Default::default()
+        };
+        let n_ctx = n_ctx
+            .max(prompt.len() + n_predict)
+            .min(prompt.len() + n_predict);
+        let mut cache = self.new_cache(n_ctx);
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut out = Vec::with_capacity(n_predict);
+        if n_predict == 0 {
+            return Ok((out, stats));
+        }
+        let t0 = Instant::now();
+        let mut logits = self.forward(&mut cache, prompt, Logits::Last)?;
+        stats.prompt_time = t0.elapsed();
+        let t1 = Instant::now();
+        loop {
+            let tok = sampler.sample(&logits, &history);
+            out.push(tok);
+            history.push(tok);
+            stats.n_generated += 1;
+            if !on_token(tok) || out.len() >= n_predict {
+                break;
+            }
+            logits = self.forward(&mut cache, &[tok], Logits::Last)?;
+        }
+        stats.generation_time = t1.elapsed();
+        Ok((out, stats))
+    }
+}

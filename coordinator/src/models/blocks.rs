@@ -1,0 +1,203 @@
+//! The building blocks of the dense forward pass — RMSNorm, rotary embeddings,
+//! softmax, causal attention over the f16 KV cache — each rounding exactly where
+//! ggml's CPU backend rounds, so that logits match llama.cpp's.
+
+use half::f16;
+use shared::ggml_math::dot_f16;
+use shared::models::{RopeParams, RopeType};
+
+/// RMSNorm of each row of `x` (rows of `n`), times `weight`: ggml's `rms_norm`
+/// (sum of squares in f64, `1/sqrtf(mean + eps)` in f32) followed by `mul`.
+pub fn rms_norm(x: &mut [f32], n: usize, weight: &[f32], eps: f32) {
+    debug_assert_eq!(weight.len(), n);
+    for row in x.chunks_exact_mut(n) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+
+/// Adds `bias` to each row of `x`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// Softmax of a router row (ggml's `soft_max` without a mask).
+pub fn softmax_in_place(row: &mut [f32]) {
+    shared::ggml_math::softmax_in_place(row, false);
+}
+
+/// ggml's sigmoid `1 / (1 + e^-x)`.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Rotary embedding tables for positions, as ggml's `rope_cache_init` builds them.
+pub struct Rope {
+    params: RopeParams,
+    theta_scale: f32,
+    corr_dims: [f32; 2],
+}
+
+impl Rope {
+    pub fn new(params: &RopeParams) -> Rope {
+        let n_dims = params.n_rot as f32;
+        let theta_scale = params.freq_base.powf(-2.0 / n_dims);
+        let corr_dim = |n_rot: f32| {
+            n_dims * (params.n_ctx_orig as f32 / (n_rot * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * params.freq_base.ln())
+        };
+        let start = corr_dim(params.beta_fast).floor();
+        let end = corr_dim(params.beta_slow).ceil();
+        Rope {
+            params: params.clone(),
+            theta_scale,
+            corr_dims: [start.max(0.0), end.min(n_dims - 1.0)],
+        }
+    }
+
+    /// cos/sin pairs for position `pos`: `n_rot / 2` entries.
+    fn cache(&self, pos: usize) -> Vec<(f32, f32)> {
+        let p = &self.params;
+        let mut theta = pos as f32;
+        let mut out = Vec::with_capacity(p.n_rot / 2);
+        for i0 in (0..p.n_rot).step_by(2) {
+            let theta_extrap = theta;
+            let theta_interp = p.freq_scale * theta_extrap;
+            let mut th = theta_interp;
+            let mut mscale = p.attn_factor;
+            if p.ext_factor != 0.0 {
+                let y = ((i0 / 2) as f32 - self.corr_dims[0])
+                    / (self.corr_dims[1] - self.corr_dims[0]).max(0.001);
+                let ramp = 1.0 - y.clamp(0.0, 1.0);
+                let ramp_mix = ramp * p.ext_factor;
+                th = theta_interp * (1.0 - ramp_mix) + theta_extrap * ramp_mix;
+                mscale *= 1.0 + 0.1 * (1.0 / p.freq_scale).ln();
+            }
+            out.push((th.cos() * mscale, th.sin() * mscale));
+            theta *= self.theta_scale;
+        }
+        out
+    }
+
+    /// Rotates `n_heads` heads of `head_dim` values (one token at `pos`) in place;
+    /// dimensions past `n_rot` pass unchanged.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
+        let cs = self.cache(pos);
+        let n_rot = self.params.n_rot;
+        for head in x.chunks_exact_mut(head_dim) {
+            match self.params.kind {
+                RopeType::Norm => {
+                    for (i, &(c, s)) in cs.iter().enumerate() {
+                        let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = x0 * c - x1 * s;
+                        head[2 * i + 1] = x0 * s + x1 * c;
+                    }
+                }
+                RopeType::Neox => {
+                    let half = n_rot / 2;
+                    for (i, &(c, s)) in cs.iter().enumerate() {
+                        let (x0, x1) = (head[i], head[i + half]);
+                        head[i] = x0 * c - x1 * s;
+                        head[i + half] = x0 * s + x1 * c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rounds a slice to f16 (what ggml does to the f32 operand of an F16 matmul).
+pub fn to_f16(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// Causal attention of one query head over cached keys/values, ggml-style:
+/// `kq = f16(q)·K` (f32), `softmax(kq·scale)`, probabilities rounded to f16,
+/// `out = Σ p·V` with f32 accumulation.
+///
+/// `keys(j)` / `values(j)` give cached position `j`'s head vectors; positions
+/// `0..n_kv` are attended.
+pub fn attend_head<'a>(
+    q: &[f32],
+    n_kv: usize,
+    keys: impl Fn(usize) -> &'a [f16],
+    values: impl Fn(usize) -> &'a [f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let q16 = to_f16(q);
+    // ggml pads the KV length with masked cells, so every score takes the vector path.
+    let mut scores: Vec<f32> = (0..n_kv).map(|j| dot_f16(&q16, keys(j)) * scale).collect();
+    shared::ggml_math::softmax_in_place(&mut scores, true);
+    // kqv = V·f16(p) in tinyBLAS order: 8-lane FMA accumulators over positions.
+    let d = out.len();
+    let mut acc = vec![[0.0f32; 8]; d];
+    for (j, &p) in scores.iter().enumerate() {
+        let p = f16::from_f32(p).to_f32();
+        let lane = j % 8;
+        for (a, v) in acc.iter_mut().zip(values(j)) {
+            a[lane] = p.mul_add(v.to_f32(), a[lane]);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = shared::ggml_math::hsum8(a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_orders() {
+        let mut v = vec![1.0, 2.0, 3.0, -1.0];
+        softmax_in_place(&mut v);
+        let s: f32 = v.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        assert!(v[2] > v[1] && v[1] > v[0] && v[0] > v[3]);
+    }
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0];
+        rms_norm(&mut x, 2, &[1.0, 1.0], 0.0);
+        // rms of (3,4) is sqrt(12.5)
+        assert!((x[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-6);
+        assert_eq!(&x[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity_and_preserves_norm() {
+        let params = RopeParams {
+            kind: RopeType::Neox,
+            n_rot: 4,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 4096,
+            yarn_log_mul: 0.0,
+        };
+        let rope = Rope::new(&params);
+        let orig = vec![0.5, -1.0, 2.0, 0.25, 7.0, 8.0];
+        let mut x = orig.clone();
+        rope.apply(&mut x, 6, 0);
+        assert_eq!(x, orig);
+        rope.apply(&mut x, 6, 17);
+        let n0: f32 = orig[..4].iter().map(|v| v * v).sum();
+        let n1: f32 = x[..4].iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        assert_eq!(&x[4..], &orig[4..], "dims past n_rot pass unchanged");
+        assert_ne!(&x[..4], &orig[..4]);
+    }
+}

@@ -1,0 +1,774 @@
+//! The dense forward pass of every supported architecture: embeddings,
+//! attention with the KV cache, norms, routers, shared experts, dense FFNs and
+//! the output head. Routed experts are handed to an [`ExpertExecutor`] — the seam
+//! where the in-process node and the network transports plug in.
+//!
+//! Every operation rounds where ggml's CPU backend rounds (activations quantized
+//! to each weight's `vec_dot_type`, f16 K/V, f16 attention probabilities), so
+//! logits match llama.cpp's.
+
+pub mod blocks;
+mod experts;
+mod routing;
+
+use std::sync::Arc;
+
+use shared::gguf::{GgufError, GgufFile, TensorInfo};
+use shared::models::{Arch, HParams, ModelError};
+use shared::moe::{Assignment, MoeError};
+use shared::quant::dispatch::Kernels;
+use shared::quant::matmul::{matmul, Activations, WeightMatrix};
+use shared::quant::GgmlType;
+use thiserror::Error;
+
+pub use experts::{ExpertExecutor, InprocExperts};
+
+use crate::kv_cache::KvCache;
+use blocks::{add_bias, attend_head, rms_norm, Rope};
+
+/// Why loading or running a model failed.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("expert computation failed: {0}")]
+    Moe(#[from] MoeError),
+    #[error("token id {token} out of range (vocabulary of {n_vocab})")]
+    BadToken { token: u32, n_vocab: usize },
+    #[error("context full: {n_past} positions used + {n_new} new > context of {n_ctx}")]
+    ContextFull {
+        n_past: usize,
+        n_new: usize,
+        n_ctx: usize,
+    },
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("expert node failed: {0}")]
+    Node(String),
+}
+
+/// Which positions of a batch get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+/// A weight matrix (2-D, or 3-D per head) of the model file.
+#[derive(Clone, Debug)]
+struct Weight {
+    info: TensorInfo,
+}
+
+impl Weight {
+    fn n_cols(&self) -> usize {
+        self.info.ne[0] as usize
+    }
+    fn n_rows(&self) -> usize {
+        self.info.ne.get(1).copied().unwrap_or(1) as usize
+    }
+}
+
+struct GqaAttention {
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+}
+
+struct MlaAttention {
+    /// `attn_q_a` + its norm, then `attn_q_b`; lite models have only `attn_q` (in `wq_b`).
+    wq_a: Option<(Weight, Vec<f32>)>,
+    wq_b: Weight,
+    wkv_a_mqa: Weight,
+    kv_a_norm: Vec<f32>,
+    wk_b: Weight,
+    wv_b: Weight,
+    wo: Weight,
+}
+
+enum Attention {
+    Gqa(GqaAttention),
+    Mla(MlaAttention),
+}
+
+struct DenseFfn {
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+struct MoeFfn {
+    gate_inp: Weight,
+    gate_inp_bias: Option<Vec<f32>>,
+    exp_probs_b: Option<Vec<f32>>,
+    shared: Option<DenseFfn>,
+    /// qwen2moe: the shared expert's output is scaled by sigmoid(`ffn_gate_inp_shexp`·x).
+    shared_gate: Option<Weight>,
+    /// Activation types the routed experts' gate/up consume.
+    input_types: Vec<GgmlType>,
+}
+
+// One per layer: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Ffn {
+    Dense(DenseFfn),
+    Moe(MoeFfn),
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    attn: Attention,
+    ffn_norm: Vec<f32>,
+    ffn: Ffn,
+}
+
+/// A loaded model: hyperparameters and views of its dense tensors (expert
+/// tensors are the executor's). Nothing is copied but the small f32 vectors
+/// (norms, biases).
+pub struct Model {
+    file: Arc<GgufFile>,
+    hp: HParams,
+    kernels: &'static Kernels,
+    tok_embd: Weight,
+    output_norm: Vec<f32>,
+    output: Weight,
+    layers: Vec<Layer>,
+    rope: Rope,
+    kq_scale: f32,
+}
+
+impl Model {
+    /// Loads the dense part of `file`, checking that every tensor it needs is there
+    /// with the right shape.
+    pub fn load(file: Arc<GgufFile>) -> Result<Model, EngineError> {
+        let hp = HParams::from_gguf(&file)?;
+        let kernels = Kernels::get();
+        let t = Tensors { file: &file };
+        let n_embd = hp.n_embd as u64;
+        let n_vocab = hp.n_vocab as u64;
+
+        let tok_embd = t.weight("token_embd.weight", &[n_embd, n_vocab])?;
+        let output_norm = t.vector("output_norm.weight", n_embd)?;
+        let output = match t.opt_weight("output.weight", &[n_embd, n_vocab])? {
+            Some(w) => w,
+            None => tok_embd.clone(),
+        };
+
+        if file.tensor("rope_freqs.weight").is_some() {
+            // Silently ignoring per-dimension frequency factors would give wrong logits.
+            return Err(ModelError::BadValue {
+                key: "rope_freqs.weight".to_owned(),
+                why: "per-dimension rope frequency factors (llama-3.1 style) are not supported yet"
+                    .to_owned(),
+            }
+            .into());
+        }
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for il in 0..hp.n_layer {
+            layers.push(load_layer(&t, &hp, il)?);
+        }
+
+        let kq_scale = match &hp.mla {
+            Some(mla) => {
+                let dk = (mla.n_embd_head_qk_nope + mla.n_embd_head_qk_rope) as f32;
+                let mscale = if hp.rope.freq_scale != 1.0 {
+                    1.0 + 0.1 * hp.rope.yarn_log_mul * (1.0 / hp.rope.freq_scale).ln()
+                } else {
+                    1.0
+                };
+                mscale * mscale / dk.sqrt()
+            }
+            None => 1.0 / (hp.n_embd_head_k as f32).sqrt(),
+        };
+        let rope = Rope::new(&hp.rope);
+        tracing::info!(
+            arch = hp.arch.name(),
+            n_layer = hp.n_layer,
+            n_embd = hp.n_embd,
+            n_expert = hp.n_expert,
+            kernels = kernels.isa(),
+            "model loaded"
+        );
+        Ok(Model {
+            file,
+            hp,
+            kernels,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            rope,
+            kq_scale,
+        })
+    }
+
+    /// Reads one byte of every page of the dense tensors (everything but routed
+    /// experts), so that the first tokens do not pay the page faults; `progress`
+    /// gets (bytes done, bytes total). Expert pages stay untouched: they are
+    /// read where they are used.
+    pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) {
+        const PAGE: usize = 4096;
+        let dense: Vec<&TensorInfo> = self
+            .file
+            .tensors()
+            .iter()
+            .filter(|t| !t.name.contains("_exps"))
+            .collect();
+        let total: u64 = dense.iter().map(|t| t.byte_len).sum();
+        let mut done = 0u64;
+        let mut sink = 0u8;
+        for t in dense {
+            let data = self.file.tensor_data(t);
+            for chunk in data.chunks(1 << 24) {
+                for i in (0..chunk.len()).step_by(PAGE) {
+                    sink = sink.wrapping_add(chunk[i]);
+                }
+                done += chunk.len() as u64;
+                progress(done, total);
+            }
+        }
+        std::hint::black_box(sink);
+    }
+
+    /// Hyperparameters.
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    /// The model file.
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// The kernel table in use.
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// A KV cache for `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
+        let (k_width, v_width) = match &self.hp.mla {
+            Some(m) => (m.kv_lora_rank + m.n_embd_head_qk_rope, 0),
+            None => (
+                self.hp.n_head_kv * self.hp.n_embd_head_k,
+                self.hp.n_head_kv * self.hp.n_embd_head_v,
+            ),
+        };
+        KvCache::new(n_ctx, self.hp.n_layer, k_width, v_width)
+    }
+
+    /// Evaluates `tokens` as one batch after what `cache` holds and returns logits
+    /// (`[n_out, n_vocab]`, row-major) for all positions or the last.
+    pub fn forward(
+        &self,
+        experts: &dyn ExpertExecutor,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::EmptyBatch);
+        }
+        if cache.n_past() + n > cache.n_ctx() {
+            return Err(EngineError::ContextFull {
+                n_past: cache.n_past(),
+                n_new: n,
+                n_ctx: cache.n_ctx(),
+            });
+        }
+        let n_embd = self.hp.n_embd;
+        let pos0 = cache.n_past();
+
+        let mut x = vec![0.0f32; n * n_embd];
+        for (row, &tok) in x.chunks_exact_mut(n_embd).zip(tokens) {
+            if tok as usize >= self.hp.n_vocab {
+                return Err(EngineError::BadToken {
+                    token: tok,
+                    n_vocab: self.hp.n_vocab,
+                });
+            }
+            self.embed(tok, row);
+        }
+
+        for (il, layer) in self.layers.iter().enumerate() {
+            let mut cur = x.clone();
+            rms_norm(&mut cur, n_embd, &layer.attn_norm, self.hp.rms_eps);
+            let attn_out = match &layer.attn {
+                Attention::Gqa(a) => self.gqa(il, a, &cur, n, cache, pos0),
+                Attention::Mla(a) => self.mla(il, a, &cur, n, cache, pos0),
+            };
+            // The last layer only needs the rows whose logits are wanted.
+            let keep = if il + 1 == self.layers.len() && which == Logits::Last {
+                n - 1..n
+            } else {
+                0..n
+            };
+            let rows = keep.len();
+            let mut ffn_inp: Vec<f32> = attn_out[keep.start * n_embd..keep.end * n_embd]
+                .iter()
+                .zip(&x[keep.start * n_embd..keep.end * n_embd])
+                .map(|(a, b)| a + b)
+                .collect();
+            let mut cur = ffn_inp.clone();
+            rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
+            let ffn_out = match &layer.ffn {
+                Ffn::Dense(f) => self.dense_ffn(f, &cur, rows),
+                Ffn::Moe(m) => self.moe_ffn(il, m, &cur, rows, experts)?,
+            };
+            for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
+                *o += f;
+            }
+            x = ffn_inp;
+        }
+        cache.advance(n);
+
+        let n_out = x.len() / n_embd;
+        rms_norm(&mut x, n_embd, &self.output_norm, self.hp.rms_eps);
+        let rows = match which {
+            Logits::All => x,
+            Logits::Last => x[(n_out - 1) * n_embd..].to_vec(),
+        };
+        Ok(self.linear(&self.output, &rows))
+    }
+
+    /// Token embedding row (dequantized).
+    fn embed(&self, tok: u32, out: &mut [f32]) {
+        let info = &self.tok_embd.info;
+        let row_bytes = info.ty.row_bytes(self.hp.n_embd).unwrap_or(0);
+        let data = self.file.tensor_data(info);
+        let row = &data[tok as usize * row_bytes..(tok as usize + 1) * row_bytes];
+        shared::quant::reference::dequantize_row(info.ty, row, out);
+    }
+
+    /// `W·x` for each row of `x`: activations quantized to the weight's
+    /// `vec_dot_type`, then the kernels' matmul.
+    fn linear(&self, w: &Weight, x: &[f32]) -> Vec<f32> {
+        let data = self.file.tensor_data(&w.info);
+        let n_rows = w.n_rows();
+        let n_cols = w.n_cols();
+        let rows_total = w.info.ne.iter().skip(1).product::<u64>() as usize;
+        debug_assert_eq!(rows_total, n_rows, "linear() takes 2-D weights");
+        let m = WeightMatrix {
+            ty: w.info.ty,
+            n_rows,
+            n_cols,
+            data,
+        };
+        self.apply(&m, x, n_cols)
+    }
+
+    /// Head `h`'s matrix of a 3-D per-head weight (`attn_k_b`, `attn_v_b`) times rows of `x`.
+    fn linear_head(&self, w: &Weight, h: usize, x: &[f32]) -> Vec<f32> {
+        let data = self.file.tensor_data(&w.info);
+        let n_rows = w.n_rows();
+        let n_cols = w.n_cols();
+        let row_bytes = w.info.ty.row_bytes(n_cols).unwrap_or(0);
+        let m = WeightMatrix {
+            ty: w.info.ty,
+            n_rows,
+            n_cols,
+            data: &data[h * n_rows * row_bytes..(h + 1) * n_rows * row_bytes],
+        };
+        self.apply(&m, x, n_cols)
+    }
+
+    fn apply(&self, m: &WeightMatrix<'_>, x: &[f32], n_cols: usize) -> Vec<f32> {
+        let n_tokens = x.len() / n_cols;
+        let act = Activations::quantize(self.kernels, m.ty, x, n_cols);
+        let mut out = vec![0.0f32; n_tokens * m.n_rows];
+        matmul(self.kernels, m, &act, &mut out);
+        out
+    }
+
+    fn gqa(
+        &self,
+        il: usize,
+        a: &GqaAttention,
+        cur: &[f32],
+        n: usize,
+        cache: &mut KvCache,
+        pos0: usize,
+    ) -> Vec<f32> {
+        let hp = &self.hp;
+        let (hd_k, hd_v) = (hp.n_embd_head_k, hp.n_embd_head_v);
+        let mut q = self.linear(&a.wq, cur);
+        let mut k = self.linear(&a.wk, cur);
+        let mut v = self.linear(&a.wv, cur);
+        if let Some(b) = &a.bq {
+            add_bias(&mut q, b);
+        }
+        if let Some(b) = &a.bk {
+            add_bias(&mut k, b);
+        }
+        if let Some(b) = &a.bv {
+            add_bias(&mut v, b);
+        }
+        if let Some(w) = &a.q_norm {
+            rms_norm(&mut q, hd_k, w, hp.rms_eps);
+        }
+        if let Some(w) = &a.k_norm {
+            rms_norm(&mut k, hd_k, w, hp.rms_eps);
+        }
+        let q_width = hp.n_head * hd_k;
+        let k_width = hp.n_head_kv * hd_k;
+        let v_width = hp.n_head_kv * hd_v;
+        for i in 0..n {
+            self.rope
+                .apply(&mut q[i * q_width..(i + 1) * q_width], hd_k, pos0 + i);
+            self.rope
+                .apply(&mut k[i * k_width..(i + 1) * k_width], hd_k, pos0 + i);
+            cache.store(
+                il,
+                pos0 + i,
+                &k[i * k_width..(i + 1) * k_width],
+                &v[i * v_width..(i + 1) * v_width],
+            );
+        }
+        let group = hp.n_head / hp.n_head_kv;
+        let out_width = hp.n_head * hd_v;
+        let mut out = vec![0.0f32; n * out_width];
+        let cache = &*cache;
+        out.chunks_exact_mut(hd_v).enumerate().for_each(|(idx, o)| {
+            let (i, h) = (idx / hp.n_head, idx % hp.n_head);
+            let kvh = h / group;
+            let qh = &q[i * q_width + h * hd_k..i * q_width + (h + 1) * hd_k];
+            attend_head(
+                qh,
+                pos0 + i + 1,
+                |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
+                |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
+                self.kq_scale,
+                o,
+            );
+        });
+        self.linear(&a.wo, &out)
+    }
+
+    fn mla(
+        &self,
+        il: usize,
+        a: &MlaAttention,
+        cur: &[f32],
+        n: usize,
+        cache: &mut KvCache,
+        pos0: usize,
+    ) -> Vec<f32> {
+        let hp = &self.hp;
+        let Some(m) = &hp.mla else {
+            unreachable!("MLA layers exist only with MLA hyperparameters")
+        };
+        let (nope, rope_d, lora) = (m.n_embd_head_qk_nope, m.n_embd_head_qk_rope, m.kv_lora_rank);
+        let head_k = nope + rope_d;
+        let n_head = hp.n_head;
+        let mut q = match &a.wq_a {
+            Some((wq_a, norm)) => {
+                let mut qa = self.linear(wq_a, cur);
+                rms_norm(&mut qa, wq_a.n_rows(), norm, hp.rms_eps);
+                self.linear(&a.wq_b, &qa)
+            }
+            None => self.linear(&a.wq_b, cur),
+        };
+        let mut kv = self.linear(&a.wkv_a_mqa, cur);
+        let kv_width = lora + rope_d;
+        for i in 0..n {
+            let qi = &mut q[i * n_head * head_k..(i + 1) * n_head * head_k];
+            for h in 0..n_head {
+                self.rope.apply(
+                    &mut qi[h * head_k + nope..(h + 1) * head_k],
+                    rope_d,
+                    pos0 + i,
+                );
+            }
+            let row = &mut kv[i * kv_width..(i + 1) * kv_width];
+            self.rope.apply(&mut row[lora..], rope_d, pos0 + i);
+            rms_norm(&mut row[..lora], lora, &a.kv_a_norm, hp.rms_eps);
+            cache.store(il, pos0 + i, row, &[]);
+        }
+        // Absorb k_b into the query: q_abs[h] = k_b[h]·q_nope[h], for all tokens of head h at once.
+        let mut q_full = vec![0.0f32; n * n_head * kv_width];
+        for h in 0..n_head {
+            let q_nope: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    let base = i * n_head * head_k + h * head_k;
+                    q[base..base + nope].iter().copied()
+                })
+                .collect();
+            let q_abs = self.linear_head(&a.wk_b, h, &q_nope);
+            for i in 0..n {
+                let dst = &mut q_full[(i * n_head + h) * kv_width..(i * n_head + h + 1) * kv_width];
+                dst[..lora].copy_from_slice(&q_abs[i * lora..(i + 1) * lora]);
+                let src = i * n_head * head_k + h * head_k + nope;
+                dst[lora..].copy_from_slice(&q[src..src + rope_d]);
+            }
+        }
+        // Attention over the latent cache: one shared K head, V = the latent part of K.
+        let mut latent = vec![0.0f32; n * n_head * lora];
+        {
+            let cache = &*cache;
+            latent
+                .chunks_exact_mut(lora)
+                .enumerate()
+                .for_each(|(idx, o)| {
+                    let i = idx / n_head;
+                    attend_head(
+                        &q_full[idx * kv_width..(idx + 1) * kv_width],
+                        pos0 + i + 1,
+                        |j| cache.k(il, j),
+                        |j| &cache.k(il, j)[..lora],
+                        self.kq_scale,
+                        o,
+                    );
+                });
+        }
+        // Decompress with v_b per head, then concatenate heads.
+        let v_head = m.n_embd_head_v;
+        let mut out = vec![0.0f32; n * n_head * v_head];
+        for h in 0..n_head {
+            let lat_h: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    latent[(i * n_head + h) * lora..(i * n_head + h + 1) * lora]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let vh = self.linear_head(&a.wv_b, h, &lat_h);
+            for i in 0..n {
+                out[(i * n_head + h) * v_head..(i * n_head + h + 1) * v_head]
+                    .copy_from_slice(&vh[i * v_head..(i + 1) * v_head]);
+            }
+        }
+        self.linear(&a.wo, &out)
+    }
+
+    fn dense_ffn(&self, f: &DenseFfn, cur: &[f32], _n: usize) -> Vec<f32> {
+        let mut g = self.linear(&f.gate, cur);
+        let u = self.linear(&f.up, cur);
+        shared::ggml_math::swiglu_in_place(&mut g, &u);
+        self.linear(&f.down, &g)
+    }
+
+    fn moe_ffn(
+        &self,
+        il: usize,
+        m: &MoeFfn,
+        cur: &[f32],
+        n: usize,
+        experts: &dyn ExpertExecutor,
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut logits = self.linear(&m.gate_inp, cur);
+        if let Some(b) = &m.gate_inp_bias {
+            add_bias(&mut logits, b);
+        }
+        let assignments: Vec<Assignment> =
+            routing::route(&self.hp, &logits, m.exp_probs_b.as_deref(), n);
+        let inputs: Vec<Activations> = m
+            .input_types
+            .iter()
+            .map(|&ty| Activations::quantize(self.kernels, ty, cur, self.hp.n_embd))
+            .collect();
+        let mut out = vec![0.0f32; n * self.hp.n_embd];
+        experts.run(il, &inputs, &assignments, &mut out)?;
+        if let Some(shared) = &m.shared {
+            let mut sh = self.dense_ffn(shared, cur, n);
+            if let Some(gate) = &m.shared_gate {
+                let g = self.linear(gate, cur);
+                for (row, &gv) in sh.chunks_exact_mut(self.hp.n_embd).zip(&g) {
+                    let s = blocks::sigmoid(gv);
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            for (o, s) in out.iter_mut().zip(&sh) {
+                *o += s;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Typed tensor look-ups with shape checks.
+struct Tensors<'a> {
+    file: &'a GgufFile,
+}
+
+impl Tensors<'_> {
+    fn opt_weight(&self, name: &str, ne: &[u64]) -> Result<Option<Weight>, ModelError> {
+        let Some(info) = self.file.tensor(name) else {
+            return Ok(None);
+        };
+        if info.ne.as_slice() != ne {
+            return Err(ModelError::BadShape {
+                name: name.to_owned(),
+                found: info.ne.clone(),
+                expected: ne.to_vec(),
+            });
+        }
+        if matches!(info.ty, GgmlType::Q8_1 | GgmlType::Q8_K) {
+            return Err(ModelError::BadType {
+                name: name.to_owned(),
+                ty: info.ty.to_string(),
+            });
+        }
+        Ok(Some(Weight { info: info.clone() }))
+    }
+
+    fn weight(&self, name: &str, ne: &[u64]) -> Result<Weight, ModelError> {
+        self.opt_weight(name, ne)?
+            .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))
+    }
+
+    fn opt_vector(&self, name: &str, n: u64) -> Result<Option<Vec<f32>>, ModelError> {
+        let Some(w) = self.opt_weight(name, &[n])? else {
+            return Ok(None);
+        };
+        let mut out = vec![0.0f32; n as usize];
+        shared::quant::reference::dequantize_row(
+            w.info.ty,
+            self.file.tensor_data(&w.info),
+            &mut out,
+        );
+        Ok(Some(out))
+    }
+
+    fn vector(&self, name: &str, n: u64) -> Result<Vec<f32>, ModelError> {
+        self.opt_vector(name, n)?
+            .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))
+    }
+}
+
+fn load_layer(t: &Tensors<'_>, hp: &HParams, il: usize) -> Result<Layer, ModelError> {
+    let n = |s: &str| format!("blk.{il}.{s}");
+    let n_embd = hp.n_embd as u64;
+    let attn_norm = t.vector(&n("attn_norm.weight"), n_embd)?;
+    let attn = match &hp.mla {
+        Some(m) => {
+            let head_k = (m.n_embd_head_qk_nope + m.n_embd_head_qk_rope) as u64;
+            let n_head = hp.n_head as u64;
+            let lora = m.kv_lora_rank as u64;
+            let (wq_a, wq_b) = if m.q_lora_rank > 0 {
+                let ql = m.q_lora_rank as u64;
+                let wq_a = t.weight(&n("attn_q_a.weight"), &[n_embd, ql])?;
+                let norm = t.vector(&n("attn_q_a_norm.weight"), ql)?;
+                let wq_b = t.weight(&n("attn_q_b.weight"), &[ql, n_head * head_k])?;
+                (Some((wq_a, norm)), wq_b)
+            } else {
+                (
+                    None,
+                    t.weight(&n("attn_q.weight"), &[n_embd, n_head * head_k])?,
+                )
+            };
+            if t.file.tensor(&n("attn_k_b.weight")).is_none()
+                && t.file.tensor(&n("attn_kv_b.weight")).is_some()
+            {
+                return Err(ModelError::BadValue {
+                    key: n("attn_kv_b.weight"),
+                    why: "this file predates split attn_k_b/attn_v_b tensors; re-convert it with a current llama.cpp".to_owned(),
+                });
+            }
+            Attention::Mla(MlaAttention {
+                wq_a,
+                wq_b,
+                wkv_a_mqa: t.weight(
+                    &n("attn_kv_a_mqa.weight"),
+                    &[n_embd, lora + m.n_embd_head_qk_rope as u64],
+                )?,
+                kv_a_norm: t.vector(&n("attn_kv_a_norm.weight"), lora)?,
+                wk_b: t.weight(
+                    &n("attn_k_b.weight"),
+                    &[m.n_embd_head_qk_nope as u64, lora, n_head],
+                )?,
+                wv_b: t.weight(
+                    &n("attn_v_b.weight"),
+                    &[lora, m.n_embd_head_v as u64, n_head],
+                )?,
+                wo: t.weight(
+                    &n("attn_output.weight"),
+                    &[n_head * m.n_embd_head_v as u64, n_embd],
+                )?,
+            })
+        }
+        None => {
+            let q_dim = (hp.n_head * hp.n_embd_head_k) as u64;
+            let k_dim = (hp.n_head_kv * hp.n_embd_head_k) as u64;
+            let v_dim = (hp.n_head_kv * hp.n_embd_head_v) as u64;
+            let hd = hp.n_embd_head_k as u64;
+            let (q_norm, k_norm) = match hp.arch {
+                Arch::Qwen3Moe => (
+                    Some(t.vector(&n("attn_q_norm.weight"), hd)?),
+                    Some(t.vector(&n("attn_k_norm.weight"), hd)?),
+                ),
+                Arch::Glm4Moe => (
+                    t.opt_vector(&n("attn_q_norm.weight"), hd)?,
+                    t.opt_vector(&n("attn_k_norm.weight"), hd)?,
+                ),
+                Arch::Llama | Arch::Qwen2Moe | Arch::Deepseek2 => (None, None),
+            };
+            Attention::Gqa(GqaAttention {
+                wq: t.weight(&n("attn_q.weight"), &[n_embd, q_dim])?,
+                wk: t.weight(&n("attn_k.weight"), &[n_embd, k_dim])?,
+                wv: t.weight(&n("attn_v.weight"), &[n_embd, v_dim])?,
+                wo: t.weight(
+                    &n("attn_output.weight"),
+                    &[(hp.n_head * hp.n_embd_head_v) as u64, n_embd],
+                )?,
+                bq: t.opt_vector(&n("attn_q.bias"), q_dim)?,
+                bk: t.opt_vector(&n("attn_k.bias"), k_dim)?,
+                bv: t.opt_vector(&n("attn_v.bias"), v_dim)?,
+                q_norm,
+                k_norm,
+            })
+        }
+    };
+    let ffn_norm_name = match hp.arch {
+        Arch::Glm4Moe => "post_attention_norm.weight",
+        Arch::Llama | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Deepseek2 => "ffn_norm.weight",
+    };
+    let ffn_norm = t.vector(&n(ffn_norm_name), n_embd)?;
+    let dense = |prefix: &str, n_ff: u64| -> Result<DenseFfn, ModelError> {
+        Ok(DenseFfn {
+            gate: t.weight(&n(&format!("ffn_gate{prefix}.weight")), &[n_embd, n_ff])?,
+            up: t.weight(&n(&format!("ffn_up{prefix}.weight")), &[n_embd, n_ff])?,
+            down: t.weight(&n(&format!("ffn_down{prefix}.weight")), &[n_ff, n_embd])?,
+        })
+    };
+    let ffn = if hp.is_moe_layer(il) {
+        let n_expert = hp.n_expert as u64;
+        let gate_inp = t.weight(&n("ffn_gate_inp.weight"), &[n_embd, n_expert])?;
+        let shared =
+            if hp.n_expert_shared > 0 || t.file.tensor(&n("ffn_gate_shexp.weight")).is_some() {
+                Some(dense("_shexp", hp.n_ff_shexp as u64)?)
+            } else {
+                None
+            };
+        let shared_gate = t.opt_weight(&n("ffn_gate_inp_shexp.weight"), &[n_embd])?;
+        let (gate_ty, up_ty) = experts::expert_gate_up_types(t.file, hp, il)?;
+        let mut input_types = vec![gate_ty.vec_dot_type()];
+        if up_ty.vec_dot_type() != gate_ty.vec_dot_type() {
+            input_types.push(up_ty.vec_dot_type());
+        }
+        Ffn::Moe(MoeFfn {
+            gate_inp,
+            gate_inp_bias: t.opt_vector(&n("ffn_gate_inp.bias"), n_expert)?,
+            exp_probs_b: t.opt_vector(&n("exp_probs_b.bias"), n_expert)?,
+            shared,
+            shared_gate,
+            input_types,
+        })
+    } else {
+        Ffn::Dense(dense("", hp.n_ff as u64)?)
+    };
+    Ok(Layer {
+        attn_norm,
+        attn,
+        ffn_norm,
+        ffn,
+    })
+}

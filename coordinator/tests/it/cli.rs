@@ -1,0 +1,208 @@
+//! The `moeshard` command line, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::support::{fixtures, ids, read_json, read_tensor, smollm2_model};
+
+fn moeshard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moeshard"))
+        .args(args)
+        .output()
+        .expect("running moeshard")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "moeshard failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn all_fixture_ggufs() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![fixtures()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "gguf") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn inspect_every_fixture() {
+    let mut files = all_fixture_ggufs();
+    files.extend(smollm2_model());
+    assert!(files.len() >= 21);
+    for f in &files {
+        let text = ok(&moeshard(&["inspect", f.to_str().unwrap()]));
+        assert!(text.contains("architecture:"), "{}: {text}", f.display());
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&moeshard(&["inspect", "--json", f.to_str().unwrap()])))
+                .unwrap();
+        assert!(json["n_tensors"].as_u64().is_some());
+        let name = f.file_name().unwrap().to_str().unwrap();
+        if name.starts_with("model-") {
+            assert!(
+                json["expert_bytes"].as_u64().unwrap() > 0,
+                "{name} has experts"
+            );
+            assert!(!json["expert_layers"].as_array().unwrap().is_empty());
+        }
+    }
+}
+
+/// Corrupted copies are rejected with a clear error, a non-zero exit and no panic.
+#[test]
+fn inspect_rejects_corrupted_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read(fixtures().join("qwen3moe/model-q8_0.gguf")).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "bad-magic",
+            [b"GGUX".as_slice(), &src[4..]].concat(),
+            "magic",
+        ),
+        ("truncated-header", src[..100].to_vec(), "offset"),
+        ("truncated-data", src[..src.len() - 1000].to_vec(), "offset"),
+        (
+            "bad-version",
+            {
+                let mut v = src.clone();
+                v[4..8].copy_from_slice(&99u32.to_le_bytes());
+                v
+            },
+            "version",
+        ),
+        (
+            "huge-tensor-count",
+            {
+                let mut v = src.clone();
+                v[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+                v
+            },
+            "offset",
+        ),
+        ("empty", Vec::new(), "offset"),
+    ];
+    for (name, bytes, needle) in cases {
+        let path = dir.path().join(format!("{name}.gguf"));
+        std::fs::write(&path, &bytes).unwrap();
+        let out = moeshard(&["inspect", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(!out.status.success(), "{name}: accepted");
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{name}: error should mention {needle:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn eval_writes_logits_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let model = fixtures().join("mixtral/model-q8_0.gguf");
+    let reference = read_json(&fixtures().join("mixtral/reference.json"));
+    let prompt = ids(&reference["prompt_tokens"]);
+    let tokens: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    ok(&moeshard(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--logits-out",
+        out_path.to_str().unwrap(),
+    ]));
+    let (shape, logits) = read_tensor(&out_path, "logits");
+    assert_eq!(shape, vec![prompt.len(), 512]);
+    let (_, want) = read_tensor(
+        &fixtures().join("mixtral/logits.safetensors"),
+        "llamacpp_logits_q8_0",
+    );
+    let worst = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst <= 0.02, "max |Δ| {worst}");
+}
+
+#[test]
+fn generate_json_greedy_matches_llamacpp() {
+    let model = fixtures().join("qwen3moe/model-q4_k_m.gguf");
+    let reference = read_json(&fixtures().join("qwen3moe/reference.json"));
+    let prompt: Vec<String> = ids(&reference["prompt_tokens"])
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let text = ok(&moeshard(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &prompt.join(","),
+        "-n",
+        "16",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        ids(&json["tokens"]),
+        ids(&reference["variants"]["q4_k_m"]["llamacpp_greedy"])
+    );
+}
+
+#[test]
+fn bad_flags_and_missing_files_are_clear_errors() {
+    let out = moeshard(&["inspect", "/nonexistent/model.gguf"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
+    let out = moeshard(&["generate", "--model", "x.gguf", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit with 2");
+    let model = fixtures().join("mixtral/model-q8_0.gguf");
+    let out = moeshard(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "1,99999",
+        "--logits-out",
+        "/tmp/never-written.safetensors",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
+    assert!(!Path::new("/tmp/never-written.safetensors").exists());
+}
+
+#[test]
+fn tokenize_json_on_vocab_only_file() {
+    let vocab = fixtures().join("tokenizers/ggml-vocab-llama-bpe.gguf");
+    let text = ok(&moeshard(&[
+        "tokenize",
+        "--model",
+        vocab.to_str().unwrap(),
+        "--text",
+        "Hello world",
+        "--no-bos",
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(ids(&json["tokens"]), vec![9906, 1917]);
+}

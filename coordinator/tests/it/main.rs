@@ -1,0 +1,7 @@
+//! Integration tests of the coordinator: the engine against llama.cpp's and
+//! transformers' references, and the `moeshard` command line as a user runs it.
+
+mod cli;
+mod fixtures;
+mod smollm2;
+mod support;

@@ -1,0 +1,190 @@
+//! Elementwise math bit-exact with ggml's x86 (AVX2+FMA) CPU build: its
+//! vectorized `expf`, SiLU, softmax and the lane order of its f16 dot products.
+//!
+//! The fixture models amplify a one-ulp difference before an activation is
+//! quantized into a whole quant step (several hundredths of a logit), so
+//! matching llama.cpp means reproducing its arithmetic, not just its formulas.
+//! Each function here is the scalar emulation of one lane of ggml's SIMD code;
+//! `f32::mul_add` is a fused multiply-add, as `_mm256_fmadd_ps` is.
+
+use half::f16;
+
+/// ggml's `ggml_v_expf` (AVX2 + FMA), one lane: a range reduction to
+/// 2^n·e^b and a degree-5 polynomial, with ggml's overflow/underflow handling
+/// (above ~88.38 → inf, below ~-103.97 → 0).
+pub fn expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
+    let n = z - r;
+    // fnmadd(a, b, c) = c - a·b, fused.
+    let b = (-n).mul_add(
+        f32::from_bits(0x35BF_BE8E),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3F31_7200), x), // 0x1.62e4p-1
+    );
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let c = n.abs() > 126.0;
+    let u = b * b;
+    let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3F7F_FFF6) * b); // 0x1.ffffecp-1
+    if !c {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7F00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// ggml's vectorized SiLU `x / (1 + e^(0 - x))` (`ggml_v_silu`).
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + expf(0.0 - x))
+}
+
+/// `g[i] = silu(g[i]) * u[i]`, as `ggml_vec_swiglu_f32` computes it: the vector
+/// path for whole groups of 8, libm's `expf` for the tail.
+pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
+    let whole = g.len() / 8 * 8;
+    for (gv, &uv) in g[..whole].iter_mut().zip(&u[..whole]) {
+        *gv = silu(*gv) * uv;
+    }
+    for (gv, &uv) in g[whole..].iter_mut().zip(&u[whole..]) {
+        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+    }
+}
+
+/// The horizontal sum of 8 lanes in the order of ggml's and tinyBLAS's
+/// `hsum`: (l0+l4)+(l2+l6) + (l1+l5)+(l3+l7).
+#[inline]
+pub fn hsum8(l: &[f32; 8]) -> f32 {
+    let t = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
+/// Softmax of one row in place as `ggml_soft_max` computes it: `e^(x - max)`
+/// with the vector `expf` over groups of 8 (the sum accumulated per group in
+/// f64), libm for the tail unless `padded` (a row ggml pads with masked
+/// entries to a multiple of 8, so every real entry takes the vector path), then
+/// a multiply by the f32 reciprocal of the sum.
+pub fn softmax_in_place(row: &mut [f32], padded: bool) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    let whole = if padded { row.len() } else { row.len() / 8 * 8 };
+    for group in row[..whole].chunks_mut(8) {
+        let mut lanes = [0.0f32; 8];
+        for (lane, v) in lanes.iter_mut().zip(group.iter_mut()) {
+            *v = expf(*v - max);
+            *lane = *v;
+        }
+        sum += hsum8(&lanes) as f64;
+    }
+    for v in &mut row[whole..] {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// An f16 dot product in tinyBLAS's order (llamafile's sgemm, which ggml's x86
+/// build uses for F16 matrix products): one 8-lane FMA accumulator over the
+/// length, then [`hsum8`]. A tail shorter than 8 is added in f32 afterwards.
+pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let whole = a.len() / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = ca[l].to_f32().mul_add(cb[l].to_f32(), acc[l]);
+        }
+    }
+    let mut sum = hsum8(&acc);
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        sum += x.to_f32() * y.to_f32();
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn expf_is_within_two_ulps_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (expf(x), x.exp());
+            assert!(ulps(got, want) <= 2, "expf({x}) = {got}, libm {want}");
+            x += 0.013;
+        }
+    }
+
+    #[test]
+    fn expf_edges() {
+        assert_eq!(expf(0.0), 1.0);
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(100.0), f32::INFINITY);
+        assert!(
+            expf(-100.0) > 0.0 && expf(-100.0) < 1e-43,
+            "subnormal range"
+        );
+    }
+
+    #[test]
+    fn softmax_handles_masked_entries_and_sums_to_one() {
+        let mut row = vec![
+            0.5,
+            -1.0,
+            2.0,
+            f32::NEG_INFINITY,
+            0.25,
+            3.0,
+            -7.0,
+            1.0,
+            0.0,
+            0.1,
+        ];
+        softmax_in_place(&mut row, true);
+        assert_eq!(row[3], 0.0);
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        let mut row2 = vec![0.5, -1.0, 2.0, 0.3, 0.25, 3.0, -7.0, 1.0, 0.0, 0.1];
+        softmax_in_place(&mut row2, false);
+        assert!((row2.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn hsum_order() {
+        // Chosen so that a left-to-right sum rounds differently.
+        let l = [1e8, 1.0, -1e8, 1.0, 1.0, 0.0, 0.0, 0.0];
+        assert_eq!(hsum8(&l), ((1e8f32 + 1.0) + (-1e8 + 0.0)) + (1.0 + 1.0));
+    }
+
+    #[test]
+    fn dot_f16_matches_exact_sum_closely() {
+        let a: Vec<f16> = (0..64)
+            .map(|i| f16::from_f32((i as f32 * 0.37).sin()))
+            .collect();
+        let b: Vec<f16> = (0..64)
+            .map(|i| f16::from_f32((i as f32 * 0.11).cos()))
+            .collect();
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| x.to_f64() * y.to_f64()).sum();
+        assert!((dot_f16(&a, &b) as f64 - exact).abs() < 1e-5);
+    }
+}

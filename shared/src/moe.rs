@@ -1,0 +1,302 @@
+//! The routed-expert computation: Σ wₑ·FFNₑ(x) over a batch of tokens, for the
+//! experts one node holds.
+//!
+//! This is the one place expert math lives: the expert-node daemon, the
+//! in-process node of single-process mode and the tests all call
+//! [`compute_experts`], so a network transport only moves its inputs and its
+//! outputs. The inputs are the activation rows already quantized the way the
+//! gate/up kernels consume them (done once, by the coordinator); the output is
+//! one f32 partial-sum vector per token.
+//!
+//! Tokens are grouped per expert, so each expert's weights are streamed once per
+//! call whatever the number of tokens routed to it.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use thiserror::Error;
+
+use crate::quant::dispatch::Kernels;
+use crate::quant::matmul::{matmul, Activations, WeightMatrix};
+use crate::quant::GgmlType;
+
+/// One 3-D expert tensor (`ffn_{gate,up,down}_exps`): `n_expert` matrices of
+/// `n_rows` rows of `n_cols` elements, expert-major, as ggml stores them.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertTensor<'a> {
+    pub ty: GgmlType,
+    pub n_cols: usize,
+    pub n_rows: usize,
+    pub n_expert: usize,
+    /// Rows of each expert used here (a slice of the intermediate dimension for
+    /// gate/up, or the gate or up half of a merged `ffn_gate_up_exps`).
+    pub row_offset: usize,
+    pub n_rows_used: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> ExpertTensor<'a> {
+    /// A whole 3-D tensor; `data` must hold exactly `n_expert` matrices.
+    pub fn new(
+        ty: GgmlType,
+        n_cols: usize,
+        n_rows: usize,
+        n_expert: usize,
+        data: &'a [u8],
+    ) -> Result<Self, MoeError> {
+        let row_bytes = ty.row_bytes(n_cols).ok_or(MoeError::Shape(format!(
+            "{n_cols} columns are not whole {ty} blocks"
+        )))?;
+        let expected = row_bytes
+            .checked_mul(n_rows)
+            .and_then(|b| b.checked_mul(n_expert));
+        if expected != Some(data.len()) {
+            return Err(MoeError::Shape(format!(
+                "{} bytes for {n_expert} experts of {n_rows}x{n_cols} {ty}",
+                data.len()
+            )));
+        }
+        Ok(ExpertTensor {
+            ty,
+            n_cols,
+            n_rows,
+            n_expert,
+            row_offset: 0,
+            n_rows_used: n_rows,
+            data,
+        })
+    }
+
+    /// The same tensor restricted to rows `offset..offset + len` of every expert.
+    pub fn rows(self, offset: usize, len: usize) -> Result<Self, MoeError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.n_rows) {
+            return Err(MoeError::Shape(format!(
+                "rows {offset}..{} of {}",
+                offset.saturating_add(len),
+                self.n_rows
+            )));
+        }
+        Ok(ExpertTensor {
+            row_offset: self.row_offset + offset,
+            n_rows_used: len,
+            ..self
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        // Checked in `new`.
+        self.ty.row_bytes(self.n_cols).unwrap_or(0)
+    }
+
+    /// The used rows of expert `e` as a weight matrix (a view, no copy).
+    pub fn expert(&self, e: usize) -> WeightMatrix<'a> {
+        let rb = self.row_bytes();
+        let start = (e * self.n_rows + self.row_offset) * rb;
+        WeightMatrix {
+            ty: self.ty,
+            n_rows: self.n_rows_used,
+            n_cols: self.n_cols,
+            data: &self.data[start..start + self.n_rows_used * rb],
+        }
+    }
+}
+
+/// The routed experts of one MoE layer held by a node.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertLayer<'a> {
+    pub gate: ExpertTensor<'a>,
+    pub up: ExpertTensor<'a>,
+    pub down: ExpertTensor<'a>,
+}
+
+impl ExpertLayer<'_> {
+    /// Hidden size (input of gate/up, output of down).
+    pub fn n_embd(&self) -> usize {
+        self.down.n_rows_used
+    }
+
+    /// Intermediate size of one expert (or of the slice held here).
+    pub fn n_ff(&self) -> usize {
+        self.gate.n_rows_used
+    }
+
+    /// Checks that the three tensors fit together.
+    pub fn validate(&self) -> Result<(), MoeError> {
+        let (g, u, d) = (&self.gate, &self.up, &self.down);
+        if g.n_cols != u.n_cols || g.n_rows_used != u.n_rows_used {
+            return Err(MoeError::Shape(format!(
+                "gate {}x{} and up {}x{} differ",
+                g.n_rows_used, g.n_cols, u.n_rows_used, u.n_cols
+            )));
+        }
+        if d.n_cols != g.n_rows_used || d.n_rows_used != g.n_cols {
+            return Err(MoeError::Shape(format!(
+                "down {}x{} does not match gate {}x{}",
+                d.n_rows_used, d.n_cols, g.n_rows_used, g.n_cols
+            )));
+        }
+        if g.n_expert != u.n_expert || g.n_expert != d.n_expert {
+            return Err(MoeError::Shape("expert counts differ".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The activation types gate and up consume (one type when they agree).
+    pub fn input_types(&self) -> Vec<GgmlType> {
+        let g = self.gate.ty.vec_dot_type();
+        let u = self.up.ty.vec_dot_type();
+        if g == u {
+            vec![g]
+        } else {
+            vec![g, u]
+        }
+    }
+}
+
+/// One routing decision: token `token` uses expert `expert` with weight `weight`.
+///
+/// Invariant: a token's assignments appear in routing rank order (best first);
+/// the partial sum adds them in that order, as llama.cpp does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Assignment {
+    pub token: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
+/// Computes Σ weight·down(silu(gate·x) ⊙ up·x) per token into `out`
+/// (`n_tokens × n_embd`, overwritten; tokens with no assignment get zeros).
+///
+/// `inputs` holds the tokens' activation rows quantized to each type of
+/// [`ExpertLayer::input_types`]; every one has `n_tokens` rows of `n_embd`.
+pub fn compute_experts(
+    kernels: &Kernels,
+    layer: &ExpertLayer<'_>,
+    inputs: &[Activations],
+    assignments: &[Assignment],
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    layer.validate()?;
+    let n_embd = layer.n_embd();
+    let n_ff = layer.n_ff();
+    let find_input = |ty: GgmlType| {
+        inputs
+            .iter()
+            .find(|a| a.ty() == ty)
+            .ok_or(MoeError::MissingInput(ty))
+    };
+    let x_gate = find_input(layer.gate.ty.vec_dot_type())?;
+    let x_up = find_input(layer.up.ty.vec_dot_type())?;
+    let n_tokens = x_gate.n_tokens();
+    for x in [x_gate, x_up] {
+        if x.n_cols() != n_embd || x.n_tokens() != n_tokens {
+            return Err(MoeError::Shape(format!(
+                "input of {} tokens x {} for {n_tokens} tokens x {n_embd}",
+                x.n_tokens(),
+                x.n_cols()
+            )));
+        }
+    }
+    if out.len() != n_tokens * n_embd {
+        return Err(MoeError::Shape(format!(
+            "output of {} values for {n_tokens} tokens x {n_embd}",
+            out.len()
+        )));
+    }
+
+    // Group assignment slots by expert; experts in ascending order, tokens in slot order.
+    let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (slot, a) in assignments.iter().enumerate() {
+        if a.token as usize >= n_tokens {
+            return Err(MoeError::BadToken {
+                token: a.token,
+                n_tokens,
+            });
+        }
+        if a.expert as usize >= layer.gate.n_expert {
+            return Err(MoeError::BadExpert {
+                expert: a.expert,
+                n_expert: layer.gate.n_expert,
+            });
+        }
+        if !a.weight.is_finite() {
+            return Err(MoeError::NonFinite("expert weight"));
+        }
+        by_expert.entry(a.expert).or_default().push(slot);
+    }
+
+    // Each expert's output rows, one per slot routed to it.
+    let per_expert: Vec<(Vec<usize>, Vec<f32>)> = by_expert
+        .into_par_iter()
+        .map(|(expert, slots)| {
+            let tokens: Vec<usize> = slots
+                .iter()
+                .map(|&s| assignments[s].token as usize)
+                .collect();
+            let down_out = expert_ffn(kernels, layer, expert as usize, x_gate, x_up, &tokens, n_ff);
+            (slots, down_out)
+        })
+        .collect();
+
+    let mut slot_rows: Vec<&[f32]> = vec![&[]; assignments.len()];
+    for (slots, rows) in &per_expert {
+        for (i, &slot) in slots.iter().enumerate() {
+            slot_rows[slot] = &rows[i * n_embd..(i + 1) * n_embd];
+        }
+    }
+    out.fill(0.0);
+    for (slot, a) in assignments.iter().enumerate() {
+        let dst = &mut out[a.token as usize * n_embd..(a.token as usize + 1) * n_embd];
+        for (o, &d) in dst.iter_mut().zip(slot_rows[slot]) {
+            *o += d * a.weight;
+        }
+    }
+    Ok(())
+}
+
+/// down(silu(gate·x) ⊙ up·x) of one expert for the given tokens (rows in token order).
+fn expert_ffn(
+    kernels: &Kernels,
+    layer: &ExpertLayer<'_>,
+    expert: usize,
+    x_gate: &Activations,
+    x_up: &Activations,
+    tokens: &[usize],
+    n_ff: usize,
+) -> Vec<f32> {
+    let n = tokens.len();
+    let xg = x_gate.gather(tokens);
+    let mut gate = vec![0.0f32; n * n_ff];
+    matmul(kernels, &layer.gate.expert(expert), &xg, &mut gate);
+    let mut up = vec![0.0f32; n * n_ff];
+    if std::ptr::eq(x_gate, x_up) {
+        matmul(kernels, &layer.up.expert(expert), &xg, &mut up);
+    } else {
+        matmul(
+            kernels,
+            &layer.up.expert(expert),
+            &x_up.gather(tokens),
+            &mut up,
+        );
+    }
+    crate::ggml_math::swiglu_in_place(&mut gate, &up);
+    let hidden = Activations::quantize(kernels, layer.down.ty, &gate, n_ff);
+    let mut down = vec![0.0f32; n * layer.n_embd()];
+    matmul(kernels, &layer.down.expert(expert), &hidden, &mut down);
+    down
+}
+
+/// Why an expert computation was refused.
+#[derive(Debug, Error)]
+pub enum MoeError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("no activations quantized to {0} were given")]
+    MissingInput(GgmlType),
+    #[error("token {token} out of range (batch of {n_tokens})")]
+    BadToken { token: u32, n_tokens: usize },
+    #[error("expert {expert} out of range ({n_expert} experts)")]
+    BadExpert { expert: u32, n_expert: usize },
+    #[error("non-finite {0}")]
+    NonFinite(&'static str),
+}

@@ -1,0 +1,404 @@
+//! Property tests of every SIMD level this host supports against the scalar reference:
+//! dot products (single and batched), activation quantizers and the matmul.
+//!
+//! Dot products sum the same integers as the reference and differ only in the order of their
+//! f32 operations. Each such operation rounds by at most ε (f32::EPSILON/2 relative) of a
+//! value bounded by Σ|terms| (the sum of the absolute values of every product that enters the
+//! result), and a lane accumulates at most one value per block (per 16 elements for the float
+//! types) plus a fixed number of final additions. So both results lie within
+//! `(steps + c)·ε·Σ|terms|` of the exact value, and the tests allow twice that between them.
+//! Quantizers must match byte for byte; batched dot products must match single ones bit for bit.
+
+use proptest::prelude::*;
+
+use super::dispatch::{Isa, Kernels};
+use super::matmul::{matmul, matmul_rows, Activations, WeightMatrix};
+use super::{reference, GgmlType};
+
+/// A small deterministic generator (SplitMix64), so a failing case is reproduced by its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in [-1, 1).
+    fn signed(&mut self) -> f32 {
+        2.0 * self.unit() - 1.0
+    }
+
+    /// Magnitudes spread over several decades, both signs.
+    fn activation(&mut self) -> f32 {
+        let decade = (self.next_u64() % 4) as i32 - 2;
+        self.signed() * 10f32.powi(decade)
+    }
+
+    /// A realistic weight scale: |d| in [1e-5, 1e-1), either sign.
+    fn scale(&mut self) -> f32 {
+        let magnitude = 10f32.powf(-5.0 + 4.0 * self.unit());
+        if self.next_u64() & 1 == 0 {
+            magnitude
+        } else {
+            -magnitude
+        }
+    }
+}
+
+/// Byte offsets of the f16 scale fields of a block: (`d`-like fields, `m`/`dmin` fields).
+fn scale_fields(ty: GgmlType) -> (&'static [usize], &'static [usize]) {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (&[0], &[]),
+        GgmlType::Q4_1 | GgmlType::Q5_1 => (&[0], &[2]),
+        GgmlType::Q2_K => (&[80], &[82]),
+        GgmlType::Q3_K => (&[108], &[]),
+        GgmlType::Q4_K | GgmlType::Q5_K => (&[0], &[2]),
+        GgmlType::Q6_K => (&[208], &[]),
+        _ => (&[], &[]),
+    }
+}
+
+/// A weight row of `n` elements: random quant bytes with random finite f16 scales, or random
+/// floats for the float types.
+fn random_weights(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    let bytes = ty.row_bytes(n).expect("whole blocks");
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let values: Vec<f32> = (0..n).map(|_| rng.signed()).collect();
+            let mut out = vec![0u8; bytes];
+            reference::quantize_row(ty, &values, &mut out);
+            out
+        }
+        _ => {
+            let mut out: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
+            let (ds, ms) = scale_fields(ty);
+            for block in out.chunks_exact_mut(ty.block_bytes()) {
+                for &at in ds.iter().chain(ms) {
+                    let h = half::f16::from_f32(rng.scale());
+                    block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `n_tokens` activation rows, each quantized by the reference to `ty.vec_dot_type()`.
+fn random_activations(rng: &mut Rng, ty: GgmlType, n: usize, n_tokens: usize) -> Vec<u8> {
+    let x_ty = ty.vec_dot_type();
+    let row = x_ty.row_bytes(n).expect("whole blocks");
+    let mut out = vec![0u8; row * n_tokens];
+    for dst in out.chunks_exact_mut(row) {
+        let values: Vec<f32> = (0..n).map(|_| rng.activation()).collect();
+        reference::quantize_row(x_ty, &values, dst);
+    }
+    out
+}
+
+/// Σ|terms| of a dot product: every product the kernels add, in absolute value (the scale
+/// part and the min part of each weight separately, since the kernels sum them separately).
+fn abs_terms(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f64 {
+    let mut xf = vec![0.0f32; n];
+    reference::dequantize_row(ty.vec_dot_type(), x, &mut xf);
+    let dequant_abs_dot = |w: &[u8]| {
+        let mut wf = vec![0.0f32; n];
+        reference::dequantize_row(ty, w, &mut wf);
+        wf.iter()
+            .zip(&xf)
+            .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+            .sum::<f64>()
+    };
+    let (ds, ms) = scale_fields(ty);
+    if ms.is_empty() {
+        return dequant_abs_dot(w);
+    }
+    let with_zeroed = |fields: &[usize]| {
+        let mut copy = w.to_vec();
+        for block in copy.chunks_exact_mut(ty.block_bytes()) {
+            for &at in fields {
+                block[at..at + 2].fill(0);
+            }
+        }
+        copy
+    };
+    let scale_part = dequant_abs_dot(&with_zeroed(ms));
+    let min_part = match ty {
+        // Q4_1/Q5_1 add m·s per block, with s the activation's stored d·Σq.
+        GgmlType::Q4_1 | GgmlType::Q5_1 => w
+            .chunks_exact(ty.block_bytes())
+            .zip(x.chunks_exact(GgmlType::Q8_1.block_bytes()))
+            .map(|(wb, xb)| {
+                let m = half::f16::from_le_bytes([wb[2], wb[3]]).to_f64();
+                let s = half::f16::from_le_bytes([xb[2], xb[3]]).to_f64();
+                (m * s).abs()
+            })
+            .sum(),
+        _ => dequant_abs_dot(&with_zeroed(ds)),
+    };
+    scale_part + min_part
+}
+
+/// The largest allowed |simd - reference| (see the module comment).
+fn tolerance(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f64 {
+    let steps = if ty.block_elems() == 1 {
+        n / 16 + 24
+    } else {
+        n / ty.block_elems() + 16
+    };
+    2.0 * steps as f64 * f64::from(f32::EPSILON) * abs_terms(ty, n, w, x)
+}
+
+fn simd_levels() -> Vec<&'static Kernels> {
+    Kernels::supported()
+        .into_iter()
+        .filter(|k| k.level() != Isa::Scalar)
+        .collect()
+}
+
+/// Block counts: the edges 1, 2, 3, 5, 7 and a few longer rows.
+fn n_blocks() -> impl Strategy<Value = usize> {
+    prop_oneof![prop::sample::select(vec![1usize, 2, 3, 5, 7]), 8usize..=40]
+}
+
+fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(), TestCaseError> {
+    let mut rng = Rng(seed);
+    let n = n_blocks * ty.block_elems();
+    let w = random_weights(&mut rng, ty, n);
+    let xs = random_activations(&mut rng, ty, n, batch);
+    let x_row = xs.len() / batch;
+    // The SIMD levels share their f32 operations, so they agree bit for bit.
+    let mut first_level: Option<(&str, Vec<f32>)> = None;
+    for kernels in simd_levels() {
+        let mut batched = vec![f32::NAN; batch];
+        kernels.vec_dot_batch(ty, n, &w, &xs, &mut batched);
+        for (t, x) in xs.chunks_exact(x_row).enumerate() {
+            let single = kernels.vec_dot(ty, n, &w, x);
+            let want = reference::vec_dot(ty, n, &w, x);
+            let tol = tolerance(ty, n, &w, x);
+            let diff = (f64::from(single) - f64::from(want)).abs();
+            prop_assert!(
+                diff <= tol,
+                "{} {ty} n={n} token {t}: simd {single} reference {want} (diff {diff:e}, tol {tol:e})",
+                kernels.isa()
+            );
+            prop_assert_eq!(
+                batched[t].to_bits(),
+                single.to_bits(),
+                "{} {} batch of {}: token {} differs from the single dot",
+                kernels.isa(),
+                ty,
+                batch,
+                t
+            );
+        }
+        match &first_level {
+            None => first_level = Some((kernels.isa(), batched)),
+            Some((isa, values)) => {
+                let same = values
+                    .iter()
+                    .zip(&batched)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                prop_assert!(
+                    same,
+                    "{} {ty} differs from {isa}: {batched:?} vs {values:?}",
+                    kernels.isa()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dot_matches_reference(
+        ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
+        n_blocks in n_blocks(),
+        batch in 1usize..=9,
+        seed in any::<u64>(),
+    ) {
+        check_dot(ty, n_blocks, batch, seed)?;
+    }
+
+    #[test]
+    fn float_dot_odd_lengths(
+        ty in prop::sample::select(vec![GgmlType::F32, GgmlType::F16, GgmlType::BF16]),
+        n in 1usize..=300,
+        batch in 1usize..=9,
+        seed in any::<u64>(),
+    ) {
+        check_dot(ty, n, batch, seed)?;
+    }
+
+    #[test]
+    fn quantize_matches_reference(
+        ty in prop::sample::select(vec![
+            GgmlType::F32, GgmlType::F16, GgmlType::BF16,
+            GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K,
+        ]),
+        n_blocks in n_blocks(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let n = n_blocks * ty.block_elems().max(32);
+        let mut values: Vec<f32> = (0..n).map(|_| rng.activation()).collect();
+        // Blocks with ties and special shapes: zeros, rounding ties, a repeated maximum of
+        // both signs (the first one must win), a single non-zero.
+        for (k, block) in values.chunks_exact_mut(ty.block_elems().max(32)).enumerate() {
+            match (seed as usize + k) % 6 {
+                0 => block.fill(0.0),
+                1 => {
+                    block[0] = 127.0;
+                    for (j, v) in block.iter_mut().enumerate().skip(1) {
+                        *v = (j as f32 - 60.5) * if j % 2 == 0 { 1.0 } else { -1.0 };
+                    }
+                }
+                2 => {
+                    let m = block.len() / 2;
+                    block[m] = -5.0;
+                    block[m + 1] = 5.0;
+                    block[3] = 5.0;
+                }
+                3 => {
+                    block.fill(0.0);
+                    block[block.len() - 1] = -1e-3;
+                }
+                _ => {}
+            }
+        }
+        let bytes = ty.row_bytes(n).expect("whole blocks");
+        let mut want = vec![0u8; bytes];
+        reference::quantize_row(ty, &values, &mut want);
+        for kernels in simd_levels() {
+            let mut got = vec![0xAAu8; bytes];
+            kernels.quantize_row(ty, &values, &mut got);
+            prop_assert!(got == want, "{} quantize {ty}: bytes differ from the reference", kernels.isa());
+        }
+    }
+
+    #[test]
+    fn matmul_matches_rows(
+        ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
+        n_blocks in 1usize..=4,
+        n_rows in 1usize..=37,
+        n_tokens in 1usize..=9,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let n_cols = n_blocks * ty.block_elems().max(32);
+        let row_bytes = ty.row_bytes(n_cols).expect("whole blocks");
+        let data: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n_cols)).collect();
+        let w = WeightMatrix::new(ty, n_rows, n_cols, &data).expect("valid matrix");
+        let x: Vec<f32> = (0..n_cols * n_tokens).map(|_| rng.activation()).collect();
+        for kernels in Kernels::supported() {
+            let act = Activations::quantize(kernels, ty, &x, n_cols);
+            let x_row = act.ty().row_bytes(n_cols).expect("whole blocks");
+            let mut out = vec![f32::NAN; n_tokens * n_rows];
+            matmul(kernels, &w, &act, &mut out);
+            for t in 0..n_tokens {
+                for r in 0..n_rows {
+                    let want = kernels.vec_dot(
+                        ty,
+                        n_cols,
+                        &data[r * row_bytes..(r + 1) * row_bytes],
+                        &act.data()[t * x_row..(t + 1) * x_row],
+                    );
+                    prop_assert_eq!(out[t * n_rows + r].to_bits(), want.to_bits(),
+                        "{} matmul {} token {} row {}", kernels.isa(), ty, t, r);
+                }
+            }
+            // A row range gives the same values as the whole matrix.
+            let (a, b) = (n_rows / 3, n_rows - n_rows / 4);
+            let mut part = vec![f32::NAN; n_tokens * (b - a)];
+            matmul_rows(kernels, &w, a..b, &act, &mut part);
+            for t in 0..n_tokens {
+                prop_assert_eq!(&part[t * (b - a)..(t + 1) * (b - a)], &out[t * n_rows + a..t * n_rows + b]);
+            }
+        }
+    }
+}
+
+/// Activation rows with a -128 quant or inconsistent Q8_K sums are refused.
+#[test]
+fn from_bytes_validates() {
+    let mut rng = Rng(3);
+    let n = 256;
+    let good = random_activations(&mut rng, GgmlType::Q4_K, n, 2);
+    assert!(Activations::from_bytes(GgmlType::Q8_K, n, 2, good.clone()).is_ok());
+    let mut bad_sum = good.clone();
+    bad_sum[260] ^= 1;
+    assert!(Activations::from_bytes(GgmlType::Q8_K, n, 2, bad_sum).is_err());
+    let mut bad_quant = good.clone();
+    bad_quant[292 + 10] = 0x80;
+    assert!(Activations::from_bytes(GgmlType::Q8_K, n, 2, bad_quant).is_err());
+    assert!(Activations::from_bytes(GgmlType::Q8_K, n, 3, good).is_err());
+}
+
+/// Non-finite and huge inputs quantize exactly as the reference (whose result is defined for
+/// them too), so a bad value upstream cannot make the SIMD levels disagree.
+#[test]
+fn quantize_special_values() {
+    let specials = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e30,
+        -1e30,
+        f32::MIN_POSITIVE,
+        -0.0,
+        65504.0,
+        70000.0,
+    ];
+    for ty in [
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q8_K,
+    ] {
+        let block = ty.block_elems().max(32);
+        for (k, &special) in specials.iter().enumerate() {
+            let mut values: Vec<f32> = (0..2 * block).map(|i| (i as f32 - 40.0) * 0.37).collect();
+            values[(7 * k + 3) % block] = special;
+            values[block + (11 * k) % block] = special;
+            let bytes = ty.row_bytes(values.len()).expect("whole blocks");
+            let mut want = vec![0u8; bytes];
+            reference::quantize_row(ty, &values, &mut want);
+            for kernels in simd_levels() {
+                let mut got = vec![0u8; bytes];
+                kernels.quantize_row(ty, &values, &mut got);
+                let differs = got
+                    .chunks_exact(2)
+                    .zip(want.chunks_exact(2))
+                    .position(|(g, w)| g != w);
+                assert_eq!(differs, None, "{} {ty} with {special}", kernels.isa());
+            }
+        }
+    }
+}
+
+/// On a CPU with AVX2 the SIMD tests above do run (they would pass vacuously otherwise).
+#[test]
+fn host_levels_are_tested() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert!(simd_levels().iter().any(|k| k.level() == Isa::Avx2));
+    }
+    assert_eq!(Kernels::scalar().isa(), "scalar");
+    assert_eq!(Isa::from_name(" AVX2 "), Some(Isa::Avx2));
+    assert_eq!(Isa::from_name("sse"), None);
+}

@@ -1,0 +1,904 @@
+//! AVX2 + FMA + F16C kernels: weight-row dot products against a tile of activation rows, and
+//! the activation quantizers.
+//!
+//! Every dot kernel is written once as a tile over `B` tokens (`B` = 1..=[`TILE`]): each
+//! weight block is loaded and unpacked once and then multiplied with the block of every token
+//! of the tile, which is what lets a batch read the weights once. A token's instructions do not
+//! depend on `B` (nor on the other tokens), so `vec_dot` (a tile of one) and `vec_dot_batch`
+//! give bit-identical results.
+//!
+//! Inside a block the arithmetic is integer and exact, as in the reference; only the f32
+//! accumulation across blocks (and lanes) is ordered differently. The technique follows
+//! ggml's x86 kernels: `maddubs` multiplies unsigned weight quants with signed activation
+//! quants into i16 pairs, `madd` folds in the block's scales, and the constant offsets and
+//! K-quant mins are applied through the activation's precomputed sums (`bsums`). Where a
+//! weight is signed, its sign is moved onto the activation (`sign`), which is exact as long
+//! as no activation quant is -128 (our quantizers produce -127..=127, and
+//! `Activations::from_bytes` rejects -128).
+//!
+//! The functions are safe `#[target_feature]` functions: memory is read through slices (the
+//! only `unsafe` is the unaligned load/store of a checked 16/32-byte sub-slice), and calling
+//! one is unsafe only because the CPU must have the features, which `dispatch` guarantees.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+/// Tokens per tile: with 16 ymm registers, four tokens' accumulators plus the unpacked
+/// weight vectors stay in registers.
+pub(crate) const TILE: usize = 4;
+
+pub(super) const Q8_0_BYTES: usize = 34;
+const Q8_1_BYTES: usize = 36;
+pub(super) const Q8_K_BYTES: usize = 292;
+/// Offset of `qs` and `bsums` in a Q8_K block.
+pub(super) const Q8_K_QS: usize = 4;
+pub(super) const Q8_K_BSUMS: usize = 260;
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+/// Loads 32 bytes at `at` (bounds-checked; the check folds away for constant offsets into a
+/// block of known size).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn ld(bytes: &[u8], at: usize) -> __m256i {
+    let chunk = &bytes[at..at + 32];
+    // SAFETY: `chunk` is 32 readable bytes and `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) }
+}
+
+/// Loads 16 bytes at `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn ld128(bytes: &[u8], at: usize) -> __m128i {
+    let chunk = &bytes[at..at + 16];
+    // SAFETY: `chunk` is 16 readable bytes and `loadu` has no alignment requirement.
+    unsafe { _mm_loadu_si128(chunk.as_ptr().cast()) }
+}
+
+/// Stores 32 bytes at `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn st(bytes: &mut [u8], at: usize, v: __m256i) {
+    let chunk = &mut bytes[at..at + 32];
+    // SAFETY: `chunk` is 32 writable bytes and `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(chunk.as_mut_ptr().cast(), v) }
+}
+
+/// Loads 8 f32 starting at element `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ld_ps(xs: &[f32], at: usize) -> __m256 {
+    let chunk = &xs[at..at + 8];
+    // SAFETY: `chunk` is 8 readable f32 and `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(chunk.as_ptr()) }
+}
+
+/// Loads 8 little-endian f32 from bytes (x86 is little-endian).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ld_ps_bytes(bytes: &[u8], at: usize) -> __m256 {
+    _mm256_castsi256_ps(ld(bytes, at))
+}
+
+// One bounds check per field, so that LLVM reads each field with one load.
+#[inline]
+fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    let b = &bytes[at..at + 2];
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+#[inline]
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let b = &bytes[at..at + 4];
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+#[inline]
+pub(super) fn f32_at(bytes: &[u8], at: usize) -> f32 {
+    f32::from_bits(u32_at(bytes, at))
+}
+
+/// The f16 at `at` as f32 (exact, so equal to the reference's `half` conversion).
+///
+/// Normal values are converted with integer operations: a scalar F16C conversion makes LLVM
+/// emit `vpinsrw` into an arbitrary register, which can be a loop's accumulator and then
+/// chains every block to the previous one's FMA (it cost the Q8_0 kernel two thirds of its
+/// speed). Zero, subnormals, Inf and NaN (rare in scales) go through F16C.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    let h = u32::from(u16_at(bytes, at));
+    let exponent = h & 0x7c00;
+    if exponent != 0 && exponent != 0x7c00 {
+        // Rebias the exponent (15 → 127) and widen the mantissa (10 → 23 bits).
+        f32::from_bits(((h & 0x8000) << 16) | (((h & 0x7fff) + 0x1_c000) << 13))
+    } else {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+}
+
+/// Horizontal sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Horizontal wrapping sum of 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Σ over pairs of (unsigned `a` byte × signed `b` byte), then over pairs of those: 8 i32
+/// lanes, each the sum of 4 neighbouring products. `maddubs` cannot saturate here: every
+/// caller's `a` is at most 63, or at most 128 with |b| ≤ 127.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// 16 i16 lanes: the even bytes are the byte at index `k` of each 128-bit lane, zero-extended
+/// (`pshufb` writes zero for index bytes with the top bit set).
+const fn bcast_u8_to_i16(low_lane: u8, high_lane: u8) -> [u8; 32] {
+    let mut m = [0x80u8; 32];
+    let mut i = 0;
+    while i < 16 {
+        m[i] = if i % 2 == 0 { low_lane } else { 0x80 };
+        m[16 + i] = if i % 2 == 0 { high_lane } else { 0x80 };
+        i += 1;
+    }
+    m
+}
+
+/// 16 i16 lanes: i16 element `low` of each 128-bit lane in the low lane, `high` in the high.
+const fn bcast_i16(low: u8, high: u8) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    let mut i = 0;
+    while i < 8 {
+        m[2 * i] = 2 * low;
+        m[2 * i + 1] = 2 * low + 1;
+        m[16 + 2 * i] = 2 * high;
+        m[16 + 2 * i + 1] = 2 * high + 1;
+        i += 1;
+    }
+    m
+}
+
+/// Q4_K/Q5_K scales: byte k of a broadcast u64 as i16 in every lane (k = sub-block 0..8).
+pub(super) const K4_SCALE: [[u8; 32]; 8] = {
+    let mut t = [[0u8; 32]; 8];
+    let mut k = 0;
+    while k < 8 {
+        t[k] = bcast_u8_to_i16(k as u8, k as u8);
+        k += 1;
+    }
+    t
+};
+
+/// Q4_K/Q5_K mins: `[m0, m0, m1, m1, m2, m2, m3, m3 | m4, m4, ..., m7, m7]` as i16 from a
+/// broadcast u64, so that `madd` with the 16 `bsums` pairs each min with its two groups.
+pub(super) const K4_MINS: [u8; 32] = {
+    let mut m = [0x80u8; 32];
+    let mut i = 0;
+    while i < 8 {
+        m[2 * i] = (i / 2) as u8;
+        m[16 + 2 * i] = (4 + i / 2) as u8;
+        i += 1;
+    }
+    m
+};
+
+/// Q2_K: group scale bytes (a 16-byte vector broadcast to both lanes) for the 32 elements
+/// `32k..32k+32` of a super-block: groups `2k` (low lane) and `2k + 1` (high lane).
+const Q2K_SCALE: [[u8; 32]; 8] = {
+    let mut t = [[0u8; 32]; 8];
+    let mut k = 0;
+    while k < 8 {
+        t[k] = bcast_u8_to_i16(2 * k as u8, 2 * k as u8 + 1);
+        k += 1;
+    }
+    t
+};
+
+/// Q3_K/Q6_K: i16 scales (8 per lane, broadcast) for elements `32g..32g+32` of a half.
+pub(super) const I16_SCALE: [[u8; 32]; 4] = [
+    bcast_i16(0, 1),
+    bcast_i16(2, 3),
+    bcast_i16(4, 5),
+    bcast_i16(6, 7),
+];
+
+/// Byte k of the result takes byte k/8 of a broadcast u32.
+const BITS_SHUF: [u8; 32] = {
+    let mut m = [0u8; 32];
+    let mut k = 0;
+    while k < 32 {
+        m[k] = (k / 8) as u8;
+        k += 1;
+    }
+    m
+};
+
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn cv(bytes: &[u8; 32]) -> __m256i {
+    ld(bytes, 0)
+}
+
+/// Expands 32 bits (element e = bit e) to 32 bytes of 0xFF (set) or 0x00.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), cv(&BITS_SHUF));
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+}
+
+/// 16 bytes of packed nibbles to 32 bytes: low nibbles are elements 0..16, high 16..32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nibbles(bytes: &[u8], at: usize) -> __m256i {
+    let v = ld128(bytes, at);
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(v), v);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Shifts each 16-bit lane right by `count` (bits of neighbouring bytes that enter a byte are
+/// masked off by every caller).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn srl16(v: __m256i, count: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(count as i32))
+}
+
+/// Block `i` of each token's row.
+#[inline]
+pub(super) fn token_blocks<'a, const B: usize>(
+    x: &[&'a [u8]; B],
+    i: usize,
+    size: usize,
+) -> [&'a [u8]; B] {
+    std::array::from_fn(|t| &x[t][i * size..(i + 1) * size])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch drivers: split the tokens into tiles and run the tile kernel on each.
+
+macro_rules! batched {
+    ($(#[$doc:meta])* $name:ident, $tile:ident) => {
+        $(#[$doc])*
+        ///
+        /// `xs` holds `out.len()` activation rows of equal length; `w` is one weight row of
+        /// `n` elements. Lengths are checked by `dispatch`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(crate) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+            let _ = n;
+            let n_tokens = out.len();
+            if n_tokens == 0 {
+                return;
+            }
+            let x_row = xs.len() / n_tokens;
+            let row = |t: usize| &xs[t * x_row..(t + 1) * x_row];
+            for (tile_idx, out_tile) in out.chunks_mut(TILE).enumerate() {
+                let t0 = tile_idx * TILE;
+                match out_tile.len() {
+                    4 => out_tile.copy_from_slice(&$tile::<4>(w, [row(t0), row(t0 + 1), row(t0 + 2), row(t0 + 3)])),
+                    3 => out_tile.copy_from_slice(&$tile::<3>(w, [row(t0), row(t0 + 1), row(t0 + 2)])),
+                    2 => out_tile.copy_from_slice(&$tile::<2>(w, [row(t0), row(t0 + 1)])),
+                    _ => out_tile.copy_from_slice(&$tile::<1>(w, [row(t0)])),
+                }
+            }
+        }
+    };
+}
+
+batched!(
+    /// F32 weights · F32 activations.
+    dot_f32, f32_tile
+);
+batched!(
+    /// F16 weights · F16 activations.
+    dot_f16, f16_tile
+);
+batched!(
+    /// BF16 weights · BF16 activations.
+    dot_bf16, bf16_tile
+);
+batched!(
+    /// Q4_0 weights · Q8_0 activations.
+    dot_q4_0, q4_0_tile
+);
+batched!(
+    /// Q4_1 weights · Q8_1 activations.
+    dot_q4_1, q4_1_tile
+);
+batched!(
+    /// Q5_0 weights · Q8_0 activations.
+    dot_q5_0, q5_0_tile
+);
+batched!(
+    /// Q5_1 weights · Q8_1 activations.
+    dot_q5_1, q5_1_tile
+);
+batched!(
+    /// Q8_0 weights · Q8_0 activations.
+    dot_q8_0, q8_0_tile
+);
+batched!(
+    /// Q2_K weights · Q8_K activations.
+    dot_q2_k, q2_k_tile
+);
+batched!(
+    /// Q3_K weights · Q8_K activations.
+    dot_q3_k, q3_k_tile
+);
+batched!(
+    /// Q4_K weights · Q8_K activations.
+    dot_q4_k, q4_k_tile
+);
+batched!(
+    /// Q5_K weights · Q8_K activations.
+    dot_q5_k, q5_k_tile
+);
+batched!(
+    /// Q6_K weights · Q8_K activations.
+    dot_q6_k, q6_k_tile
+);
+
+// ---------------------------------------------------------------------------------------------
+// Float weights: 16 elements per step in two 8-lane f32 accumulators per token; the tail
+// (n % 16 elements) is summed in scalar f32 and added last.
+
+macro_rules! float_tile {
+    ($name:ident, $elem_bytes:expr, $load:ident, $scalar:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            const STEP: usize = 16;
+            let n = w.len() / $elem_bytes;
+            let n_main = n / STEP * STEP;
+            let mut acc0 = [_mm256_setzero_ps(); B];
+            let mut acc1 = [_mm256_setzero_ps(); B];
+            let mut e = 0;
+            while e < n_main {
+                let w0 = $load(w, e * $elem_bytes);
+                let w1 = $load(w, (e + 8) * $elem_bytes);
+                for t in 0..B {
+                    acc0[t] = _mm256_fmadd_ps(w0, $load(x[t], e * $elem_bytes), acc0[t]);
+                    acc1[t] = _mm256_fmadd_ps(w1, $load(x[t], (e + 8) * $elem_bytes), acc1[t]);
+                }
+                e += STEP;
+            }
+            std::array::from_fn(|t| {
+                let mut tail = 0.0f32;
+                for k in n_main..n {
+                    tail += $scalar(w, k * $elem_bytes) * $scalar(x[t], k * $elem_bytes);
+                }
+                hsum_ps(_mm256_add_ps(acc0[t], acc1[t])) + tail
+            })
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn ld_f16x8(bytes: &[u8], at: usize) -> __m256 {
+    _mm256_cvtph_ps(ld128(bytes, at))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ld_bf16x8(bytes: &[u8], at: usize) -> __m256 {
+    let wide = _mm256_cvtepu16_epi32(ld128(bytes, at));
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+}
+
+#[inline]
+fn bf16_at(bytes: &[u8], at: usize) -> f32 {
+    f32::from_bits(u32::from(u16_at(bytes, at)) << 16)
+}
+
+float_tile!(f32_tile, 4, ld_ps_bytes, f32_at);
+float_tile!(f16_tile, 2, ld_f16x8, f16_at);
+float_tile!(bf16_tile, 2, ld_bf16x8, bf16_at);
+
+// ---------------------------------------------------------------------------------------------
+// Legacy quants (32-element blocks).
+
+/// Σ w·x of signed weight bytes `wq` (with `aw = |wq|` precomputed) and activation bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_i8_signed(aw: __m256i, wq: __m256i, xq: __m256i) -> __m256i {
+    dot_u8_i8(aw, _mm256_sign_epi8(xq, wq))
+}
+
+/// Shared body of the Q8_0-activation kernels: `unpack(block) -> (d, signed quants)`.
+macro_rules! q8_0_family {
+    ($name:ident, $w_bytes:expr, $unpack:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            let mut acc = [_mm256_setzero_ps(); B];
+            for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
+                let (d, wq) = $unpack(wb);
+                let aw = _mm256_sign_epi8(wq, wq);
+                let xb = token_blocks(&x, i, Q8_0_BYTES);
+                for t in 0..B {
+                    let sumi = dot_i8_signed(aw, wq, ld(xb[t], 2));
+                    let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
+                    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+                }
+            }
+            std::array::from_fn(|t| hsum_ps(acc[t]))
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn unpack_q8_0(wb: &[u8]) -> (f32, __m256i) {
+    (f16_at(wb, 0), ld(wb, 2))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn unpack_q4_0(wb: &[u8]) -> (f32, __m256i) {
+    let q = _mm256_sub_epi8(nibbles(wb, 2), _mm256_set1_epi8(8));
+    (f16_at(wb, 0), q)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn unpack_q5_0(wb: &[u8]) -> (f32, __m256i) {
+    // nibble - 16 for a clear fifth bit is the nibble with the top four bits set.
+    let clear = _mm256_andnot_si256(bits_to_bytes(u32_at(wb, 2)), _mm256_set1_epi8(0xF0u8 as i8));
+    (f16_at(wb, 0), _mm256_or_si256(nibbles(wb, 6), clear))
+}
+
+q8_0_family!(q8_0_tile, 34, unpack_q8_0);
+q8_0_family!(q4_0_tile, 18, unpack_q4_0);
+q8_0_family!(q5_0_tile, 22, unpack_q5_0);
+
+/// Shared body of the Q8_1-activation kernels: `unpack(block) -> (d, m, unsigned quants)`.
+macro_rules! q8_1_family {
+    ($name:ident, $w_bytes:expr, $unpack:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            let mut acc = [_mm256_setzero_ps(); B];
+            let mut summs = [0.0f32; B];
+            for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
+                let (d, m, wq) = $unpack(wb);
+                let xb = token_blocks(&x, i, Q8_1_BYTES);
+                for t in 0..B {
+                    let sumi = dot_u8_i8(wq, ld(xb[t], 4));
+                    let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
+                    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+                    // ggml is built with FP contraction: its `summs += m * s` is one FMA.
+                    summs[t] = m.mul_add(f16_at(xb[t], 2), summs[t]);
+                }
+            }
+            std::array::from_fn(|t| hsum_ps(acc[t]) + summs[t])
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn unpack_q4_1(wb: &[u8]) -> (f32, f32, __m256i) {
+    (f16_at(wb, 0), f16_at(wb, 2), nibbles(wb, 4))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn unpack_q5_1(wb: &[u8]) -> (f32, f32, __m256i) {
+    let fifth = _mm256_and_si256(bits_to_bytes(u32_at(wb, 4)), _mm256_set1_epi8(0x10));
+    (
+        f16_at(wb, 0),
+        f16_at(wb, 2),
+        _mm256_or_si256(nibbles(wb, 8), fifth),
+    )
+}
+
+q8_1_family!(q4_1_tile, 20, unpack_q4_1);
+q8_1_family!(q5_1_tile, 24, unpack_q5_1);
+
+// ---------------------------------------------------------------------------------------------
+// K-quants against Q8_K.
+
+/// Q4_K/Q5_K's packed 6-bit scales and mins as two u64 of 8 bytes each (byte k = sub-block
+/// k), the layout of `scale_min` in docs/FORMATS.md computed four bytes at a time.
+#[inline]
+pub(super) fn k4_scales_mins(s: &[u8]) -> (u64, u64) {
+    let (a0, a1, a2) = (u32_at(s, 0), u32_at(s, 4), u32_at(s, 8));
+    let sc_lo = a0 & 0x3f3f_3f3f;
+    let mn_lo = a1 & 0x3f3f_3f3f;
+    let sc_hi = (a2 & 0x0f0f_0f0f) | (((a0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((a2 >> 4) & 0x0f0f_0f0f) | (((a1 >> 6) & 0x0303_0303) << 4);
+    (
+        u64::from(sc_lo) | (u64::from(sc_hi) << 32),
+        u64::from(mn_lo) | (u64::from(mn_hi) << 32),
+    )
+}
+
+/// Q3_K's 16 scales (-32..=31) as 16 i16.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q3k_scales(s: &[u8]) -> __m256i {
+    let (a0, a1, a2) = (u32_at(s, 0), u32_at(s, 4), u32_at(s, 8));
+    let lo4 = 0x0f0f_0f0fu32;
+    let hi2 = 0x0303_0303u32;
+    let g0 = (a0 & lo4) | ((a2 & hi2) << 4);
+    let g1 = (a1 & lo4) | (((a2 >> 2) & hi2) << 4);
+    let g2 = ((a0 >> 4) & lo4) | (((a2 >> 4) & hi2) << 4);
+    let g3 = ((a1 >> 4) & lo4) | (((a2 >> 6) & hi2) << 4);
+    let v = _mm_set_epi32(g3 as i32, g2 as i32, g1 as i32, g0 as i32);
+    _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)))
+}
+
+/// The 8 i16 of one 128-bit half broadcast to both lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn halves(v: __m256i) -> [__m256i; 2] {
+    [
+        _mm256_permute2x128_si256::<0x00>(v, v),
+        _mm256_permute2x128_si256::<0x11>(v, v),
+    ]
+}
+
+/// Adds `d · Σlanes(sumi)` into a token's accumulator.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn fma_acc(acc: __m256, d: f32, sumi: __m256i) -> __m256 {
+    _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(84).enumerate() {
+        let (d, dmin) = (f16_at(wb, 80), f16_at(wb, 82));
+        let packed = ld128(wb, 0);
+        let scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, m4));
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [_mm256_setzero_si256(); B];
+        for half in 0..2 {
+            let q = ld(wb, 16 + 32 * half);
+            for j in 0..4 {
+                let k = 4 * half + j;
+                let qj = _mm256_and_si256(srl16(q, 2 * j), m3);
+                let sc = _mm256_shuffle_epi8(scales, cv(&Q2K_SCALE[k]));
+                for t in 0..B {
+                    let p = _mm256_maddubs_epi16(qj, ld(xb[t], Q8_K_QS + 32 * k));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+                }
+            }
+        }
+        for t in 0..B {
+            let xd = f32_at(xb[t], 0);
+            let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
+            acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
+            acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let m3 = _mm256_set1_epi8(3);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(110).enumerate() {
+        let d = f16_at(wb, 108);
+        let scales = q3k_scales(&wb[96..108]);
+        let sc_half = halves(scales);
+        let hmask = ld(wb, 0);
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [_mm256_setzero_si256(); B];
+        for (half, &sc_h) in sc_half.iter().enumerate() {
+            let q = ld(wb, 32 + 32 * half);
+            for (j, shuffle) in I16_SCALE.iter().enumerate() {
+                let k = 4 * half + j;
+                // q + 4 = low two bits | high bit << 2, in 0..=7; the -4 comes from bsums.
+                let lo = _mm256_and_si256(srl16(q, 2 * j), m3);
+                let hb = _mm256_slli_epi16::<2>(_mm256_and_si256(srl16(hmask, k), one));
+                let qj = _mm256_or_si256(lo, hb);
+                let sc = _mm256_shuffle_epi8(sc_h, cv(shuffle));
+                for t in 0..B {
+                    let p = _mm256_maddubs_epi16(qj, ld(xb[t], Q8_K_QS + 32 * k));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+                }
+            }
+        }
+        for t in 0..B {
+            let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
+            let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<2>(offset));
+            acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+/// Q4_K and Q5_K: `quants(wb, c)` gives the unsigned quants of sub-blocks 2c and 2c+1.
+macro_rules! k4_tile {
+    ($name:ident, $w_bytes:expr, $scales_at:expr, $quants:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            let mut acc = [_mm256_setzero_ps(); B];
+            for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
+                let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+                let (sc, mn) = k4_scales_mins(&wb[$scales_at..$scales_at + 12]);
+                let sc = _mm256_set1_epi64x(sc as i64);
+                let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
+                let xb = token_blocks(&x, i, Q8_K_BYTES);
+                let mut sumi = [_mm256_setzero_si256(); B];
+                for c in 0..4 {
+                    let (lo, hi) = $quants(wb, c);
+                    let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+                    let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+                    for t in 0..B {
+                        let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
+                        let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
+                        let s = _mm256_add_epi32(
+                            _mm256_madd_epi16(p_lo, sc_lo),
+                            _mm256_madd_epi16(p_hi, sc_hi),
+                        );
+                        sumi[t] = _mm256_add_epi32(sumi[t], s);
+                    }
+                }
+                for t in 0..B {
+                    let xd = f32_at(xb[t], 0);
+                    let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
+                    acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
+                    acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+                }
+            }
+            std::array::from_fn(|t| hsum_ps(acc[t]))
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q4k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let q = ld(wb, 16 + 32 * c);
+    (
+        _mm256_and_si256(q, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q5k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let q = ld(wb, 48 + 32 * c);
+    let qh = ld(wb, 16);
+    let bit = |sub: usize| _mm256_slli_epi16::<4>(_mm256_and_si256(srl16(qh, sub), one));
+    (
+        _mm256_or_si256(_mm256_and_si256(q, m4), bit(2 * c)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+            bit(2 * c + 1),
+        ),
+    )
+}
+
+k4_tile!(q4_k_tile, 144, 4, q4k_quants);
+k4_tile!(q5_k_tile, 176, 4, q5k_quants);
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(210).enumerate() {
+        let d = f16_at(wb, 208);
+        let scales = _mm256_cvtepi8_epi16(ld128(wb, 192));
+        let sc_half = halves(scales);
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [_mm256_setzero_si256(); B];
+        for (half, &sc_h) in sc_half.iter().enumerate() {
+            let ql0 = ld(wb, 64 * half);
+            let ql1 = ld(wb, 64 * half + 32);
+            let qh = ld(wb, 128 + 32 * half);
+            // q + 32 = low four bits | two high bits << 4, in 0..=63; the -32 comes from bsums.
+            let hbits = |mask: i8| _mm256_and_si256(qh, _mm256_set1_epi8(mask));
+            let u = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m15),
+                    _mm256_slli_epi16::<4>(hbits(0x03)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m15),
+                    _mm256_slli_epi16::<2>(hbits(0x0C)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m15),
+                    hbits(0x30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m15),
+                    _mm256_srli_epi16::<2>(hbits(0xC0u8 as i8)),
+                ),
+            ];
+            for (g, ug) in u.into_iter().enumerate() {
+                let sc = _mm256_shuffle_epi8(sc_h, cv(&I16_SCALE[g]));
+                for t in 0..B {
+                    let p = _mm256_maddubs_epi16(ug, ld(xb[t], Q8_K_QS + 128 * half + 32 * g));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+                }
+            }
+        }
+        for t in 0..B {
+            let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
+            let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(offset));
+            acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantizers, bit-identical to `reference::quantize_row`.
+
+/// Largest |x| over 32 values, ignoring NaN as the reference's `>` comparison does
+/// (`max_ps` returns its second operand when the first is NaN, and `m` never is).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn abs_max(v: &[__m256]) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for &x in v {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    _mm_cvtss_f32(m4)
+}
+
+/// Restores element order after the in-lane `packs`/`packus` steps.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn unpack_order(v: __m256i) -> __m256i {
+    _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// Q8_0/Q8_1 block: the rounded i32 values (RNE by the default MXCSR mode; NaN and overflow
+/// give i32::MIN as in the reference), saturated to i8, plus their wrapping sum.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_legacy_block(xs: &[f32], out_qs: &mut [u8]) -> (f32, i32) {
+    let v = [ld_ps(xs, 0), ld_ps(xs, 8), ld_ps(xs, 16), ld_ps(xs, 24)];
+    let amax = abs_max(&v);
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mul = _mm256_set1_ps(id);
+    let i = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, mul)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    st(out_qs, 0, unpack_order(packed));
+    (d, hsum_epi32(sum))
+}
+
+/// Q8_0 activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_q8_0(src: &[f32], dst: &mut [u8]) {
+    for (xs, out) in src.chunks_exact(32).zip(dst.chunks_exact_mut(Q8_0_BYTES)) {
+        let (d, _) = q8_legacy_block(xs, &mut out[2..]);
+        out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    }
+}
+
+/// Q8_1 activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_q8_1(src: &[f32], dst: &mut [u8]) {
+    for (xs, out) in src.chunks_exact(32).zip(dst.chunks_exact_mut(Q8_1_BYTES)) {
+        let (d, sum) = q8_legacy_block(xs, &mut out[4..]);
+        out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        out[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+    }
+}
+
+/// Q8_K activation row (`quantize_row_q8_K_ref`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    for (xs, out) in src.chunks_exact(256).zip(dst.chunks_exact_mut(Q8_K_BYTES)) {
+        let mut m = _mm256_setzero_ps();
+        for k in 0..32 {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, ld_ps(xs, 8 * k)), m);
+        }
+        let amax = abs_max(&[m]);
+        if amax == 0.0 {
+            out.fill(0);
+            continue;
+        }
+        // The reference keeps the first element of largest magnitude, with its sign.
+        let target = _mm256_set1_ps(amax);
+        let mut first = 0;
+        for k in 0..32 {
+            let abs = _mm256_andnot_ps(sign, ld_ps(xs, 8 * k));
+            let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs, target));
+            if hits != 0 {
+                first = 8 * k + hits.trailing_zeros() as usize;
+                break;
+            }
+        }
+        let iscale = -127.0 / xs[first];
+        let mul = _mm256_set1_ps(iscale);
+        // ggml's `nearest_int`: add 1.5·2^23 and read the mantissa, then `MIN(127, ·)` and
+        // the C conversion to int8_t, which keeps the low byte.
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let mantissa = _mm256_set1_epi32(0x007f_ffff);
+        let bias = _mm256_set1_epi32(0x0040_0000);
+        let low_byte = _mm256_set1_epi32(0xff);
+        let cap = _mm256_set1_epi32(127);
+        let mut bsums = [0i16; 16];
+        for k in 0..8 {
+            let q: [__m256i; 4] = std::array::from_fn(|j| {
+                let v = _mm256_add_ps(_mm256_mul_ps(ld_ps(xs, 32 * k + 8 * j), mul), magic);
+                let i = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(v), mantissa), bias);
+                _mm256_and_si256(_mm256_min_epi32(i, cap), low_byte)
+            });
+            let packed = _mm256_packus_epi16(
+                _mm256_packus_epi32(q[0], q[1]),
+                _mm256_packus_epi32(q[2], q[3]),
+            );
+            let bytes = unpack_order(packed);
+            st(out, Q8_K_QS + 32 * k, bytes);
+            // Sums of 8 bytes each, made unsigned by the +128 bias (8·128 per sum).
+            let sad = _mm256_sad_epu8(
+                _mm256_xor_si256(bytes, _mm256_set1_epi8(-128)),
+                _mm256_setzero_si256(),
+            );
+            let mut lanes = [0i64; 4];
+            // SAFETY: `lanes` is 32 writable bytes; `storeu` has no alignment requirement.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sad) };
+            bsums[2 * k] = (lanes[0] + lanes[1] - 2048) as i16;
+            bsums[2 * k + 1] = (lanes[2] + lanes[3] - 2048) as i16;
+        }
+        out[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+        for (dst, s) in out[Q8_K_BSUMS..].chunks_exact_mut(2).zip(bsums) {
+            dst.copy_from_slice(&s.to_le_bytes());
+        }
+    }
+}
+
+/// F16 activation row (F16C rounds to nearest even, as `half` and ggml do).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_f16(src: &[f32], dst: &mut [u8]) {
+    let n_main = src.len() / 8 * 8;
+    for (k, out) in dst[..2 * n_main].chunks_exact_mut(16).enumerate() {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(ld_ps(src, 8 * k));
+        // SAFETY: `out` is 16 writable bytes; `storeu` has no alignment requirement.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), h) };
+    }
+    for (out, &x) in dst[2 * n_main..].chunks_exact_mut(2).zip(&src[n_main..]) {
+        out.copy_from_slice(&f16::from_f32(x).to_le_bytes());
+    }
+}

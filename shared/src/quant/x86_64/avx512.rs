@@ -1,0 +1,198 @@
+//! AVX-512 (F, BW, VL, VNNI) kernels for the hottest weight types: Q4_K, Q6_K and Q8_0.
+//!
+//! They keep AVX2's 256-bit vectors and its block math (and its f32 operations, so their
+//! results equal the AVX2 level's bit for bit) and use two things AVX-512 adds: 32 vector
+//! registers, so a tile of eight tokens keeps its accumulators and the unpacked weights in
+//! registers, and VNNI, whose `vpdpwssd` folds the scale multiply and the accumulation into one
+//! instruction (`vpdpbusd` for Q8_0: the byte products and their sum). That cuts the
+//! per-token work, which is what bounds batched (prefill, multi-token expert) matmuls.
+//!
+//! Integer sums are exact, so a small tile splits its accumulation over four chains (hiding
+//! `vpdpwssd`'s latency) while a large tile uses one, without changing any result: a token's
+//! value still does not depend on the tile it is computed in.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{
+    cv, f16_at, f32_at, fma_acc, halves, hsum_ps, k4_scales_mins, ld, ld128, q4k_quants,
+    token_blocks, I16_SCALE, K4_MINS, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+};
+
+/// Tokens per tile.
+pub(crate) const TILE: usize = 8;
+
+/// Independent integer accumulation chains per token for a tile of `b` tokens.
+const fn chains(b: usize) -> usize {
+    if b >= 4 {
+        1
+    } else {
+        4
+    }
+}
+
+/// The first `B` rows of `rows` (each `x_row` bytes).
+fn split<const B: usize>(rows: &[u8], x_row: usize) -> [&[u8]; B] {
+    std::array::from_fn(|t| &rows[t * x_row..(t + 1) * x_row])
+}
+
+macro_rules! batched {
+    ($(#[$doc:meta])* $name:ident, $tile:ident) => {
+        $(#[$doc])*
+        ///
+        /// `xs` holds `out.len()` activation rows of equal length; `w` is one weight row of
+        /// `n` elements. Lengths are checked by `dispatch`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(crate) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+            let _ = n;
+            let n_tokens = out.len();
+            if n_tokens == 0 {
+                return;
+            }
+            let x_row = xs.len() / n_tokens;
+            for (tile_idx, out_tile) in out.chunks_mut(TILE).enumerate() {
+                let rows = &xs[tile_idx * TILE * x_row..];
+                match out_tile.len() {
+                    8 => out_tile.copy_from_slice(&$tile::<8>(w, split(rows, x_row))),
+                    7 => out_tile.copy_from_slice(&$tile::<7>(w, split(rows, x_row))),
+                    6 => out_tile.copy_from_slice(&$tile::<6>(w, split(rows, x_row))),
+                    5 => out_tile.copy_from_slice(&$tile::<5>(w, split(rows, x_row))),
+                    4 => out_tile.copy_from_slice(&$tile::<4>(w, split(rows, x_row))),
+                    3 => out_tile.copy_from_slice(&$tile::<3>(w, split(rows, x_row))),
+                    2 => out_tile.copy_from_slice(&$tile::<2>(w, split(rows, x_row))),
+                    _ => out_tile.copy_from_slice(&$tile::<1>(w, split(rows, x_row))),
+                }
+            }
+        }
+    };
+}
+
+batched!(
+    /// Q4_K weights · Q8_K activations.
+    dot_q4_k, q4_k_tile
+);
+batched!(
+    /// Q6_K weights · Q8_K activations.
+    dot_q6_k, q6_k_tile
+);
+batched!(
+    /// Q8_0 weights · Q8_0 activations.
+    dot_q8_0, q8_0_tile
+);
+
+/// Sum of a token's accumulation chains.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fold(chains: [__m256i; 4]) -> __m256i {
+    _mm256_add_epi32(
+        _mm256_add_epi32(chains[0], chains[1]),
+        _mm256_add_epi32(chains[2], chains[3]),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let n_chains = chains(B);
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+        let (sc, mn) = k4_scales_mins(&wb[4..16]);
+        let sc = _mm256_set1_epi64x(sc as i64);
+        let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [[_mm256_setzero_si256(); 4]; B];
+        for c in 0..4 {
+            let (lo, hi) = q4k_quants(wb, c);
+            let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+            let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+            let chain = c % n_chains;
+            for t in 0..B {
+                let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
+                let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
+                let s = _mm256_dpwssd_epi32(sumi[t][chain], p_lo, sc_lo);
+                sumi[t][chain] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
+            }
+        }
+        for t in 0..B {
+            let xd = f32_at(xb[t], 0);
+            let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
+            acc[t] = fma_acc(acc[t], xd * d, fold(sumi[t]));
+            acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let n_chains = chains(B);
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(210).enumerate() {
+        let d = f16_at(wb, 208);
+        let scales = _mm256_cvtepi8_epi16(ld128(wb, 192));
+        let sc_half = halves(scales);
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [[_mm256_setzero_si256(); 4]; B];
+        for (half, &sc_h) in sc_half.iter().enumerate() {
+            let ql0 = ld(wb, 64 * half);
+            let ql1 = ld(wb, 64 * half + 32);
+            let qh = ld(wb, 128 + 32 * half);
+            // q + 32 = low four bits | two high bits << 4, in 0..=63; the -32 comes from bsums.
+            let hbits = |mask: i8| _mm256_and_si256(qh, _mm256_set1_epi8(mask));
+            let u = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m15),
+                    _mm256_slli_epi16::<4>(hbits(0x03)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m15),
+                    _mm256_slli_epi16::<2>(hbits(0x0C)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m15),
+                    hbits(0x30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m15),
+                    _mm256_srli_epi16::<2>(hbits(0xC0u8 as i8)),
+                ),
+            ];
+            for (g, ug) in u.into_iter().enumerate() {
+                let sc = _mm256_shuffle_epi8(sc_h, cv(&I16_SCALE[g]));
+                let chain = g % n_chains;
+                for t in 0..B {
+                    let p = _mm256_maddubs_epi16(ug, ld(xb[t], Q8_K_QS + 128 * half + 32 * g));
+                    sumi[t][chain] = _mm256_dpwssd_epi32(sumi[t][chain], p, sc);
+                }
+            }
+        }
+        for t in 0..B {
+            let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
+            let s = _mm256_sub_epi32(fold(sumi[t]), _mm256_slli_epi32::<5>(offset));
+            acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let mut acc = [_mm256_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(34).enumerate() {
+        let d = f16_at(wb, 0);
+        let wq = ld(wb, 2);
+        let aw = _mm256_sign_epi8(wq, wq);
+        let xb = token_blocks(&x, i, Q8_0_BYTES);
+        for t in 0..B {
+            // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
+            let sx = _mm256_sign_epi8(ld(xb[t], 2), wq);
+            let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+            let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
+            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum_ps(acc[t]))
+}
