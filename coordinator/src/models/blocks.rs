@@ -97,16 +97,16 @@ impl Rope {
                 RopeType::Norm => {
                     for (i, &(c, s)) in cs.iter().enumerate() {
                         let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = x0 * c - x1 * s;
-                        head[2 * i + 1] = x0 * s + x1 * c;
+                        head[2 * i] = x0.mul_add(c, -(x1 * s));
+                        head[2 * i + 1] = x0.mul_add(s, x1 * c);
                     }
                 }
                 RopeType::Neox => {
                     let half = n_rot / 2;
                     for (i, &(c, s)) in cs.iter().enumerate() {
                         let (x0, x1) = (head[i], head[i + half]);
-                        head[i] = x0 * c - x1 * s;
-                        head[i + half] = x0 * s + x1 * c;
+                        head[i] = x0.mul_add(c, -(x1 * s));
+                        head[i + half] = x0.mul_add(s, x1 * c);
                     }
                 }
             }
