@@ -206,3 +206,54 @@ fn tokenize_json_on_vocab_only_file() {
     let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(ids(&json["tokens"]), vec![9906, 1917]);
 }
+
+/// `inspect` reads only the header: a sparse file with Kimi-K2's real header and
+/// tensor table (over 400 GB of apparent size, almost nothing on disk) is
+/// described in well under a second — reading its data would take minutes.
+#[test]
+fn inspect_sparse_400gb_kimi_k2_header() {
+    use shared::gguf::{GgufWriter, TensorDesc};
+    use shared::models::shapes::{self, TypeRecipe};
+    use shared::quant::GgmlType;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kimi-k2-sparse.gguf");
+    let shape = shapes::by_name("kimi-k2").unwrap();
+    let recipe = TypeRecipe {
+        expert_gate_up: GgmlType::Q2_K,
+        expert_down: GgmlType::Q4_K,
+        attention: GgmlType::Q8_0,
+        dense_ffn: GgmlType::Q8_0,
+        embeddings: GgmlType::Q4_K,
+        output: GgmlType::Q6_K,
+    };
+    let tensors: Vec<TensorDesc> = shape
+        .tensors(&recipe)
+        .into_iter()
+        .map(|t| TensorDesc::new(t.name, t.ty, t.ne))
+        .collect();
+    let n_tensors = tensors.len();
+    let mut w = GgufWriter::create(&path, shape.metadata(), tensors).unwrap();
+    for _ in 0..n_tensors {
+        w.skip_tensor_data().unwrap();
+    }
+    w.finish().unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(len > 400_000_000_000, "apparent size {len}");
+
+    let start = std::time::Instant::now();
+    let out = moeshard(&["inspect", "--json", path.to_str().unwrap()]);
+    let elapsed = start.elapsed();
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(json["architecture"], "deepseek2");
+    assert_eq!(json["n_tensors"].as_u64().unwrap() as usize, n_tensors);
+    assert_eq!(json["hyperparameters"]["expert_count"], 384);
+    let layers = json["expert_layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 60, "61 layers, the first dense");
+    assert_eq!(layers[0]["n_experts"], 384);
+    let expert = json["expert_bytes"].as_u64().unwrap();
+    let total = json["total_bytes"].as_u64().unwrap();
+    assert!(expert > 390_000_000_000 && total <= len, "expert {expert} total {total}");
+    // A process start plus header parsing; reading 400 GB would take minutes.
+    assert!(elapsed.as_secs_f64() < 5.0, "inspect took {elapsed:?}");
+}
