@@ -253,7 +253,10 @@ fn inspect_sparse_400gb_kimi_k2_header() {
     assert_eq!(layers[0]["n_experts"], 384);
     let expert = json["expert_bytes"].as_u64().unwrap();
     let total = json["total_bytes"].as_u64().unwrap();
-    assert!(expert > 390_000_000_000 && total <= len, "expert {expert} total {total}");
+    assert!(
+        expert > 390_000_000_000 && total <= len,
+        "expert {expert} total {total}"
+    );
     // A process start plus header parsing; reading 400 GB would take minutes.
     assert!(elapsed.as_secs_f64() < 5.0, "inspect took {elapsed:?}");
 }

@@ -84,7 +84,7 @@ fn ld_ps_bytes(bytes: &[u8], at: usize) -> __m256 {
 
 // One bounds check per field, so that LLVM reads each field with one load.
 #[inline]
-fn u16_at(bytes: &[u8], at: usize) -> u16 {
+pub(super) fn u16_at(bytes: &[u8], at: usize) -> u16 {
     let b = &bytes[at..at + 2];
     u16::from_le_bytes([b[0], b[1]])
 }
@@ -117,6 +117,40 @@ pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     } else {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
+}
+
+/// The adjacent f16 pair at `at` (`d` and `dmin`) as f32. Converted together, both lanes are
+/// used, so the input is one full-width `vmovd` (see [`f16_at`]).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn f16_pair(bytes: &[u8], at: usize) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(u32_at(bytes, at) as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// Eight f16 values, `bits(k)` for `k < count` and zero after, as eight f32 lanes: the scales
+/// of a group of eight legacy blocks, converted at once.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn f16x8(count: usize, bits: impl Fn(usize) -> u16) -> __m256 {
+    let h = |k: usize| if k < count { bits(k) as i16 } else { 0 };
+    _mm256_cvtph_ps(_mm_set_epi16(
+        h(7),
+        h(6),
+        h(5),
+        h(4),
+        h(3),
+        h(2),
+        h(1),
+        h(0),
+    ))
+}
+
+/// Lane `k` of `v` in every lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn lane(v: __m256, k: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k as i32))
 }
 
 /// Horizontal sum of 8 lanes.
@@ -269,7 +303,24 @@ pub(super) fn token_blocks<'a, const B: usize>(
     i: usize,
     size: usize,
 ) -> [&'a [u8]; B] {
-    std::array::from_fn(|t| &x[t][i * size..(i + 1) * size])
+    // Loops, not `array::from_fn` closures, throughout the kernels: a closure called from a
+    // function without the target features is not inlined and costs a call per block.
+    let mut blocks: [&[u8]; B] = [&[]; B];
+    for (block, row) in blocks.iter_mut().zip(x) {
+        *block = &row[i * size..(i + 1) * size];
+    }
+    blocks
+}
+
+/// The horizontal sums of each token's accumulator.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum_each<const B: usize>(acc: &[__m256; B]) -> [f32; B] {
+    let mut out = [0.0f32; B];
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = hsum_ps(a);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,13 +431,15 @@ macro_rules! float_tile {
                 }
                 e += STEP;
             }
-            std::array::from_fn(|t| {
+            let mut out = [0.0f32; B];
+            for t in 0..B {
                 let mut tail = 0.0f32;
                 for k in n_main..n {
                     tail += $scalar(w, k * $elem_bytes) * $scalar(x[t], k * $elem_bytes);
                 }
-                hsum_ps(_mm256_add_ps(acc0[t], acc1[t])) + tail
-            })
+                out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t])) + tail;
+            }
+            out
         }
     };
 }
@@ -423,92 +476,143 @@ fn dot_i8_signed(aw: __m256i, wq: __m256i, xq: __m256i) -> __m256i {
     dot_u8_i8(aw, _mm256_sign_epi8(xq, wq))
 }
 
-/// Shared body of the Q8_0-activation kernels: `unpack(block) -> (d, signed quants)`.
+/// Legacy blocks are taken eight at a time so that their scales (the weight's and every
+/// token's) are converted with one vector instruction each; the scale of block k is then lane
+/// k of their product (the same IEEE product as `d_w * d_x`).
+pub(super) const GROUP: usize = 8;
+
+/// Shared body of the Q8_0-activation kernels: `unpack(block) -> signed quants`.
 macro_rules! q8_0_family {
     ($name:ident, $w_bytes:expr, $unpack:expr) => {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            // Blocks as fixed-size arrays: constant offsets inside a block need no bounds
+            // checks, which otherwise cost a third of the instructions of these small blocks.
+            let w_blocks = w.as_chunks::<$w_bytes>().0;
+            let mut x_blocks: [&[[u8; Q8_0_BYTES]]; B] = [&[]; B];
+            for (xb, row) in x_blocks.iter_mut().zip(x) {
+                *xb = row.as_chunks::<Q8_0_BYTES>().0;
+            }
             let mut acc = [_mm256_setzero_ps(); B];
-            for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
-                let (d, wq) = $unpack(wb);
-                let aw = _mm256_sign_epi8(wq, wq);
-                let xb = token_blocks(&x, i, Q8_0_BYTES);
+            for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
+                let count = w_group.len();
+                let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
+                let mut x_group: [&[[u8; Q8_0_BYTES]]; B] = [&[]; B];
+                let mut scales = [_mm256_setzero_ps(); B];
                 for t in 0..B {
-                    let sumi = dot_i8_signed(aw, wq, ld(xb[t], 2));
-                    let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
-                    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+                    x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
+                    let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
+                    scales[t] = _mm256_mul_ps(wd, xd);
+                }
+                // The group's blocks go into a fresh partial sum, added to the accumulator
+                // once: the accumulator's dependency chain is one add per group, not one FMA
+                // per block.
+                let mut part = [_mm256_setzero_ps(); B];
+                for (k, wb) in w_group.iter().enumerate() {
+                    let wq = $unpack(wb);
+                    let aw = _mm256_sign_epi8(wq, wq);
+                    for t in 0..B {
+                        let sumi = dot_i8_signed(aw, wq, ld(&x_group[t][k], 2));
+                        let scale = lane(scales[t], k);
+                        part[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), part[t]);
+                    }
+                }
+                for t in 0..B {
+                    acc[t] = _mm256_add_ps(acc[t], part[t]);
                 }
             }
-            std::array::from_fn(|t| hsum_ps(acc[t]))
+            hsum_each(&acc)
         }
     };
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q8_0(wb: &[u8]) -> (f32, __m256i) {
-    (f16_at(wb, 0), ld(wb, 2))
+pub(super) fn unpack_q8_0(wb: &[u8]) -> __m256i {
+    ld(wb, 2)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q4_0(wb: &[u8]) -> (f32, __m256i) {
-    let q = _mm256_sub_epi8(nibbles(wb, 2), _mm256_set1_epi8(8));
-    (f16_at(wb, 0), q)
+fn unpack_q4_0(wb: &[u8]) -> __m256i {
+    _mm256_sub_epi8(nibbles(wb, 2), _mm256_set1_epi8(8))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q5_0(wb: &[u8]) -> (f32, __m256i) {
+fn unpack_q5_0(wb: &[u8]) -> __m256i {
     // nibble - 16 for a clear fifth bit is the nibble with the top four bits set.
     let clear = _mm256_andnot_si256(bits_to_bytes(u32_at(wb, 2)), _mm256_set1_epi8(0xF0u8 as i8));
-    (f16_at(wb, 0), _mm256_or_si256(nibbles(wb, 6), clear))
+    _mm256_or_si256(nibbles(wb, 6), clear)
 }
 
 q8_0_family!(q8_0_tile, 34, unpack_q8_0);
 q8_0_family!(q4_0_tile, 18, unpack_q4_0);
 q8_0_family!(q5_0_tile, 22, unpack_q5_0);
 
-/// Shared body of the Q8_1-activation kernels: `unpack(block) -> (d, m, unsigned quants)`.
+/// Shared body of the Q8_1-activation kernels: `unpack(block) -> unsigned quants`; the
+/// weight's `m` times the activation's `s` is accumulated per lane beside the products.
 macro_rules! q8_1_family {
     ($name:ident, $w_bytes:expr, $unpack:expr) => {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            // Fixed-size blocks, as in `q8_0_family`.
+            let w_blocks = w.as_chunks::<$w_bytes>().0;
+            let mut x_blocks: [&[[u8; Q8_1_BYTES]]; B] = [&[]; B];
+            for (xb, row) in x_blocks.iter_mut().zip(x) {
+                *xb = row.as_chunks::<Q8_1_BYTES>().0;
+            }
             let mut acc = [_mm256_setzero_ps(); B];
-            let mut summs = [0.0f32; B];
-            for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
-                let (d, m, wq) = $unpack(wb);
-                let xb = token_blocks(&x, i, Q8_1_BYTES);
+            let mut summs = [_mm256_setzero_ps(); B];
+            for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
+                let count = w_group.len();
+                let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
+                let wm = f16x8(count, |k| u16_at(&w_group[k], 2));
+                let mut x_group: [&[[u8; Q8_1_BYTES]]; B] = [&[]; B];
+                let mut scales = [_mm256_setzero_ps(); B];
                 for t in 0..B {
-                    let sumi = dot_u8_i8(wq, ld(xb[t], 4));
-                    let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
-                    acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
-                    // ggml is built with FP contraction: its `summs += m * s` is one FMA.
-                    summs[t] = m.mul_add(f16_at(xb[t], 2), summs[t]);
+                    x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
+                    let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
+                    let xs = f16x8(count, |k| u16_at(&x_group[t][k], 2));
+                    scales[t] = _mm256_mul_ps(wd, xd);
+                    summs[t] = _mm256_fmadd_ps(wm, xs, summs[t]);
+                }
+                // One add per group on the accumulator's chain (see `q8_0_family`).
+                let mut part = [_mm256_setzero_ps(); B];
+                for (k, wb) in w_group.iter().enumerate() {
+                    let wq = $unpack(wb);
+                    for t in 0..B {
+                        let sumi = dot_u8_i8(wq, ld(&x_group[t][k], 4));
+                        let scale = lane(scales[t], k);
+                        part[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), part[t]);
+                    }
+                }
+                for t in 0..B {
+                    acc[t] = _mm256_add_ps(acc[t], part[t]);
                 }
             }
-            std::array::from_fn(|t| hsum_ps(acc[t]) + summs[t])
+            let mut out = hsum_each(&acc);
+            for (o, m) in out.iter_mut().zip(hsum_each(&summs)) {
+                *o += m;
+            }
+            out
         }
     };
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q4_1(wb: &[u8]) -> (f32, f32, __m256i) {
-    (f16_at(wb, 0), f16_at(wb, 2), nibbles(wb, 4))
+fn unpack_q4_1(wb: &[u8]) -> __m256i {
+    nibbles(wb, 4)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q5_1(wb: &[u8]) -> (f32, f32, __m256i) {
+fn unpack_q5_1(wb: &[u8]) -> __m256i {
     let fifth = _mm256_and_si256(bits_to_bytes(u32_at(wb, 4)), _mm256_set1_epi8(0x10));
-    (
-        f16_at(wb, 0),
-        f16_at(wb, 2),
-        _mm256_or_si256(nibbles(wb, 8), fifth),
-    )
+    _mm256_or_si256(nibbles(wb, 8), fifth)
 }
 
 q8_1_family!(q4_1_tile, 20, unpack_q4_1);
@@ -557,6 +661,23 @@ pub(super) fn halves(v: __m256i) -> [__m256i; 2] {
     ]
 }
 
+/// Adds `d·sumi + mdmin·summs` (lane-wise, `mdmin` = -dmin·d_x) into a token's
+/// accumulator: the block's value is formed first, so the accumulator's dependency chain is
+/// one add per block.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn acc_with_mins(
+    acc: __m256,
+    d: f32,
+    sumi: __m256i,
+    mdmin: f32,
+    summs: __m256i,
+) -> __m256 {
+    let mins = _mm256_mul_ps(_mm256_set1_ps(mdmin), _mm256_cvtepi32_ps(summs));
+    let block = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), mins);
+    _mm256_add_ps(acc, block)
+}
+
 /// Adds `d · Σlanes(sumi)` into a token's accumulator.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -571,7 +692,7 @@ fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let m4 = _mm_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(84).enumerate() {
-        let (d, dmin) = (f16_at(wb, 80), f16_at(wb, 82));
+        let (d, dmin) = f16_pair(wb, 80);
         let packed = ld128(wb, 0);
         let scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, m4));
         let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
@@ -592,11 +713,10 @@ fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
             let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-            acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
-            acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+            acc[t] = acc_with_mins(acc[t], xd * d, sumi[t], -(xd * dmin), summs);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
 
 #[inline]
@@ -633,7 +753,7 @@ fn q3_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
 
 /// Q4_K and Q5_K: `quants(wb, c)` gives the unsigned quants of sub-blocks 2c and 2c+1.
@@ -644,7 +764,7 @@ macro_rules! k4_tile {
         fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let mut acc = [_mm256_setzero_ps(); B];
             for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
-                let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+                let (d, dmin) = f16_pair(wb, 0);
                 let (sc, mn) = k4_scales_mins(&wb[$scales_at..$scales_at + 12]);
                 let sc = _mm256_set1_epi64x(sc as i64);
                 let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
@@ -667,11 +787,10 @@ macro_rules! k4_tile {
                 for t in 0..B {
                     let xd = f32_at(xb[t], 0);
                     let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-                    acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
-                    acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+                    acc[t] = acc_with_mins(acc[t], xd * d, sumi[t], -(xd * dmin), summs);
                 }
             }
-            std::array::from_fn(|t| hsum_ps(acc[t]))
+            hsum_each(&acc)
         }
     };
 }
@@ -694,23 +813,38 @@ fn q5k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
     let one = _mm256_set1_epi8(1);
     let q = ld(wb, 48 + 32 * c);
     let qh = ld(wb, 16);
-    let bit = |sub: usize| _mm256_slli_epi16::<4>(_mm256_and_si256(srl16(qh, sub), one));
+    let bit_lo = _mm256_slli_epi16::<4>(_mm256_and_si256(srl16(qh, 2 * c), one));
+    let bit_hi = _mm256_slli_epi16::<4>(_mm256_and_si256(srl16(qh, 2 * c + 1), one));
     (
-        _mm256_or_si256(_mm256_and_si256(q, m4), bit(2 * c)),
-        _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
-            bit(2 * c + 1),
-        ),
+        _mm256_or_si256(_mm256_and_si256(q, m4), bit_lo),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), m4), bit_hi),
     )
 }
 
 k4_tile!(q4_k_tile, 144, 4, q4k_quants);
 k4_tile!(q5_k_tile, 176, 4, q5k_quants);
 
+/// Q6_K's four 32-element groups of a half (`ql` bytes 0..32 and 32..64, `qh` 32 bytes).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q6k_quants(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4] {
+    let m15 = _mm256_set1_epi8(15);
+    // q + 32 = low four bits | two high bits << 4, in 0..=63; the -32 comes from bsums.
+    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)));
+    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)));
+    let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
+    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)));
+    [
+        _mm256_or_si256(_mm256_and_si256(ql0, m15), h0),
+        _mm256_or_si256(_mm256_and_si256(ql1, m15), h1),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m15), h2),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m15), h3),
+    ]
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
-    let m15 = _mm256_set1_epi8(15);
     let mut acc = [_mm256_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(210).enumerate() {
         let d = f16_at(wb, 208);
@@ -723,25 +857,7 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let ql1 = ld(wb, 64 * half + 32);
             let qh = ld(wb, 128 + 32 * half);
             // q + 32 = low four bits | two high bits << 4, in 0..=63; the -32 comes from bsums.
-            let hbits = |mask: i8| _mm256_and_si256(qh, _mm256_set1_epi8(mask));
-            let u = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m15),
-                    _mm256_slli_epi16::<4>(hbits(0x03)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m15),
-                    _mm256_slli_epi16::<2>(hbits(0x0C)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m15),
-                    hbits(0x30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m15),
-                    _mm256_srli_epi16::<2>(hbits(0xC0u8 as i8)),
-                ),
-            ];
+            let u = q6k_quants(ql0, ql1, qh);
             for (g, ug) in u.into_iter().enumerate() {
                 let sc = _mm256_shuffle_epi8(sc_h, cv(&I16_SCALE[g]));
                 for t in 0..B {
@@ -756,7 +872,7 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -795,7 +911,10 @@ fn q8_legacy_block(xs: &[f32], out_qs: &mut [u8]) -> (f32, i32) {
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mul = _mm256_set1_ps(id);
-    let i = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, mul)));
+    let mut i = [_mm256_setzero_si256(); 4];
+    for (i, &x) in i.iter_mut().zip(&v) {
+        *i = _mm256_cvtps_epi32(_mm256_mul_ps(x, mul));
+    }
     let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
     let packed = _mm256_packs_epi16(
         _mm256_packs_epi32(i[0], i[1]),
@@ -860,11 +979,12 @@ pub(crate) fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
         let cap = _mm256_set1_epi32(127);
         let mut bsums = [0i16; 16];
         for k in 0..8 {
-            let q: [__m256i; 4] = std::array::from_fn(|j| {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (j, q) in q.iter_mut().enumerate() {
                 let v = _mm256_add_ps(_mm256_mul_ps(ld_ps(xs, 32 * k + 8 * j), mul), magic);
                 let i = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(v), mantissa), bias);
-                _mm256_and_si256(_mm256_min_epi32(i, cap), low_byte)
-            });
+                *q = _mm256_and_si256(_mm256_min_epi32(i, cap), low_byte);
+            }
             let packed = _mm256_packus_epi16(
                 _mm256_packus_epi32(q[0], q[1]),
                 _mm256_packus_epi32(q[2], q[3]),

@@ -14,8 +14,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    cv, f16_at, f32_at, fma_acc, halves, hsum_ps, k4_scales_mins, ld, ld128, q4k_quants,
-    token_blocks, I16_SCALE, K4_MINS, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    acc_with_mins, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_scales_mins,
+    lane, ld, ld128, q4k_quants, q6k_quants, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE,
+    K4_MINS, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -32,7 +33,11 @@ const fn chains(b: usize) -> usize {
 
 /// The first `B` rows of `rows` (each `x_row` bytes).
 fn split<const B: usize>(rows: &[u8], x_row: usize) -> [&[u8]; B] {
-    std::array::from_fn(|t| &rows[t * x_row..(t + 1) * x_row])
+    let mut out: [&[u8]; B] = [&[]; B];
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = &rows[t * x_row..(t + 1) * x_row];
+    }
+    out
 }
 
 macro_rules! batched {
@@ -95,7 +100,7 @@ fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let n_chains = chains(B);
     let mut acc = [_mm256_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(144).enumerate() {
-        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+        let (d, dmin) = f16_pair(wb, 0);
         let (sc, mn) = k4_scales_mins(&wb[4..16]);
         let sc = _mm256_set1_epi64x(sc as i64);
         let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
@@ -116,18 +121,16 @@ fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
             let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-            acc[t] = fma_acc(acc[t], xd * d, fold(sumi[t]));
-            acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+            acc[t] = acc_with_mins(acc[t], xd * d, fold(sumi[t]), -(xd * dmin), summs);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let n_chains = chains(B);
-    let m15 = _mm256_set1_epi8(15);
     let mut acc = [_mm256_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(210).enumerate() {
         let d = f16_at(wb, 208);
@@ -140,25 +143,7 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let ql1 = ld(wb, 64 * half + 32);
             let qh = ld(wb, 128 + 32 * half);
             // q + 32 = low four bits | two high bits << 4, in 0..=63; the -32 comes from bsums.
-            let hbits = |mask: i8| _mm256_and_si256(qh, _mm256_set1_epi8(mask));
-            let u = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m15),
-                    _mm256_slli_epi16::<4>(hbits(0x03)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m15),
-                    _mm256_slli_epi16::<2>(hbits(0x0C)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m15),
-                    hbits(0x30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m15),
-                    _mm256_srli_epi16::<2>(hbits(0xC0u8 as i8)),
-                ),
-            ];
+            let u = q6k_quants(ql0, ql1, qh);
             for (g, ug) in u.into_iter().enumerate() {
                 let sc = _mm256_shuffle_epi8(sc_h, cv(&I16_SCALE[g]));
                 let chain = g % n_chains;
@@ -174,25 +159,39 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let n_blocks = w.len() / Q8_0_BYTES;
     let mut acc = [_mm256_setzero_ps(); B];
-    for (i, wb) in w.chunks_exact(34).enumerate() {
-        let d = f16_at(wb, 0);
-        let wq = ld(wb, 2);
-        let aw = _mm256_sign_epi8(wq, wq);
-        let xb = token_blocks(&x, i, Q8_0_BYTES);
+    for g0 in (0..n_blocks).step_by(GROUP) {
+        let count = (n_blocks - g0).min(GROUP);
+        let wd = f16x8(count, |k| u16_at(w, (g0 + k) * Q8_0_BYTES));
+        let mut scales = [_mm256_setzero_ps(); B];
         for t in 0..B {
-            // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
-            let sx = _mm256_sign_epi8(ld(xb[t], 2), wq);
-            let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-            let scale = _mm256_set1_ps(d * f16_at(xb[t], 0));
-            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+            let xd = f16x8(count, |k| u16_at(x[t], (g0 + k) * Q8_0_BYTES));
+            scales[t] = _mm256_mul_ps(wd, xd);
+        }
+        // The same partial sums per group as AVX2's `q8_0_family`.
+        let mut part = [_mm256_setzero_ps(); B];
+        for k in 0..count {
+            let i = g0 + k;
+            let wq = unpack_q8_0(&w[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES]);
+            let aw = _mm256_sign_epi8(wq, wq);
+            let xb = token_blocks(&x, i, Q8_0_BYTES);
+            for t in 0..B {
+                // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
+                let sx = _mm256_sign_epi8(ld(xb[t], 2), wq);
+                let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+                part[t] = _mm256_fmadd_ps(lane(scales[t], k), _mm256_cvtepi32_ps(sumi), part[t]);
+            }
+        }
+        for t in 0..B {
+            acc[t] = _mm256_add_ps(acc[t], part[t]);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    hsum_each(&acc)
 }
