@@ -94,22 +94,7 @@ fn config() -> Criterion {
 mod bandwidth {
     use super::*;
 
-    /// Sum of the words of `buf`, split over the current pool's threads.
-    fn stream_sum(buf: &[u64]) -> u64 {
-        let chunk = buf.len().div_ceil(rayon::current_num_threads());
-        buf.par_chunks(chunk)
-            .map(|c| {
-                // Eight independent accumulators keep the loads, not the adds, the limit.
-                let mut acc = [0u64; 8];
-                for q in c.chunks_exact(8) {
-                    for (a, &v) in acc.iter_mut().zip(q) {
-                        *a = a.wrapping_add(v);
-                    }
-                }
-                acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
-            })
-            .reduce(|| 0, u64::wrapping_add)
-    }
+    use shared::membw::stream_sum;
 
     pub(super) fn bench(c: &mut Criterion, pools: &[(String, ThreadPool)]) {
         let buf: Vec<u64> = (0..(BANDWIDTH_BYTES / 8) as u64).collect();
