@@ -18,7 +18,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use shared::quant::dispatch::Kernels;
