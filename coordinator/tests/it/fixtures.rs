@@ -7,8 +7,6 @@ use coordinator::sampler::{Sampler, SamplerConfig};
 
 use crate::support::{fixtures, ids, max_abs_per_row, read_json, read_tensor};
 
-const ARCHS: [&str; 4] = ["qwen3moe", "mixtral", "deepseek2", "glm4moe"];
-const VARIANTS: [&str; 4] = ["f16", "q8_0", "q4_k_m", "q2_k"];
 const TOLERANCE: f32 = 0.02;
 
 /// Positions exempt from the transformers comparison, with the reason
@@ -66,30 +64,33 @@ fn check(arch: &str, variant: &str) {
     );
 }
 
-#[test]
-fn qwen3moe_all_variants() {
-    for v in VARIANTS {
-        check(ARCHS[0], v);
-    }
+/// One test per (architecture, file), so a failure names its case.
+macro_rules! fixture_tests {
+    ($($name:ident: $arch:literal, $variant:literal;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                check($arch, $variant);
+            }
+        )*
+    };
 }
 
-#[test]
-fn mixtral_all_variants() {
-    for v in VARIANTS {
-        check(ARCHS[1], v);
-    }
-}
-
-#[test]
-fn deepseek2_all_variants() {
-    for v in VARIANTS {
-        check(ARCHS[2], v);
-    }
-}
-
-#[test]
-fn glm4moe_all_variants() {
-    for v in VARIANTS {
-        check(ARCHS[3], v);
-    }
+fixture_tests! {
+    qwen3moe_f16: "qwen3moe", "f16";
+    qwen3moe_q8_0: "qwen3moe", "q8_0";
+    qwen3moe_q4_k_m: "qwen3moe", "q4_k_m";
+    qwen3moe_q2_k: "qwen3moe", "q2_k";
+    mixtral_f16: "mixtral", "f16";
+    mixtral_q8_0: "mixtral", "q8_0";
+    mixtral_q4_k_m: "mixtral", "q4_k_m";
+    mixtral_q2_k: "mixtral", "q2_k";
+    deepseek2_f16: "deepseek2", "f16";
+    deepseek2_q8_0: "deepseek2", "q8_0";
+    deepseek2_q4_k_m: "deepseek2", "q4_k_m";
+    deepseek2_q2_k: "deepseek2", "q2_k";
+    glm4moe_f16: "glm4moe", "f16";
+    glm4moe_q8_0: "glm4moe", "q8_0";
+    glm4moe_q4_k_m: "glm4moe", "q4_k_m";
+    glm4moe_q2_k: "glm4moe", "q2_k";
 }
