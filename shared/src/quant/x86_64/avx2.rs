@@ -220,19 +220,6 @@ pub(super) const K4_SCALE: [[u8; 32]; 8] = {
     t
 };
 
-/// Q4_K/Q5_K mins: `[m0, m0, m1, m1, m2, m2, m3, m3 | m4, m4, ..., m7, m7]` as i16 from a
-/// broadcast u64, so that `madd` with the 16 `bsums` pairs each min with its two groups.
-pub(super) const K4_MINS: [u8; 32] = {
-    let mut m = [0x80u8; 32];
-    let mut i = 0;
-    while i < 8 {
-        m[2 * i] = (i / 2) as u8;
-        m[16 + 2 * i] = (4 + i / 2) as u8;
-        i += 1;
-    }
-    m
-};
-
 /// Q2_K: group scale bytes (a 16-byte vector broadcast to both lanes) for the 32 elements
 /// `32k..32k+32` of a super-block: groups `2k` (low lane) and `2k + 1` (high lane).
 const Q2K_SCALE: [[u8; 32]; 8] = {
@@ -505,21 +492,16 @@ macro_rules! q8_0_family {
                     let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
                     scales[t] = _mm256_mul_ps(wd, xd);
                 }
-                // The group's blocks go into a fresh partial sum, added to the accumulator
-                // once: the accumulator's dependency chain is one add per group, not one FMA
-                // per block.
-                let mut part = [_mm256_setzero_ps(); B];
+                // One FMA per block into the token's single accumulator, in block order:
+                // ggml's `ggml_vec_dot_q*_0_q8_0` order, which the logits depend on.
                 for (k, wb) in w_group.iter().enumerate() {
                     let wq = $unpack(wb);
                     let aw = _mm256_sign_epi8(wq, wq);
                     for t in 0..B {
                         let sumi = dot_i8_signed(aw, wq, ld(&x_group[t][k], 2));
                         let scale = lane(scales[t], k);
-                        part[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), part[t]);
+                        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
                     }
-                }
-                for t in 0..B {
-                    acc[t] = _mm256_add_ps(acc[t], part[t]);
                 }
             }
             hsum_each(&acc)
@@ -565,37 +547,36 @@ macro_rules! q8_1_family {
                 *xb = row.as_chunks::<Q8_1_BYTES>().0;
             }
             let mut acc = [_mm256_setzero_ps(); B];
-            let mut summs = [_mm256_setzero_ps(); B];
+            // ggml sums m·s in a scalar, one (contracted) FMA per block.
+            let mut summs = [_mm_setzero_ps(); B];
             for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
                 let count = w_group.len();
                 let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
                 let wm = f16x8(count, |k| u16_at(&w_group[k], 2));
                 let mut x_group: [&[[u8; Q8_1_BYTES]]; B] = [&[]; B];
                 let mut scales = [_mm256_setzero_ps(); B];
+                let mut xs = [_mm256_setzero_ps(); B];
                 for t in 0..B {
                     x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
                     let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
-                    let xs = f16x8(count, |k| u16_at(&x_group[t][k], 2));
+                    xs[t] = f16x8(count, |k| u16_at(&x_group[t][k], 2));
                     scales[t] = _mm256_mul_ps(wd, xd);
-                    summs[t] = _mm256_fmadd_ps(wm, xs, summs[t]);
                 }
-                // One add per group on the accumulator's chain (see `q8_0_family`).
-                let mut part = [_mm256_setzero_ps(); B];
                 for (k, wb) in w_group.iter().enumerate() {
                     let wq = $unpack(wb);
+                    let m = _mm256_castps256_ps128(lane(wm, k));
                     for t in 0..B {
                         let sumi = dot_u8_i8(wq, ld(&x_group[t][k], 4));
                         let scale = lane(scales[t], k);
-                        part[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), part[t]);
+                        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+                        let s = _mm256_castps256_ps128(lane(xs[t], k));
+                        summs[t] = _mm_fmadd_ss(m, s, summs[t]);
                     }
-                }
-                for t in 0..B {
-                    acc[t] = _mm256_add_ps(acc[t], part[t]);
                 }
             }
             let mut out = hsum_each(&acc);
-            for (o, m) in out.iter_mut().zip(hsum_each(&summs)) {
-                *o += m;
+            for (o, m) in out.iter_mut().zip(summs) {
+                *o += _mm_cvtss_f32(m);
             }
             out
         }
@@ -661,23 +642,6 @@ pub(super) fn halves(v: __m256i) -> [__m256i; 2] {
     ]
 }
 
-/// Adds `d·sumi + mdmin·summs` (lane-wise, `mdmin` = -dmin·d_x) into a token's
-/// accumulator: the block's value is formed first, so the accumulator's dependency chain is
-/// one add per block.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub(super) fn acc_with_mins(
-    acc: __m256,
-    d: f32,
-    sumi: __m256i,
-    mdmin: f32,
-    summs: __m256i,
-) -> __m256 {
-    let mins = _mm256_mul_ps(_mm256_set1_ps(mdmin), _mm256_cvtepi32_ps(summs));
-    let block = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), mins);
-    _mm256_add_ps(acc, block)
-}
-
 /// Adds `d · Σlanes(sumi)` into a token's accumulator.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -713,7 +677,9 @@ fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
             let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-            acc[t] = acc_with_mins(acc[t], xd * d, sumi[t], -(xd * dmin), summs);
+            // ggml adds the mins' term first, then the quants', each with one FMA.
+            acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
+            acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
         }
     }
     hsum_each(&acc)
@@ -736,38 +702,78 @@ fn q3_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let q = ld(wb, 32 + 32 * half);
             for (j, shuffle) in I16_SCALE.iter().enumerate() {
                 let k = 4 * half + j;
-                // q + 4 = low two bits | high bit << 2, in 0..=7; the -4 comes from bsums.
+                // q = low two bits - (4 where the high bit is clear). The -4 is taken per
+                // element (not from bsums) so that each f32 lane gets ggml's integer sum.
                 let lo = _mm256_and_si256(srl16(q, 2 * j), m3);
-                let hb = _mm256_slli_epi16::<2>(_mm256_and_si256(srl16(hmask, k), one));
-                let qj = _mm256_or_si256(lo, hb);
+                let clear = _mm256_andnot_si256(srl16(hmask, k), one);
+                let h4 = _mm256_slli_epi16::<2>(clear);
                 let sc = _mm256_shuffle_epi8(sc_h, cv(shuffle));
                 for t in 0..B {
-                    let p = _mm256_maddubs_epi16(qj, ld(xb[t], Q8_K_QS + 32 * k));
+                    let xq = ld(xb[t], Q8_K_QS + 32 * k);
+                    let p = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(lo, xq),
+                        _mm256_maddubs_epi16(h4, xq),
+                    );
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
                 }
             }
         }
         for t in 0..B {
-            let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
-            let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<2>(offset));
-            acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
+            acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), sumi[t]);
         }
     }
     hsum_each(&acc)
 }
 
-/// Q4_K and Q5_K: `quants(wb, c)` gives the unsigned quants of sub-blocks 2c and 2c+1.
+/// Q4_K/Q5_K mins term of one block as ggml's AVX2 kernels form it: 4 i32 lanes, lane `l`
+/// = `m[2l]·(b[4l] + b[4l+1]) + m[2l+1]·(b[4l+2] + b[4l+3])` (`b` = the token's bsums).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn k4_min_prod(mins: __m128i, xb: &[u8]) -> __m128i {
+    let q8s = _mm_hadd_epi16(ld128(xb, Q8_K_BSUMS), ld128(xb, Q8_K_BSUMS + 16));
+    _mm_madd_epi16(mins, q8s)
+}
+
+/// Adds one block's mins term into a token's mins accumulator. Q4_K (`SCALAR = false`)
+/// keeps ggml's four f32 lanes; Q5_K (`SCALAR = true`) sums the lanes as integers first and
+/// accumulates a scalar (lane 0), as ggml's `summs += dmin * hsum` (contracted to an FMA).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn k4_mins_acc<const SCALAR: bool>(acc_m: __m128, mdmin: f32, prod: __m128i) -> __m128 {
+    if SCALAR {
+        let total = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+        _mm_fmadd_ss(_mm_set_ss(mdmin), _mm_cvtepi32_ps(total), acc_m)
+    } else {
+        _mm_fmadd_ps(_mm_set1_ps(mdmin), _mm_cvtepi32_ps(prod), acc_m)
+    }
+}
+
+/// The mins accumulator's value, reduced in ggml's order.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn k4_mins_value<const SCALAR: bool>(acc_m: __m128) -> f32 {
+    if SCALAR {
+        _mm_cvtss_f32(acc_m)
+    } else {
+        let s = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// Q4_K and Q5_K: `quants(wb, c)` gives the unsigned quants of sub-blocks 2c and 2c+1;
+/// `$scalar_mins` picks the kernel's mins accumulation (see [`k4_mins_acc`]).
 macro_rules! k4_tile {
-    ($name:ident, $w_bytes:expr, $scales_at:expr, $quants:ident) => {
+    ($name:ident, $w_bytes:expr, $scales_at:expr, $quants:ident, $scalar_mins:expr) => {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let mut acc = [_mm256_setzero_ps(); B];
+            let mut acc_m = [_mm_setzero_ps(); B];
             for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
                 let (d, dmin) = f16_pair(wb, 0);
                 let (sc, mn) = k4_scales_mins(&wb[$scales_at..$scales_at + 12]);
                 let sc = _mm256_set1_epi64x(sc as i64);
-                let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
+                let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
                 let xb = token_blocks(&x, i, Q8_K_BYTES);
                 let mut sumi = [_mm256_setzero_si256(); B];
                 for c in 0..4 {
@@ -786,11 +792,16 @@ macro_rules! k4_tile {
                 }
                 for t in 0..B {
                     let xd = f32_at(xb[t], 0);
-                    let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-                    acc[t] = acc_with_mins(acc[t], xd * d, sumi[t], -(xd * dmin), summs);
+                    let prod = k4_min_prod(mins, xb[t]);
+                    acc_m[t] = k4_mins_acc::<{ $scalar_mins }>(acc_m[t], -(xd * dmin), prod);
+                    acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
                 }
             }
-            hsum_each(&acc)
+            let mut out = hsum_each(&acc);
+            for (o, m) in out.iter_mut().zip(acc_m) {
+                *o += k4_mins_value::<{ $scalar_mins }>(m);
+            }
+            out
         }
     };
 }
@@ -821,8 +832,8 @@ fn q5k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
     )
 }
 
-k4_tile!(q4_k_tile, 144, 4, q4k_quants);
-k4_tile!(q5_k_tile, 176, 4, q5k_quants);
+k4_tile!(q4_k_tile, 144, 4, q4k_quants, false);
+k4_tile!(q5_k_tile, 176, 4, q5k_quants, true);
 
 /// Q6_K's four 32-element groups of a half (`ql` bytes 0..32 and 32..64, `qh` 32 bytes).
 #[inline]

@@ -14,9 +14,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    acc_with_mins, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_scales_mins,
-    lane, ld, ld128, q4k_quants, q6k_quants, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE,
-    K4_MINS, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_min_prod, k4_mins_acc,
+    k4_mins_value, k4_scales_mins, lane, ld, ld128, q4k_quants, q6k_quants, token_blocks, u16_at,
+    unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -99,11 +99,12 @@ fn fold(chains: [__m256i; 4]) -> __m256i {
 fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let n_chains = chains(B);
     let mut acc = [_mm256_setzero_ps(); B];
+    let mut acc_m = [_mm_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(144).enumerate() {
         let (d, dmin) = f16_pair(wb, 0);
         let (sc, mn) = k4_scales_mins(&wb[4..16]);
         let sc = _mm256_set1_epi64x(sc as i64);
-        let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(mn as i64), cv(&K4_MINS));
+        let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
         let xb = token_blocks(&x, i, Q8_K_BYTES);
         let mut sumi = [[_mm256_setzero_si256(); 4]; B];
         for c in 0..4 {
@@ -118,13 +119,19 @@ fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
                 sumi[t][chain] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
             }
         }
+        // The same float operations as AVX2's `k4_tile` (ggml's order).
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
-            let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
-            acc[t] = acc_with_mins(acc[t], xd * d, fold(sumi[t]), -(xd * dmin), summs);
+            let prod = k4_min_prod(mins, xb[t]);
+            acc_m[t] = k4_mins_acc::<false>(acc_m[t], -(xd * dmin), prod);
+            acc[t] = fma_acc(acc[t], xd * d, fold(sumi[t]));
         }
     }
-    hsum_each(&acc)
+    let mut out = hsum_each(&acc);
+    for (o, m) in out.iter_mut().zip(acc_m) {
+        *o += k4_mins_value::<false>(m);
+    }
+    out
 }
 
 #[inline]
@@ -175,8 +182,7 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let xd = f16x8(count, |k| u16_at(x[t], (g0 + k) * Q8_0_BYTES));
             scales[t] = _mm256_mul_ps(wd, xd);
         }
-        // The same partial sums per group as AVX2's `q8_0_family`.
-        let mut part = [_mm256_setzero_ps(); B];
+        // One FMA per block in block order, as AVX2's `q8_0_family` (ggml's order).
         for k in 0..count {
             let i = g0 + k;
             let wq = unpack_q8_0(&w[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES]);
@@ -186,11 +192,8 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
                 // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
                 let sx = _mm256_sign_epi8(ld(xb[t], 2), wq);
                 let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-                part[t] = _mm256_fmadd_ps(lane(scales[t], k), _mm256_cvtepi32_ps(sumi), part[t]);
+                acc[t] = _mm256_fmadd_ps(lane(scales[t], k), _mm256_cvtepi32_ps(sumi), acc[t]);
             }
-        }
-        for t in 0..B {
-            acc[t] = _mm256_add_ps(acc[t], part[t]);
         }
     }
     hsum_each(&acc)
