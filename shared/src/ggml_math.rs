@@ -116,6 +116,37 @@ pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
     sum
 }
 
+/// `GGML_F32x8_REDUCE` of four 8-lane accumulators (ggml's `vec_dot` reduction on AVX2):
+/// `x = (a0+a2) + (a1+a3)`, the 128-bit halves added, then two `hadd`s.
+#[inline]
+pub fn reduce4x8(acc: &[[f32; 8]; 4]) -> f32 {
+    let mut x = [0.0f32; 8];
+    for (l, v) in x.iter_mut().enumerate() {
+        *v = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let t = [x[0] + x[4], x[1] + x[5], x[2] + x[6], x[3] + x[7]];
+    (t[0] + t[1]) + (t[2] + t[3])
+}
+
+/// An f16 dot product in `ggml_vec_dot_f16`'s AVX2 order (a matrix product over one token):
+/// four 8-lane FMA accumulators over steps of 32 ([`reduce4x8`]), the tail added in f64.
+pub fn dot_f16_vec(a: &[f16], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [[0.0f32; 8]; 4];
+    let whole = a.len() / 32 * 32;
+    for (ca, cb) in a[..whole].chunks_exact(32).zip(b[..whole].chunks_exact(32)) {
+        for (k, (x, y)) in ca.iter().zip(cb).enumerate() {
+            let (j, l) = (k / 8, k % 8);
+            acc[j][l] = x.to_f32().mul_add(y.to_f32(), acc[j][l]);
+        }
+    }
+    let mut sum = f64::from(reduce4x8(&acc));
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        sum += f64::from(x.to_f32() * y.to_f32());
+    }
+    sum as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

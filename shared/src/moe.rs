@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::quant::dispatch::Kernels;
-use crate::quant::matmul::{matmul, Activations, WeightMatrix};
+use crate::quant::matmul::{matmul_vec_dot, Activations, WeightMatrix};
 use crate::quant::GgmlType;
 
 /// One 3-D expert tensor (`ffn_{gate,up,down}_exps`): `n_expert` matrices of
@@ -267,12 +267,12 @@ fn expert_ffn(
     let n = tokens.len();
     let xg = x_gate.gather(tokens);
     let mut gate = vec![0.0f32; n * n_ff];
-    matmul(kernels, &layer.gate.expert(expert), &xg, &mut gate);
+    matmul_vec_dot(kernels, &layer.gate.expert(expert), &xg, &mut gate);
     let mut up = vec![0.0f32; n * n_ff];
     if std::ptr::eq(x_gate, x_up) {
-        matmul(kernels, &layer.up.expert(expert), &xg, &mut up);
+        matmul_vec_dot(kernels, &layer.up.expert(expert), &xg, &mut up);
     } else {
-        matmul(
+        matmul_vec_dot(
             kernels,
             &layer.up.expert(expert),
             &x_up.gather(tokens),
@@ -282,7 +282,7 @@ fn expert_ffn(
     crate::ggml_math::swiglu_in_place(&mut gate, &up);
     let hidden = Activations::quantize(kernels, layer.down.ty, &gate, n_ff);
     let mut down = vec![0.0f32; n * layer.n_embd()];
-    matmul(kernels, &layer.down.expert(expert), &hidden, &mut down);
+    matmul_vec_dot(kernels, &layer.down.expert(expert), &hidden, &mut down);
     down
 }
 

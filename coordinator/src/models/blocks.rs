@@ -3,7 +3,7 @@
 //! ggml's CPU backend rounds, so that logits match llama.cpp's.
 
 use half::f16;
-use shared::ggml_math::dot_f16;
+use shared::ggml_math::{dot_f16, dot_f16_vec, reduce4x8};
 use shared::models::{RopeParams, RopeType};
 
 /// RMSNorm of each row of `x` (rows of `n`), times `weight`: ggml's `rms_norm`
@@ -124,31 +124,43 @@ pub fn to_f16(x: &[f32]) -> Vec<f16> {
 /// `out = Σ p·V` with f32 accumulation.
 ///
 /// `keys(j)` / `values(j)` give cached position `j`'s head vectors; positions
-/// `0..n_kv` are attended.
+/// `0..n_kv` are attended. `batch_tokens` is the size of the batch the query is
+/// part of: ggml's K·Q and V·softmax products take tinyBLAS's order for two
+/// tokens or more and `ggml_vec_dot_f16`'s for one (a decode step).
 pub fn attend_head<'a>(
     q: &[f32],
     n_kv: usize,
     keys: impl Fn(usize) -> &'a [f16],
     values: impl Fn(usize) -> &'a [f16],
     scale: f32,
+    batch_tokens: usize,
     out: &mut [f32],
 ) {
     let q16 = to_f16(q);
+    let gemm = batch_tokens >= 2;
+    let dot = if gemm { dot_f16 } else { dot_f16_vec };
     // ggml pads the KV length with masked cells, so every score takes the vector path.
-    let mut scores: Vec<f32> = (0..n_kv).map(|j| dot_f16(&q16, keys(j)) * scale).collect();
+    let mut scores: Vec<f32> = (0..n_kv).map(|j| dot(&q16, keys(j)) * scale).collect();
     shared::ggml_math::softmax_in_place(&mut scores, true);
-    // kqv = V·f16(p) in tinyBLAS order: 8-lane FMA accumulators over positions.
+    // kqv = V·f16(p): per output element, FMA accumulators over positions; tinyBLAS has one
+    // of 8 lanes, vec_dot four (position j in accumulator (j / 8) % 4, lane j % 8). The
+    // padded KV length is a multiple of 32 and its masked cells add exact zeros.
     let d = out.len();
-    let mut acc = vec![[0.0f32; 8]; d];
+    let n_acc = if gemm { 1 } else { 4 };
+    let mut acc = vec![[[0.0f32; 8]; 4]; d];
     for (j, &p) in scores.iter().enumerate() {
         let p = f16::from_f32(p).to_f32();
-        let lane = j % 8;
+        let (slot, lane) = ((j / 8) % n_acc, j % 8);
         for (a, v) in acc.iter_mut().zip(values(j)) {
-            a[lane] = p.mul_add(v.to_f32(), a[lane]);
+            a[slot][lane] = p.mul_add(v.to_f32(), a[slot][lane]);
         }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
-        *o = shared::ggml_math::hsum8(a);
+        *o = if gemm {
+            shared::ggml_math::hsum8(&a[0])
+        } else {
+            reduce4x8(a)
+        };
     }
 }
 
@@ -168,7 +180,8 @@ mod tests {
     #[test]
     fn rms_norm_unit_rows() {
         let mut x = vec![3.0, 4.0, 0.0, 0.0];
-        rms_norm(&mut x, 2, &[1.0, 1.0], 0.0);
+        // A zero row stays zero only with eps > 0 (ggml divides by sqrt(mean + eps) too).
+        rms_norm(&mut x, 2, &[1.0, 1.0], 1e-12);
         // rms of (3,4) is sqrt(12.5)
         assert!((x[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 0.0]);

@@ -447,6 +447,7 @@ impl Model {
                 |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
                 |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
                 self.kq_scale,
+                n,
                 o,
             );
         });
@@ -525,6 +526,7 @@ impl Model {
                         |j| cache.k(il, j),
                         |j| &cache.k(il, j)[..lora],
                         self.kq_scale,
+                        n,
                         o,
                     );
                 });

@@ -142,6 +142,9 @@ pub struct Kernels {
     // Invariant: every entry may run on this CPU (the table is only handed out after its
     // features were detected).
     dot: [DotFn; N_TYPES],
+    /// `dot` with the entries whose float order differs in ggml's batched path (llamafile's
+    /// tinyBLAS, used for two tokens or more: F32, F16, BF16) replaced.
+    gemm: [DotFn; N_TYPES],
     quantize: [QuantizeFn; N_TYPES],
 }
 
@@ -194,12 +197,16 @@ macro_rules! table {
 static SCALAR: Kernels = Kernels {
     isa: Isa::Scalar,
     dot: table!(scalar_dot),
+    gemm: table!(scalar_dot),
     quantize: table!(scalar_quantize),
 };
 
-/// The AVX2 entries (the scalar ones where AVX2 has nothing better).
 #[cfg(target_arch = "x86_64")]
-const fn avx2_tables() -> ([DotFn; N_TYPES], [QuantizeFn; N_TYPES]) {
+type Tables = ([DotFn; N_TYPES], [DotFn; N_TYPES], [QuantizeFn; N_TYPES]);
+
+/// The AVX2 entries (the scalar ones where AVX2 has nothing better): `(dot, gemm, quantize)`.
+#[cfg(target_arch = "x86_64")]
+const fn avx2_tables() -> Tables {
     use super::x86_64::avx2;
     let mut dot: [DotFn; N_TYPES] = table!(scalar_dot);
     dot[slot(GgmlType::F32)] = avx2::dot_f32;
@@ -220,15 +227,20 @@ const fn avx2_tables() -> ([DotFn; N_TYPES], [QuantizeFn; N_TYPES]) {
     quantize[slot(GgmlType::Q8_0)] = avx2::quantize_q8_0;
     quantize[slot(GgmlType::Q8_1)] = avx2::quantize_q8_1;
     quantize[slot(GgmlType::Q8_K)] = avx2::quantize_q8_k;
-    (dot, quantize)
+    let mut gemm = dot;
+    gemm[slot(GgmlType::F32)] = avx2::gemm_f32;
+    gemm[slot(GgmlType::F16)] = avx2::gemm_f16;
+    gemm[slot(GgmlType::BF16)] = avx2::gemm_bf16;
+    (dot, gemm, quantize)
 }
 
 #[cfg(target_arch = "x86_64")]
 static AVX2: Kernels = {
-    let (dot, quantize) = avx2_tables();
+    let (dot, gemm, quantize) = avx2_tables();
     Kernels {
         isa: Isa::Avx2,
         dot,
+        gemm,
         quantize,
     }
 };
@@ -236,13 +248,17 @@ static AVX2: Kernels = {
 #[cfg(target_arch = "x86_64")]
 static AVX512: Kernels = {
     use super::x86_64::avx512;
-    let (mut dot, quantize) = avx2_tables();
+    let (mut dot, mut gemm, quantize) = avx2_tables();
     dot[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
     dot[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
     dot[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
+    gemm[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
+    gemm[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
+    gemm[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
     Kernels {
         isa: Isa::Avx512,
         dot,
+        gemm,
         quantize,
     }
 };
@@ -356,6 +372,46 @@ impl Kernels {
         // SAFETY: the table's features were detected before it was handed out (invariant of
         // `Kernels`), and the lengths were checked above, which is the entry's whole contract.
         unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
+    }
+
+    /// [`Kernels::vec_dot_batch`] for a matrix product over a batch of `batch_tokens` tokens
+    /// (of which `out` may be a part): ggml computes batches of two tokens or more with
+    /// llamafile's tinyBLAS where it supports the type, whose float order differs from
+    /// `vec_dot`'s for F32, F16 and BF16 weights (for Q8_0/Q4_0/Q5_0 the two orders are the
+    /// same). With `batch_tokens < 2` this is [`Kernels::vec_dot_batch`].
+    ///
+    /// Panics as [`Kernels::vec_dot`] does.
+    pub fn gemm_dot_batch(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        batch_tokens: usize,
+    ) {
+        if batch_tokens < 2 {
+            return self.vec_dot_batch(ty, n, w, xs, out);
+        }
+        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
+        assert_eq!(
+            xs.len(),
+            x_bytes * out.len(),
+            "gemm_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
+            xs.len(),
+            out.len(),
+            x_bytes * out.len()
+        );
+        debug_assert_eq!(w.len(), w_bytes);
+        if n == 0 {
+            out.fill(0.0);
+            return;
+        }
+        if out.is_empty() {
+            return;
+        }
+        // SAFETY: as in `vec_dot_batch`: features detected, lengths checked.
+        unsafe { (self.gemm[slot(ty)])(n, w, xs, out) }
     }
 
     /// Quantizes an activation row to `ty` (F32, F16, BF16, Q8_0, Q8_1 or Q8_K), bit-identical

@@ -371,8 +371,17 @@ const TOKEN_GROUP: usize = 32;
 ///
 /// Panics if the shapes do not fit: `x` must be `w.ty.vec_dot_type()` rows of `w.n_cols`,
 /// `out.len()` must be `x.n_tokens() * w.n_rows`.
+///
+/// The float order is ggml's `MUL_MAT` for a batch of `x.n_tokens()`: tinyBLAS's for two
+/// tokens or more where it applies (see [`Kernels::gemm_dot_batch`]), `vec_dot`'s otherwise.
 pub fn matmul(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
     matmul_rows(kernels, w, 0..w.n_rows, x, out);
+}
+
+/// [`matmul`] in `vec_dot`'s order whatever the batch size: ggml's `MUL_MAT_ID` (the routed
+/// experts) never goes through tinyBLAS.
+pub fn matmul_vec_dot(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false);
 }
 
 /// [`matmul`] over the rows `rows` only (an expert slice):
@@ -385,6 +394,18 @@ pub fn matmul_rows(
     rows: Range<usize>,
     x: &Activations,
     out: &mut [f32],
+) {
+    matmul_rows_in(kernels, w, rows, x, out, true);
+}
+
+/// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`.
+fn matmul_rows_in(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    rows: Range<usize>,
+    x: &Activations,
+    out: &mut [f32],
+    gemm: bool,
 ) {
     w.assert_valid();
     assert!(
@@ -432,12 +453,14 @@ pub fn matmul_rows(
             let t1 = (t0 + TOKEN_GROUP).min(n_tokens);
             let xs = &x.data[t0 * x_row..t1 * x_row];
             for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
-                kernels.vec_dot_batch(
+                // ggml picks the float order by the whole batch's size.
+                kernels.gemm_dot_batch(
                     ty,
                     n,
                     w_row,
                     xs,
                     &mut dst[r * n_tokens + t0..r * n_tokens + t1],
+                    if gemm { n_tokens } else { 1 },
                 );
             }
             t0 = t1;

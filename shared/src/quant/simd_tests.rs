@@ -180,15 +180,30 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
     for kernels in simd_levels() {
         let mut batched = vec![f32::NAN; batch];
         kernels.vec_dot_batch(ty, n, &w, &xs, &mut batched);
+        // The batched (tinyBLAS) order: within tolerance too, and a token's value does not
+        // depend on which tile of the batch computes it.
+        let mut gemm = vec![f32::NAN; batch];
+        kernels.gemm_dot_batch(ty, n, &w, &xs, &mut gemm, batch.max(2));
         for (t, x) in xs.chunks_exact(x_row).enumerate() {
             let single = kernels.vec_dot(ty, n, &w, x);
             let want = reference::vec_dot(ty, n, &w, x);
             let tol = tolerance(ty, n, &w, x);
-            let diff = (f64::from(single) - f64::from(want)).abs();
-            prop_assert!(
-                diff <= tol,
-                "{} {ty} n={n} token {t}: simd {single} reference {want} (diff {diff:e}, tol {tol:e})",
-                kernels.isa()
+            for (order, got) in [("vec_dot", single), ("gemm", gemm[t])] {
+                let diff = (f64::from(got) - f64::from(want)).abs();
+                prop_assert!(
+                    diff <= tol,
+                    "{} {ty} n={n} token {t} ({order}): simd {got} reference {want} (diff {diff:e}, tol {tol:e})",
+                    kernels.isa()
+                );
+            }
+            let mut alone = [f32::NAN];
+            kernels.gemm_dot_batch(ty, n, &w, x, &mut alone, batch.max(2));
+            prop_assert_eq!(
+                alone[0].to_bits(),
+                gemm[t].to_bits(),
+                "{} {} gemm tile",
+                kernels.isa(),
+                ty
             );
             prop_assert_eq!(
                 batched[t].to_bits(),
@@ -308,12 +323,17 @@ proptest! {
             matmul(kernels, &w, &act, &mut out);
             for t in 0..n_tokens {
                 for r in 0..n_rows {
-                    let want = kernels.vec_dot(
+                    // ggml's order for a batch of `n_tokens` (tinyBLAS's from two tokens).
+                    let mut want = [f32::NAN];
+                    kernels.gemm_dot_batch(
                         ty,
                         n_cols,
                         &data[r * row_bytes..(r + 1) * row_bytes],
                         &act.data()[t * x_row..(t + 1) * x_row],
+                        &mut want,
+                        n_tokens,
                     );
+                    let want = want[0];
                     prop_assert_eq!(out[t * n_rows + r].to_bits(), want.to_bits(),
                         "{} matmul {} token {} row {}", kernels.isa(), ty, t, r);
                 }

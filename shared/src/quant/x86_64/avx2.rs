@@ -354,6 +354,18 @@ batched!(
     dot_bf16, bf16_tile
 );
 batched!(
+    /// F32 weights · F32 activations in tinyBLAS's order (batches of two tokens or more).
+    gemm_f32, f32_gemm_tile
+);
+batched!(
+    /// F16 weights · F16 activations in tinyBLAS's order (batches of two tokens or more).
+    gemm_f16, f16_gemm_tile
+);
+batched!(
+    /// BF16 weights · BF16 activations in tinyBLAS's order (batches of two tokens or more).
+    gemm_bf16, bf16_gemm_tile
+);
+batched!(
     /// Q4_0 weights · Q8_0 activations.
     dot_q4_0, q4_0_tile
 );
@@ -395,38 +407,88 @@ batched!(
 );
 
 // ---------------------------------------------------------------------------------------------
-// Float weights: 16 elements per step in two 8-lane f32 accumulators per token; the tail
-// (n % 16 elements) is summed in scalar f32 and added last.
+// Float weights, in the two orders ggml's x86 build uses for them:
+// - `ggml_vec_dot_f16`/`_f32` (a batch of one token): four 8-lane FMA accumulators over steps
+//   of 32 elements, reduced as `GGML_F32x8_REDUCE` (`(a0+a2)+(a1+a3)`, then the 128-bit halves,
+//   then two `hadd`s); the tail (n % 32) is added after, in f64 for F16 (`ggml_float`) and with
+//   one FMA per element in f32 for F32.
+// - llamafile's tinyBLAS (`sgemm`, batches of two tokens or more): one 8-lane FMA accumulator
+//   over the length, then `hsum`; it declines rows whose length is not a multiple of 8, which
+//   then take the `vec_dot` order.
 
-macro_rules! float_tile {
-    ($name:ident, $elem_bytes:expr, $load:ident, $scalar:ident) => {
+/// `GGML_F32x8_REDUCE` of four accumulators.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce4(acc: [__m256; 4]) -> f32 {
+    let x0 = _mm256_add_ps(acc[0], acc[2]);
+    let x1 = _mm256_add_ps(acc[1], acc[3]);
+    let x0 = _mm256_add_ps(x0, x1);
+    let t0 = _mm_add_ps(_mm256_castps256_ps128(x0), _mm256_extractf128_ps::<1>(x0));
+    let t1 = _mm_hadd_ps(t0, t0);
+    _mm_cvtss_f32(_mm_hadd_ps(t1, t1))
+}
+
+macro_rules! float_tiles {
+    ($vec_name:ident, $gemm_name:ident, $elem_bytes:expr, $load:ident, $scalar:ident, $tail_f64:expr) => {
+        /// `ggml_vec_dot` order.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
-            const STEP: usize = 16;
+        fn $vec_name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            const STEP: usize = 32;
             let n = w.len() / $elem_bytes;
             let n_main = n / STEP * STEP;
-            let mut acc0 = [_mm256_setzero_ps(); B];
-            let mut acc1 = [_mm256_setzero_ps(); B];
+            let mut acc = [[_mm256_setzero_ps(); 4]; B];
             let mut e = 0;
             while e < n_main {
-                let w0 = $load(w, e * $elem_bytes);
-                let w1 = $load(w, (e + 8) * $elem_bytes);
-                for t in 0..B {
-                    acc0[t] = _mm256_fmadd_ps(w0, $load(x[t], e * $elem_bytes), acc0[t]);
-                    acc1[t] = _mm256_fmadd_ps(w1, $load(x[t], (e + 8) * $elem_bytes), acc1[t]);
+                for j in 0..4 {
+                    let wj = $load(w, (e + 8 * j) * $elem_bytes);
+                    for t in 0..B {
+                        let xj = $load(x[t], (e + 8 * j) * $elem_bytes);
+                        acc[t][j] = _mm256_fmadd_ps(wj, xj, acc[t][j]);
+                    }
                 }
                 e += STEP;
             }
             let mut out = [0.0f32; B];
             for t in 0..B {
-                let mut tail = 0.0f32;
-                for k in n_main..n {
-                    tail += $scalar(w, k * $elem_bytes) * $scalar(x[t], k * $elem_bytes);
-                }
-                out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t])) + tail;
+                let sum = reduce4(acc[t]);
+                out[t] = if $tail_f64 {
+                    let mut sum = f64::from(sum);
+                    for k in n_main..n {
+                        // The product of two f16 values is exact in f32.
+                        sum +=
+                            f64::from($scalar(w, k * $elem_bytes) * $scalar(x[t], k * $elem_bytes));
+                    }
+                    sum as f32
+                } else {
+                    let mut sum = _mm_set_ss(sum);
+                    for k in n_main..n {
+                        let a = _mm_set_ss($scalar(w, k * $elem_bytes));
+                        let b = _mm_set_ss($scalar(x[t], k * $elem_bytes));
+                        sum = _mm_fmadd_ss(a, b, sum);
+                    }
+                    _mm_cvtss_f32(sum)
+                };
             }
             out
+        }
+
+        /// tinyBLAS order (the `vec_dot` order when n is not a multiple of 8).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $gemm_name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+            let n = w.len() / $elem_bytes;
+            if n % 8 != 0 {
+                return $vec_name::<B>(w, x);
+            }
+            let mut acc = [_mm256_setzero_ps(); B];
+            for e in (0..n).step_by(8) {
+                let we = $load(w, e * $elem_bytes);
+                for t in 0..B {
+                    acc[t] = _mm256_fmadd_ps(we, $load(x[t], e * $elem_bytes), acc[t]);
+                }
+            }
+            hsum_each(&acc)
         }
     };
 }
@@ -449,9 +511,9 @@ fn bf16_at(bytes: &[u8], at: usize) -> f32 {
     f32::from_bits(u32::from(u16_at(bytes, at)) << 16)
 }
 
-float_tile!(f32_tile, 4, ld_ps_bytes, f32_at);
-float_tile!(f16_tile, 2, ld_f16x8, f16_at);
-float_tile!(bf16_tile, 2, ld_bf16x8, bf16_at);
+float_tiles!(f32_tile, f32_gemm_tile, 4, ld_ps_bytes, f32_at, false);
+float_tiles!(f16_tile, f16_gemm_tile, 2, ld_f16x8, f16_at, true);
+float_tiles!(bf16_tile, bf16_gemm_tile, 2, ld_bf16x8, bf16_at, false);
 
 // ---------------------------------------------------------------------------------------------
 // Legacy quants (32-element blocks).
