@@ -374,6 +374,42 @@ impl Kernels {
         unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
     }
 
+    /// [`Kernels::vec_dot_batch`] for a Q4_K matrix with a multiple of 8 rows, which ggml's
+    /// CPU_REPACK buffer interleaves and multiplies with its own kernels, in their float
+    /// order (see `x86_64::avx2::q4_k_repack_tile`) for any batch size. The scalar table has
+    /// no such order and uses its reference dot.
+    ///
+    /// Panics as [`Kernels::vec_dot`] does, or if `ty` is not Q4_K.
+    pub fn repack_dot_batch(&self, ty: GgmlType, n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+        assert_eq!(
+            ty,
+            GgmlType::Q4_K,
+            "repack_dot_batch: {ty} has no repacked order"
+        );
+        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
+        assert_eq!(
+            xs.len(),
+            x_bytes * out.len(),
+            "repack_dot_batch: activation bytes"
+        );
+        debug_assert_eq!(w.len(), w_bytes);
+        if n == 0 || out.is_empty() {
+            out.fill(0.0);
+            return;
+        }
+        match self.isa {
+            Isa::Scalar => self.vec_dot_batch(ty, n, w, xs, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an AVX2 or AVX-512 table is only handed out on a CPU with AVX2, FMA and
+            // F16C (invariant of `Kernels`); lengths were checked above.
+            Isa::Avx2 | Isa::Avx512 => unsafe {
+                super::x86_64::avx2::dot_q4_k_repack(n, w, xs, out)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => self.vec_dot_batch(ty, n, w, xs, out),
+        }
+    }
+
     /// [`Kernels::vec_dot_batch`] for a matrix product over a batch of `batch_tokens` tokens
     /// (of which `out` may be a part): ggml computes batches of two tokens or more with
     /// llamafile's tinyBLAS where it supports the type, whose float order differs from

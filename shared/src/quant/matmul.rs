@@ -445,6 +445,8 @@ fn matmul_rows_in(
     let rows_per_task = rows_per_task(n_rows, row_bytes);
     let (ty, n) = (w.ty, w.n_cols);
     let x_row = x.row_bytes();
+    // ggml's CPU_REPACK takes Q4_K matrices whose row count (per expert) is a multiple of 8.
+    let repacked = ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
@@ -453,6 +455,16 @@ fn matmul_rows_in(
             let t1 = (t0 + TOKEN_GROUP).min(n_tokens);
             let xs = &x.data[t0 * x_row..t1 * x_row];
             for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
+                if repacked {
+                    kernels.repack_dot_batch(
+                        ty,
+                        n,
+                        w_row,
+                        xs,
+                        &mut dst[r * n_tokens + t0..r * n_tokens + t1],
+                    );
+                    continue;
+                }
                 // ggml picks the float order by the whole batch's size.
                 kernels.gemm_dot_batch(
                     ty,

@@ -184,11 +184,20 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
         // depend on which tile of the batch computes it.
         let mut gemm = vec![f32::NAN; batch];
         kernels.gemm_dot_batch(ty, n, &w, &xs, &mut gemm, batch.max(2));
+        // Q4_K's third order (ggml's repacked matrices) is held to the same tolerance.
+        let mut repack = vec![f32::NAN; batch];
+        if ty == GgmlType::Q4_K {
+            kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack);
+        }
         for (t, x) in xs.chunks_exact(x_row).enumerate() {
             let single = kernels.vec_dot(ty, n, &w, x);
             let want = reference::vec_dot(ty, n, &w, x);
             let tol = tolerance(ty, n, &w, x);
-            for (order, got) in [("vec_dot", single), ("gemm", gemm[t])] {
+            let mut orders = vec![("vec_dot", single), ("gemm", gemm[t])];
+            if ty == GgmlType::Q4_K {
+                orders.push(("repack", repack[t]));
+            }
+            for (order, got) in orders {
                 let diff = (f64::from(got) - f64::from(want)).abs();
                 prop_assert!(
                     diff <= tol,
@@ -324,15 +333,15 @@ proptest! {
             for t in 0..n_tokens {
                 for r in 0..n_rows {
                     // ggml's order for a batch of `n_tokens` (tinyBLAS's from two tokens).
+                    // Q4_K with a multiple of 8 rows: ggml's repacked order.
                     let mut want = [f32::NAN];
-                    kernels.gemm_dot_batch(
-                        ty,
-                        n_cols,
-                        &data[r * row_bytes..(r + 1) * row_bytes],
-                        &act.data()[t * x_row..(t + 1) * x_row],
-                        &mut want,
-                        n_tokens,
-                    );
+                    let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
+                    let x_t = &act.data()[t * x_row..(t + 1) * x_row];
+                    if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
+                        kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want);
+                    } else {
+                        kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
+                    }
                     let want = want[0];
                     prop_assert_eq!(out[t * n_rows + r].to_bits(), want.to_bits(),
                         "{} matmul {} token {} row {}", kernels.isa(), ty, t, r);

@@ -398,6 +398,10 @@ batched!(
     dot_q4_k, q4_k_tile
 );
 batched!(
+    /// Q4_K weights · Q8_K activations in ggml's repacked (8-row interleaved) order.
+    dot_q4_k_repack, q4_k_repack_tile
+);
+batched!(
     /// Q5_K weights · Q8_K activations.
     dot_q5_k, q5_k_tile
 );
@@ -866,6 +870,57 @@ macro_rules! k4_tile {
             out
         }
     };
+}
+
+/// Q4_K in the order of ggml's CPU_REPACK kernels (`ggml_gemv/gemm_q4_K_8x8_q8_K`), which
+/// ggml uses instead of `vec_dot` for Q4_K matrices with a multiple of 8 rows: per
+/// super-block, the block's whole integer sum and its whole mins sum are each converted to
+/// f32 and added with one FMA into two scalar accumulators (scales `d·d_x` and `dmin·d_x`),
+/// and the result is their difference.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_repack_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    let mut acc = [_mm_setzero_ps(); B];
+    let mut acc_m = [_mm_setzero_ps(); B];
+    for (i, wb) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = f16_pair(wb, 0);
+        let (sc, mn) = k4_scales_mins(&wb[4..16]);
+        let sc = _mm256_set1_epi64x(sc as i64);
+        let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+        let xb = token_blocks(&x, i, Q8_K_BYTES);
+        let mut sumi = [_mm256_setzero_si256(); B];
+        for c in 0..4 {
+            let (lo, hi) = q4k_quants(wb, c);
+            let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+            let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+            for t in 0..B {
+                let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
+                let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(p_lo, sc_lo),
+                    _mm256_madd_epi16(p_hi, sc_hi),
+                );
+                sumi[t] = _mm256_add_epi32(sumi[t], s);
+            }
+        }
+        for t in 0..B {
+            let xd = f32_at(xb[t], 0);
+            let total = hsum_epi32(sumi[t]);
+            let prod = k4_min_prod(mins, xb[t]);
+            let m = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+            acc[t] = _mm_fmadd_ss(
+                _mm_cvtsi32_ss(_mm_setzero_ps(), total),
+                _mm_set_ss(d * xd),
+                acc[t],
+            );
+            acc_m[t] = _mm_fmadd_ss(_mm_cvtepi32_ps(m), _mm_set_ss(dmin * xd), acc_m[t]);
+        }
+    }
+    let mut out = [0.0f32; B];
+    for t in 0..B {
+        out[t] = _mm_cvtss_f32(acc[t]) - _mm_cvtss_f32(acc_m[t]);
+    }
+    out
 }
 
 #[inline]
