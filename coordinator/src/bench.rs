@@ -42,6 +42,7 @@ pub struct BenchResult {
     pub bound_tps: f64,
     /// decode_tps / bound_tps.
     pub fraction_of_bound: f64,
+    /// Peak resident memory of the model run (measured before the bandwidth probe).
     pub peak_rss_bytes: u64,
     pub kernels: String,
 }
@@ -99,6 +100,8 @@ pub fn run(
         }
         decode_tps.push(cfg.n_decode as f64 / t.elapsed().as_secs_f64());
     }
+    // Before the bandwidth probe, whose buffer would otherwise dominate the peak.
+    let peak_rss_bytes = shared::membw::peak_rss_bytes().unwrap_or(0);
     let bandwidth = shared::membw::read_bandwidth(cfg.bandwidth_buffer, 5);
     let bpt = bytes_per_token(engine.model().file(), hp);
     let bound = bandwidth / bpt as f64;
@@ -118,7 +121,7 @@ pub fn run(
         bytes_per_token: bpt,
         bound_tps: bound,
         fraction_of_bound: d_med / bound,
-        peak_rss_bytes: shared::membw::peak_rss_bytes().unwrap_or(0),
+        peak_rss_bytes,
         kernels: engine.model().kernels().isa().to_string(),
     })
 }
