@@ -425,7 +425,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if json {
         let text = tokenizer
             .as_ref()
-            .map(|t| t.decode(&tokens))
+            .map(|t| t.decode_text(&tokens))
             .unwrap_or_default();
         println!(
             "{}",

@@ -381,6 +381,13 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         String::from_utf8_lossy(&self.detokenize(ids, false, true)).into_owned()
     }
+
+    /// Token ids → the text a user sees, control tokens (such as an end-of-turn
+    /// token) not rendered: llama.cpp's `common_detokenize(.., special = false)`,
+    /// what `generate` prints.
+    pub fn decode_text(&self, ids: &[u32]) -> String {
+        String::from_utf8_lossy(&self.detokenize(ids, false, false)).into_owned()
+    }
 }
 
 /// C `isspace` in the C locale.

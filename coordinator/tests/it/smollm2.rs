@@ -41,7 +41,7 @@ fn smollm2_matches_llamacpp() {
             .unwrap();
         assert_eq!(got, want_tokens, "prompt {i}: greedy tokens");
         assert_eq!(
-            tokenizer.decode(&got),
+            tokenizer.decode_text(&got),
             case["greedy_text"].as_str().unwrap(),
             "prompt {i}: greedy text"
         );
