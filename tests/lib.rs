@@ -1,8 +1,4 @@
-//! Helpers for moeshard's end-to-end tests: where the fixtures and the built binaries are.
-
-use std::path::PathBuf;
-
-/// The committed fixtures folder (`tests/fixtures`).
-pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+//! Helpers for moeshard's cross-process end-to-end tests (coordinator and
+//! expert-node daemons on loopback and in network namespaces). Those tests come
+//! with the expert-node daemon; the engine's and CLI's tests live in
+//! `coordinator/tests/it`, next to the binary they run.
