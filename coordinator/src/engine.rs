@@ -86,8 +86,9 @@ impl Engine {
         self.forward(&mut cache, tokens, Logits::All)
     }
 
-    /// Generates up to `n_predict` tokens after `prompt` (evaluated as one batch),
-    /// calling `on_token` for each; stops early when `on_token` returns false.
+    /// Generates up to `n_predict` tokens after `prompt` (evaluated as one batch)
+    /// in a context of `n_ctx` positions, calling `on_token` for each; stops early
+    /// when `on_token` returns false or the context is full.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -100,9 +101,15 @@ impl Engine {
             n_prompt: prompt.len(),
             ..Default::default()
         };
-        let n_ctx = n_ctx
-            .max(prompt.len() + n_predict)
-            .min(prompt.len() + n_predict);
+        if prompt.len() >= n_ctx {
+            return Err(EngineError::ContextFull {
+                n_past: 0,
+                n_new: prompt.len(),
+                n_ctx,
+            });
+        }
+        // Generation stops when the context is full, as llama.cpp's does.
+        let n_predict = n_predict.min(n_ctx - prompt.len());
         let mut cache = self.new_cache(n_ctx);
         let mut history: Vec<u32> = prompt.to_vec();
         let mut out = Vec::with_capacity(n_predict);
