@@ -17,7 +17,7 @@ use shared::gguf::{GgufError, GgufFile, TensorInfo};
 use shared::models::{Arch, HParams, ModelError};
 use shared::moe::{Assignment, MoeError};
 use shared::quant::dispatch::Kernels;
-use shared::quant::matmul::{matmul, Activations, WeightMatrix};
+use shared::quant::matmul::{matmul, matmul_unrepacked, Activations, WeightMatrix};
 use shared::quant::GgmlType;
 use thiserror::Error;
 
@@ -363,7 +363,7 @@ impl Model {
             n_cols,
             data,
         };
-        self.apply(&m, x, n_cols)
+        self.apply(&m, x, n_cols, true)
     }
 
     /// Head `h`'s matrix of a 3-D per-head weight (`attn_k_b`, `attn_v_b`) times rows of `x`.
@@ -378,14 +378,19 @@ impl Model {
             n_cols,
             data: &data[h * n_rows * row_bytes..(h + 1) * n_rows * row_bytes],
         };
-        self.apply(&m, x, n_cols)
+        // ggml repacks only 2-D weights of MUL_MAT: a 3-D one keeps vec_dot's order.
+        self.apply(&m, x, n_cols, false)
     }
 
-    fn apply(&self, m: &WeightMatrix<'_>, x: &[f32], n_cols: usize) -> Vec<f32> {
+    fn apply(&self, m: &WeightMatrix<'_>, x: &[f32], n_cols: usize, two_d: bool) -> Vec<f32> {
         let n_tokens = x.len() / n_cols;
         let act = Activations::quantize(self.kernels, m.ty, x, n_cols);
         let mut out = vec![0.0f32; n_tokens * m.n_rows];
-        matmul(self.kernels, m, &act, &mut out);
+        if two_d {
+            matmul(self.kernels, m, &act, &mut out);
+        } else {
+            matmul_unrepacked(self.kernels, m, &act, &mut out);
+        }
         out
     }
 

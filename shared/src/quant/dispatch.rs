@@ -376,11 +376,20 @@ impl Kernels {
 
     /// [`Kernels::vec_dot_batch`] for a Q4_K matrix with a multiple of 8 rows, which ggml's
     /// CPU_REPACK buffer interleaves and multiplies with its own kernels, in their float
-    /// order (see `x86_64::avx2::q4_k_repack_tile`) for any batch size. The scalar table has
-    /// no such order and uses its reference dot.
+    /// order: the GEMM kernel's when `gemm` (a 2-D `MUL_MAT`'s tokens in whole groups of
+    /// four), the GEMV kernel's otherwise (see `x86_64::avx2::q4_k_repack_tile` and
+    /// `q4_k_repack_gemm_tile`). The scalar table has no such order and uses its reference dot.
     ///
     /// Panics as [`Kernels::vec_dot`] does, or if `ty` is not Q4_K.
-    pub fn repack_dot_batch(&self, ty: GgmlType, n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+    pub fn repack_dot_batch(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        gemm: bool,
+    ) {
         assert_eq!(
             ty,
             GgmlType::Q4_K,
@@ -403,7 +412,11 @@ impl Kernels {
             // SAFETY: an AVX2 or AVX-512 table is only handed out on a CPU with AVX2, FMA and
             // F16C (invariant of `Kernels`); lengths were checked above.
             Isa::Avx2 | Isa::Avx512 => unsafe {
-                super::x86_64::avx2::dot_q4_k_repack(n, w, xs, out)
+                if gemm {
+                    super::x86_64::avx2::dot_q4_k_repack_gemm(n, w, xs, out)
+                } else {
+                    super::x86_64::avx2::dot_q4_k_repack(n, w, xs, out)
+                }
             },
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512 => self.vec_dot_batch(ty, n, w, xs, out),

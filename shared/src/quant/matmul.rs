@@ -381,7 +381,19 @@ pub fn matmul(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mu
 /// [`matmul`] in `vec_dot`'s order whatever the batch size: ggml's `MUL_MAT_ID` (the routed
 /// experts) never goes through tinyBLAS.
 pub fn matmul_vec_dot(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
-    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false);
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false, true);
+}
+
+/// [`matmul`] for a weight that ggml's CPU_REPACK never takes: a plane of a 3-D tensor under
+/// a plain `MUL_MAT` (MLA's per-head `attn_k_b`/`attn_v_b`), as repacking is for 2-D
+/// `MUL_MAT` and 3-D `MUL_MAT_ID` weights only. Such a Q4_K matrix keeps `vec_dot`'s order.
+pub fn matmul_unrepacked(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    x: &Activations,
+    out: &mut [f32],
+) {
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, true, false);
 }
 
 /// [`matmul`] over the rows `rows` only (an expert slice):
@@ -395,10 +407,11 @@ pub fn matmul_rows(
     x: &Activations,
     out: &mut [f32],
 ) {
-    matmul_rows_in(kernels, w, rows, x, out, true);
+    matmul_rows_in(kernels, w, rows, x, out, true, true);
 }
 
-/// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`.
+/// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`, and
+/// in CPU_REPACK's order for the types ggml repacks when `may_repack`.
 fn matmul_rows_in(
     kernels: &Kernels,
     w: &WeightMatrix<'_>,
@@ -406,6 +419,7 @@ fn matmul_rows_in(
     x: &Activations,
     out: &mut [f32],
     gemm: bool,
+    may_repack: bool,
 ) {
     w.assert_valid();
     assert!(
@@ -446,7 +460,8 @@ fn matmul_rows_in(
     let (ty, n) = (w.ty, w.n_cols);
     let x_row = x.row_bytes();
     // ggml's CPU_REPACK takes Q4_K matrices whose row count (per expert) is a multiple of 8.
-    let repacked = ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
+    let repacked = may_repack && ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
+    let n_gemm = n_tokens - n_tokens % 4;
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
@@ -456,13 +471,14 @@ fn matmul_rows_in(
             let xs = &x.data[t0 * x_row..t1 * x_row];
             for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
                 if repacked {
-                    kernels.repack_dot_batch(
-                        ty,
-                        n,
-                        w_row,
-                        xs,
-                        &mut dst[r * n_tokens + t0..r * n_tokens + t1],
-                    );
+                    // A 2-D MUL_MAT takes its tokens four at a time through the GEMM
+                    // kernel and the rest one at a time through GEMV; MUL_MAT_ID uses GEMV.
+                    let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
+                    let x_split = (split - t0) * x_row;
+                    let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
+                    let (out_gemm, out_gemv) = row_out.split_at_mut(split - t0);
+                    kernels.repack_dot_batch(ty, n, w_row, &xs[..x_split], out_gemm, true);
+                    kernels.repack_dot_batch(ty, n, w_row, &xs[x_split..], out_gemv, false);
                     continue;
                 }
                 // ggml picks the float order by the whole batch's size.

@@ -12,7 +12,7 @@
 use proptest::prelude::*;
 
 use super::dispatch::{Isa, Kernels};
-use super::matmul::{matmul, matmul_rows, Activations, WeightMatrix};
+use super::matmul::{matmul, matmul_rows, matmul_unrepacked, Activations, WeightMatrix};
 use super::{reference, GgmlType};
 
 /// A small deterministic generator (SplitMix64), so a failing case is reproduced by its seed.
@@ -184,10 +184,12 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
         // depend on which tile of the batch computes it.
         let mut gemm = vec![f32::NAN; batch];
         kernels.gemm_dot_batch(ty, n, &w, &xs, &mut gemm, batch.max(2));
-        // Q4_K's third order (ggml's repacked matrices) is held to the same tolerance.
+        // Q4_K's repacked orders (ggml's GEMV and GEMM kernels) are held to the same tolerance.
         let mut repack = vec![f32::NAN; batch];
+        let mut repack_gemm = vec![f32::NAN; batch];
         if ty == GgmlType::Q4_K {
-            kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack);
+            kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack, false);
+            kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack_gemm, true);
         }
         for (t, x) in xs.chunks_exact(x_row).enumerate() {
             let single = kernels.vec_dot(ty, n, &w, x);
@@ -196,6 +198,7 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
             let mut orders = vec![("vec_dot", single), ("gemm", gemm[t])];
             if ty == GgmlType::Q4_K {
                 orders.push(("repack", repack[t]));
+                orders.push(("repack gemm", repack_gemm[t]));
             }
             for (order, got) in orders {
                 let diff = (f64::from(got) - f64::from(want)).abs();
@@ -337,14 +340,29 @@ proptest! {
                     let mut want = [f32::NAN];
                     let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
                     let x_t = &act.data()[t * x_row..(t + 1) * x_row];
+                    // Whole groups of four tokens take the GEMM kernel's order, the rest GEMV's.
                     if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
-                        kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want);
+                        let gemm = t < n_tokens - n_tokens % 4;
+                        kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want, gemm);
                     } else {
                         kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
                     }
                     let want = want[0];
                     prop_assert_eq!(out[t * n_rows + r].to_bits(), want.to_bits(),
                         "{} matmul {} token {} row {}", kernels.isa(), ty, t, r);
+                }
+            }
+            // A weight ggml does not repack (a 3-D tensor's plane) keeps the unrepacked order.
+            let mut plain = vec![f32::NAN; n_tokens * n_rows];
+            matmul_unrepacked(kernels, &w, &act, &mut plain);
+            for t in 0..n_tokens {
+                for r in 0..n_rows {
+                    let mut want = [f32::NAN];
+                    let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
+                    let x_t = &act.data()[t * x_row..(t + 1) * x_row];
+                    kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
+                    prop_assert_eq!(plain[t * n_rows + r].to_bits(), want[0].to_bits(),
+                        "{} unrepacked matmul {} token {} row {}", kernels.isa(), ty, t, r);
                 }
             }
             // A row range gives the same values as the whole matrix.

@@ -398,8 +398,12 @@ batched!(
     dot_q4_k, q4_k_tile
 );
 batched!(
-    /// Q4_K weights · Q8_K activations in ggml's repacked (8-row interleaved) order.
+    /// Q4_K weights · Q8_K activations in ggml's repacked (8-row interleaved) GEMV order.
     dot_q4_k_repack, q4_k_repack_tile
+);
+batched!(
+    /// Q4_K weights · Q8_K activations in ggml's repacked (8-row interleaved) GEMM order.
+    dot_q4_k_repack_gemm, q4_k_repack_gemm_tile
 );
 batched!(
     /// Q5_K weights · Q8_K activations.
@@ -872,14 +876,31 @@ macro_rules! k4_tile {
     };
 }
 
-/// Q4_K in the order of ggml's CPU_REPACK kernels (`ggml_gemv/gemm_q4_K_8x8_q8_K`), which
-/// ggml uses instead of `vec_dot` for Q4_K matrices with a multiple of 8 rows: per
-/// super-block, the block's whole integer sum and its whole mins sum are each converted to
-/// f32 and added with one FMA into two scalar accumulators (scales `d·d_x` and `dmin·d_x`),
-/// and the result is their difference.
+/// Q4_K in the order of ggml's CPU_REPACK GEMV kernel (`ggml_gemv_q4_K_8x8_q8_K`), which
+/// ggml uses instead of `vec_dot` for Q4_K matrices with a multiple of 8 rows, one token at a
+/// time (`MUL_MAT_ID`, and a 2-D `MUL_MAT`'s last `n_tokens % 4` tokens): per super-block, the
+/// block's whole integer sum and its whole mins sum are each converted to f32 and added with
+/// one FMA into two scalar accumulators (scales `d·d_x` and `dmin·d_x`), and the result is
+/// their difference.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_k_repack_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q4_k_repack_tile_in::<B, false>(w, x)
+}
+
+/// Q4_K in the order of ggml's CPU_REPACK GEMM kernel (`ggml_gemm_q4_K_8x8_q8_K`), which a
+/// 2-D `MUL_MAT` uses for its tokens in groups of four: as [`q4_k_repack_tile`], but the FMAs
+/// into the two accumulators happen per 64-element quarter of a super-block (its two
+/// sub-blocks' integer sums, and their two mins terms), four per super-block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_repack_gemm_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q4_k_repack_tile_in::<B, true>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_repack_tile_in<const B: usize, const GEMM: bool>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let mut acc = [_mm_setzero_ps(); B];
     let mut acc_m = [_mm_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(144).enumerate() {
@@ -889,6 +910,8 @@ fn q4_k_repack_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
         let xb = token_blocks(&x, i, Q8_K_BYTES);
         let mut sumi = [_mm256_setzero_si256(); B];
+        // Integer sum of each 64-element quarter, per token (the GEMM kernel's FMA operands).
+        let mut quarter = [[0i32; 4]; B];
         for c in 0..4 {
             let (lo, hi) = q4k_quants(wb, c);
             let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
@@ -900,20 +923,33 @@ fn q4_k_repack_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
                     _mm256_madd_epi16(p_lo, sc_lo),
                     _mm256_madd_epi16(p_hi, sc_hi),
                 );
-                sumi[t] = _mm256_add_epi32(sumi[t], s);
+                if GEMM {
+                    quarter[t][c] = hsum_epi32(s);
+                } else {
+                    sumi[t] = _mm256_add_epi32(sumi[t], s);
+                }
             }
         }
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
-            let total = hsum_epi32(sumi[t]);
             let prod = k4_min_prod(mins, xb[t]);
-            let m = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
-            acc[t] = _mm_fmadd_ss(
-                _mm_cvtsi32_ss(_mm_setzero_ps(), total),
-                _mm_set_ss(d * xd),
-                acc[t],
-            );
-            acc_m[t] = _mm_fmadd_ss(_mm_cvtepi32_ps(m), _mm_set_ss(dmin * xd), acc_m[t]);
+            let (scale, scale_m) = (_mm_set_ss(d * xd), _mm_set_ss(dmin * xd));
+            if GEMM {
+                let mut m = [0i32; 4];
+                // SAFETY: `m` is four i32s, the 16 bytes the unaligned store writes.
+                unsafe { _mm_storeu_si128(m.as_mut_ptr().cast(), prod) };
+                for c in 0..4 {
+                    let v = _mm_cvtsi32_ss(_mm_setzero_ps(), quarter[t][c]);
+                    acc[t] = _mm_fmadd_ss(v, scale, acc[t]);
+                    let v = _mm_cvtsi32_ss(_mm_setzero_ps(), m[c]);
+                    acc_m[t] = _mm_fmadd_ss(v, scale_m, acc_m[t]);
+                }
+            } else {
+                let total = hsum_epi32(sumi[t]);
+                let m = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+                acc[t] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), total), scale, acc[t]);
+                acc_m[t] = _mm_fmadd_ss(_mm_cvtepi32_ps(m), scale_m, acc_m[t]);
+            }
         }
     }
     let mut out = [0.0f32; B];
