@@ -10,4 +10,5 @@ pub mod kv_cache;
 pub mod models;
 pub mod safetensors_out;
 pub mod sampler;
+pub mod synth;
 pub mod tokenizer;

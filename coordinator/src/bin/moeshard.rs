@@ -107,6 +107,30 @@ enum Command {
         #[arg(long = "var", value_name = "NAME=VALUE")]
         vars: Vec<String>,
     },
+    /// Write a GGUF with random weights in a real model's exact shapes (for benchmarks and planning)
+    Synth {
+        /// Model shape: deepseek-v3, kimi-k2, glm-4.5, qwen3-235b-a22b, qwen3-30b-a3b, mixtral-8x7b
+        #[arg(long)]
+        shape: String,
+        /// Weight type for every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K) or a llama-quantize mix (Q4_K_M, Q2_K)
+        #[arg(long)]
+        quant: String,
+        /// Keep only the first N layers
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Vocabulary size instead of the model's
+        #[arg(long)]
+        vocab: Option<usize>,
+        /// Seed of the random weights (same seed, same bytes)
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Worker threads (default: all cores; the output does not depend on it)
+        #[arg(long, short = 't')]
+        threads: Option<usize>,
+        /// Output GGUF file
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -286,6 +310,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{t:>6} -> '{piece}'");
                 }
             }
+            Ok(())
+        }
+        Command::Synth {
+            shape,
+            quant,
+            layers,
+            vocab,
+            seed,
+            threads,
+            out,
+        } => {
+            let cfg = coordinator::synth::SynthConfig {
+                shape,
+                quant,
+                layers,
+                vocab,
+                experts: None,
+                seed,
+                threads,
+                out: out.clone(),
+            };
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "synth {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let start = std::time::Instant::now();
+            let report = coordinator::synth::synth(&cfg, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let report = report.with_context(|| format!("writing {}", out.display()))?;
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "wrote {} ({} tensors, {:.2} GB) in {secs:.1} s ({:.2} GB/s)",
+                out.display(),
+                report.n_tensors,
+                report.bytes as f64 / 1e9,
+                report.bytes as f64 / 1e9 / secs.max(1e-9)
+            );
             Ok(())
         }
         Command::Template {

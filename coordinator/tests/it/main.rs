@@ -5,3 +5,4 @@ mod cli;
 mod fixtures;
 mod smollm2;
 mod support;
+mod synth;

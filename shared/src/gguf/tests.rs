@@ -786,6 +786,55 @@ fn writer_checks_lengths_and_cleans_up() {
 }
 
 #[test]
+fn writer_takes_tensors_in_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (metadata, tensors) = small_model();
+    let whole = dir.path().join("whole.gguf");
+    let parts = dir.path().join("parts.gguf");
+    let datas: Vec<Vec<u8>> = [12u64, 136, 10]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i * 5 + n) as u8).collect())
+        .collect();
+    let mut w = GgufWriter::create(&whole, metadata.clone(), tensors.clone()).unwrap();
+    for d in &datas {
+        w.write_tensor_data(d).unwrap();
+    }
+    w.finish().unwrap();
+
+    let mut w = GgufWriter::create(&parts, metadata, tensors).unwrap();
+    w.write_tensor_part(&datas[0]).unwrap();
+    w.write_tensor_part(&datas[1][..100]).unwrap();
+    assert!(
+        matches!(
+            w.write_tensor_data(&datas[1]),
+            Err(GgufError::WriterState(_))
+        ),
+        "a whole write in the middle of a tensor"
+    );
+    let err = w.write_tensor_part(&[0; 37]).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            GgufError::TensorDataLength {
+                expected: 136,
+                got: 137,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    w.write_tensor_part(&datas[1][100..]).unwrap();
+    w.write_tensor_part(&[]).unwrap();
+    w.write_tensor_part(&datas[2][..3]).unwrap();
+    w.write_tensor_part(&datas[2][3..]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(
+        std::fs::read(&whole).unwrap(),
+        std::fs::read(&parts).unwrap()
+    );
+}
+
+#[test]
 fn writer_rejects_what_it_cannot_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");

@@ -296,6 +296,8 @@ pub struct GgufWriter {
     next: usize,
     /// Invariant: the file position the next byte goes to.
     pos: u64,
+    /// Bytes of the next tensor already given to `write_tensor_part`.
+    partial: u64,
 }
 
 impl GgufWriter {
@@ -331,6 +333,7 @@ impl GgufWriter {
             tensors: layout.tensors,
             next: 0,
             pos: 0,
+            partial: 0,
         };
         writer.write(&layout.header)?;
         Ok(writer)
@@ -356,8 +359,32 @@ impl GgufWriter {
         self.alignment
     }
 
+    /// Writes the next piece of the next tensor's data, for tensors too large
+    /// to hold in memory: once its `byte_len` bytes have been given, the
+    /// padding follows and the writer moves to the next tensor.
+    pub fn write_tensor_part(&mut self, data: &[u8]) -> Result<(), GgufError> {
+        let (byte_len, padded) = self.next_tensor_len()?;
+        let end = self.partial + data.len() as u64;
+        if end > byte_len {
+            return Err(GgufError::TensorDataLength {
+                name: self.tensors[self.next].name.clone(),
+                expected: byte_len,
+                got: end,
+            });
+        }
+        self.write(data)?;
+        self.partial = end;
+        if end == byte_len {
+            self.write_zeros(padded - byte_len)?;
+            self.partial = 0;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
     /// Writes the next tensor's data (exactly its `byte_len` bytes) and its padding.
     pub fn write_tensor_data(&mut self, data: &[u8]) -> Result<(), GgufError> {
+        self.check_no_partial()?;
         let (byte_len, padded) = self.next_tensor_len()?;
         if data.len() as u64 != byte_len {
             return Err(GgufError::TensorDataLength {
@@ -376,6 +403,7 @@ impl GgufWriter {
     /// past it, so on file systems with sparse files it takes no space and
     /// reads as zeros. This makes huge test files cheap.
     pub fn skip_tensor_data(&mut self) -> Result<(), GgufError> {
+        self.check_no_partial()?;
         let (_, padded) = self.next_tensor_len()?;
         let step = i64::try_from(padded)
             .map_err(|_| GgufError::InvalidInput(format!("cannot seek {padded} bytes")))?;
@@ -427,6 +455,17 @@ impl GgufWriter {
         }
         tracing::debug!(path = %self.final_path.display(), bytes = end, "wrote gguf");
         Ok(())
+    }
+
+    /// A whole-tensor call in the middle of a tensor written in parts is a caller bug.
+    fn check_no_partial(&self) -> Result<(), GgufError> {
+        if self.partial == 0 {
+            return Ok(());
+        }
+        Err(GgufError::WriterState(format!(
+            "tensor '{}' is partly written ({} bytes)",
+            self.tensors[self.next].name, self.partial
+        )))
     }
 
     /// The next tensor's byte length and padded length.

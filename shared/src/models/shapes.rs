@@ -1,6 +1,9 @@
 //! The exact shapes of real models (from their `config.json`), as GGUF tensor
 //! tables and metadata: what `synth` writes and what tests use to build
 //! realistic headers (a 400 GB Kimi-K2 header costs nothing to write).
+//! Also the statistics `synth` fills them with ([`Init`], [`fill_row`]): this
+//! lives here, in an optimized crate, because generating billions of values is
+//! the hot loop of writing a synthetic model.
 
 use crate::gguf::MetaValue;
 use crate::quant::GgmlType;
@@ -31,6 +34,14 @@ pub struct ModelShape {
     pub expert_weights_scale: f32,
     /// 1 softmax, 2 sigmoid.
     pub gating: u32,
+    /// `rms_norm_eps`.
+    pub rms_eps: f32,
+    /// YaRN rope scaling: (factor, original context, `yarn_log_multiplier`).
+    pub yarn: Option<(f32, usize, f32)>,
+    /// Multi-token-prediction layers after the `n_layer` main ones (GLM-4.5:
+    /// one, with a full MoE block and the `nextn.*` tensors). llama.cpp counts
+    /// them in `block_count`; the forward pass skips them.
+    pub n_nextn: usize,
 }
 
 /// Every known shape, by the names `synth --shape` takes.
@@ -57,6 +68,9 @@ pub fn all() -> Vec<ModelShape> {
         n_group_used: 1,
         expert_weights_scale: 1.0,
         gating: 1,
+        rms_eps: 1e-6,
+        yarn: None,
+        n_nextn: 0,
     };
     vec![
         ModelShape {
@@ -79,6 +93,8 @@ pub fn all() -> Vec<ModelShape> {
             n_group_used: 4,
             expert_weights_scale: 2.5,
             gating: 2,
+            // rope_scaling: yarn, factor 40, original 4096, mscale_all_dim 1.
+            yarn: Some((40.0, 4096, 0.1)),
             ..base.clone()
         },
         ModelShape {
@@ -100,6 +116,8 @@ pub fn all() -> Vec<ModelShape> {
             mla: Some((1536, 512, 128, 64, 128)),
             expert_weights_scale: 2.827,
             gating: 2,
+            // rope_scaling: yarn, factor 32, original 4096, mscale_all_dim 1.
+            yarn: Some((32.0, 4096, 0.1)),
             ..base.clone()
         },
         ModelShape {
@@ -120,6 +138,8 @@ pub fn all() -> Vec<ModelShape> {
             rope_base: 1_000_000.0,
             expert_weights_scale: 2.5,
             gating: 2,
+            rms_eps: 1e-5,
+            n_nextn: 1,
             ..base.clone()
         },
         ModelShape {
@@ -132,6 +152,8 @@ pub fn all() -> Vec<ModelShape> {
             n_expert: 128,
             n_expert_used: 8,
             n_ff_exp: 1536,
+            // intermediate_size: llama.cpp writes it as feed_forward_length.
+            n_ff_dense: 12288,
             n_vocab: 151936,
             n_ctx: 40960,
             rope_base: 1_000_000.0,
@@ -147,6 +169,7 @@ pub fn all() -> Vec<ModelShape> {
             n_expert: 128,
             n_expert_used: 8,
             n_ff_exp: 768,
+            n_ff_dense: 6144,
             n_vocab: 151936,
             n_ctx: 40960,
             rope_base: 1_000_000.0,
@@ -165,6 +188,7 @@ pub fn all() -> Vec<ModelShape> {
             n_vocab: 32000,
             n_ctx: 32768,
             rope_base: 1_000_000.0,
+            rms_eps: 1e-5,
             ..base
         },
     ]
@@ -211,16 +235,43 @@ pub struct TensorSpec {
 }
 
 impl ModelShape {
-    /// The same shape with fewer layers and/or a smaller vocabulary.
+    /// The same shape with fewer layers and/or a smaller vocabulary. A
+    /// truncated model of two or more layers keeps at least one MoE layer
+    /// (DeepSeek-V3 with 2 layers: 1 dense, 1 MoE); MTP layers are kept.
     pub fn truncated(mut self, n_layer: Option<usize>, n_vocab: Option<usize>) -> ModelShape {
         if let Some(n) = n_layer {
             self.n_layer = n;
-            self.n_dense_lead = self.n_dense_lead.min(n);
+            self.n_dense_lead = self.n_dense_lead.min(n.saturating_sub(1));
         }
         if let Some(v) = n_vocab {
             self.n_vocab = v;
         }
         self
+    }
+
+    /// The same shape with `n_expert` routed experts per layer (for tests and
+    /// quick experiments: a full expert set is most of a model's bytes). The
+    /// expert groups stay, so `n_expert` must divide into them with at least
+    /// two experts each (group scores sum the top two).
+    pub fn with_experts(mut self, n_expert: usize) -> Result<ModelShape, String> {
+        if n_expert == 0 {
+            return Err("the expert count must be positive".to_owned());
+        }
+        let groups = self.n_expert_groups.max(1);
+        if groups > 1 && (!n_expert.is_multiple_of(groups) || n_expert / groups < 2) {
+            return Err(format!(
+                "{} routes over {groups} expert groups: the expert count must be a multiple of {groups} with at least 2 per group, not {n_expert}",
+                self.name
+            ));
+        }
+        self.n_expert = n_expert;
+        self.n_expert_used = self.n_expert_used.min(n_expert);
+        Ok(self)
+    }
+
+    /// Layers in the file: the main ones and the MTP ones (`block_count`).
+    pub fn n_layer_all(&self) -> usize {
+        self.n_layer + self.n_nextn
     }
 
     /// The GGUF metadata llama.cpp expects for this shape (tokenizer keys excluded).
@@ -237,12 +288,15 @@ impl ModelShape {
                 "general.name".to_owned(),
                 MetaValue::String(self.name.to_owned()),
             ),
-            (k("block_count"), u(self.n_layer)),
+            (k("block_count"), u(self.n_layer_all())),
             (k("context_length"), u(self.n_ctx)),
             (k("embedding_length"), u(self.n_embd)),
             (k("attention.head_count"), u(self.n_head)),
             (k("rope.freq_base"), MetaValue::F32(self.rope_base)),
-            (k("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-6)),
+            (
+                k("attention.layer_norm_rms_epsilon"),
+                MetaValue::F32(self.rms_eps),
+            ),
             (k("vocab_size"), u(self.n_vocab)),
             (k("expert_count"), u(self.n_expert)),
             (k("expert_used_count"), u(self.n_expert_used)),
@@ -293,8 +347,17 @@ impl ModelShape {
             m.push((k("expert_group_count"), u(self.n_expert_groups)));
             m.push((k("expert_group_used_count"), u(self.n_group_used)));
         }
+        if let Some((factor, orig_ctx, log_mul)) = self.yarn {
+            m.push((k("rope.scaling.type"), MetaValue::String("yarn".to_owned())));
+            m.push((k("rope.scaling.factor"), MetaValue::F32(factor)));
+            m.push((k("rope.scaling.original_context_length"), u(orig_ctx)));
+            m.push((
+                k("rope.scaling.yarn_log_multiplier"),
+                MetaValue::F32(log_mul),
+            ));
+        }
         if a == "glm4moe" {
-            m.push((k("nextn_predict_layers"), u(0)));
+            m.push((k("nextn_predict_layers"), u(self.n_nextn)));
         }
         m.push(("general.alignment".to_owned(), MetaValue::U32(32)));
         m
@@ -328,8 +391,19 @@ impl ModelShape {
             self.n_head_kv as u64,
             self.head_dim as u64,
         );
-        for il in 0..self.n_layer {
+        for il in 0..self.n_layer_all() {
             let n = |s: &str| format!("blk.{il}.{s}");
+            if il >= self.n_layer {
+                // MTP block (as GLM-4.5's converter writes it): its own input
+                // projection and norms, embedding and head, then a full block.
+                let v = self.n_vocab as u64;
+                push(n("nextn.eh_proj.weight"), recipe.attention, &[2 * e, e]);
+                push(n("nextn.embed_tokens.weight"), recipe.embeddings, &[e, v]);
+                push(n("nextn.enorm.weight"), f32t, &[e]);
+                push(n("nextn.hnorm.weight"), f32t, &[e]);
+                push(n("nextn.shared_head_head.weight"), recipe.output, &[e, v]);
+                push(n("nextn.shared_head_norm.weight"), f32t, &[e]);
+            }
             push(n("attn_norm.weight"), f32t, &[e]);
             match self.mla {
                 Some((q_lora, kv_lora, nope, rope, v_head)) => {
@@ -418,3 +492,73 @@ impl ModelShape {
         out
     }
 }
+
+/// How `synth` fills a tensor, with the scale statistics of a trained model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Mean 0, this standard deviation.
+    Normal(f32),
+    /// 1 plus noise of this standard deviation (RMSNorm weights).
+    NearOne(f32),
+}
+
+impl TensorSpec {
+    /// The statistics of this tensor in a synthetic model. Every matrix, the
+    /// embedding, routers and MLA's per-head `attn_k_b`/`attn_v_b` included,
+    /// reads its input along `ne[0]`, so std = 1/√ne[0] keeps every
+    /// projection's output near unit variance (router logits too, so routing
+    /// is far from degenerate), and the RMSNorms keep the residual stream in
+    /// range however many layers there are. Biases (`exp_probs_b` included)
+    /// are small, so they shift but do not decide.
+    pub fn init(&self) -> Init {
+        if self.name.ends_with("norm.weight") {
+            Init::NearOne(0.02)
+        } else if self.name.ends_with(".bias") {
+            Init::Normal(0.01)
+        } else {
+            Init::Normal(1.0 / (self.ne[0].max(1) as f32).sqrt())
+        }
+    }
+}
+
+/// splitmix64's finalizer: a bijective 64-bit mix.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a of a tensor name: values depend on the name, not on where the
+/// tensor sits in the table, so truncating a model keeps the other tensors.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Fills `out` with row `row` of tensor `name` for `seed`. Counter-based:
+/// each value depends only on (seed, name, row, column), so rows can be made
+/// in any order, on any number of threads, with identical results. Normal
+/// values are approximated by the sum of four 16-bit uniforms (Irwin–Hall),
+/// bounded by ±3.46σ — one 64-bit hash per value.
+pub fn fill_row(seed: u64, name: &str, row: u64, init: Init, out: &mut [f32]) {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Mean and standard deviation of a sum of four uniforms on 0..=65535.
+    const MEAN: f32 = 4.0 * 32767.5;
+    const INV_SD: f32 = 1.0 / 37_837.23;
+    let key = mix64(mix64(seed ^ GOLDEN) ^ name_hash(name));
+    let base = mix64(key ^ row.wrapping_mul(0xd1b5_4a32_d192_ed03));
+    let (offset, std) = match init {
+        Init::Normal(std) => (0.0, std),
+        Init::NearOne(std) => (1.0, std),
+    };
+    let scale = std * INV_SD;
+    for (i, o) in out.iter_mut().enumerate() {
+        let x = mix64(base.wrapping_add((i as u64).wrapping_mul(GOLDEN)));
+        let sum = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+        *o = offset + (sum as f32 - MEAN) * scale;
+    }
+}
+
+#[cfg(test)]
+mod tests;
