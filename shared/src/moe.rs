@@ -255,6 +255,10 @@ pub fn compute_experts(
 }
 
 /// down(silu(gate·x) ⊙ up·x) of one expert for the given tokens (rows in token order).
+///
+/// The float order is ggml's `MUL_MAT_ID` for this expert, which depends on how many tokens
+/// are routed to it (the tiled matmul's from 8 for K-quants, see `matmul_vec_dot`): an
+/// expert's tokens of one batch must be computed together to stay exact.
 fn expert_ffn(
     kernels: &Kernels,
     layer: &ExpertLayer<'_>,

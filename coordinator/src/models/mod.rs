@@ -378,7 +378,8 @@ impl Model {
             n_cols,
             data: &data[h * n_rows * row_bytes..(h + 1) * n_rows * row_bytes],
         };
-        // ggml repacks only 2-D weights of MUL_MAT: a 3-D one keeps vec_dot's order.
+        // ggml repacks only 2-D weights of MUL_MAT: a 3-D one keeps vec_dot's order, or the
+        // tiled matmul's for a K-quant from 8 tokens (src1->ne[1] is the token count).
         self.apply(&m, x, n_cols, false)
     }
 

@@ -263,6 +263,10 @@ static AVX512: Kernels = {
     }
 };
 
+/// Token rows from which ggml's tiled matmul takes a `MUL_MAT` (or, in a `MUL_MAT_ID`, the
+/// tokens routed to one expert): `ggml_tiled_min_batch`.
+pub const TILED_MIN_TOKENS: usize = 8;
+
 /// The environment variable that lowers the chosen level.
 pub const ENV_KERNELS: &str = "MOESHARD_KERNELS";
 
@@ -420,6 +424,71 @@ impl Kernels {
             },
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512 => self.vec_dot_batch(ty, n, w, xs, out),
+        }
+    }
+
+    /// Whether ggml's tiled CPU matmul takes weights of `ty` (Q2_K..Q6_K; its IQ types are
+    /// not ours): it does for a `MUL_MAT` of at least [`TILED_MIN_TOKENS`] token rows, and per
+    /// expert of a `MUL_MAT_ID` with that many tokens routed to it, unless the weight is
+    /// repacked (CPU_REPACK's kernels take those).
+    pub const fn has_tiled_order(ty: GgmlType) -> bool {
+        matches!(
+            ty,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+        )
+    }
+
+    /// [`Kernels::vec_dot_batch`] in the float order of ggml's tiled matmul
+    /// ([`reference::vec_dot_tiled`]: one rounded `d·s1`, one fused mins term and one FMA into
+    /// the token's accumulator per super-block). Every table gives the same bits: the integer
+    /// sums are exact and the float steps are scalar.
+    ///
+    /// Panics as [`Kernels::vec_dot`] does, or unless [`Kernels::has_tiled_order`]`(ty)`.
+    pub fn tiled_dot_batch(&self, ty: GgmlType, n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+        assert!(
+            Kernels::has_tiled_order(ty),
+            "tiled_dot_batch: {ty} has no tiled order"
+        );
+        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
+        assert_eq!(
+            xs.len(),
+            x_bytes * out.len(),
+            "tiled_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
+            xs.len(),
+            out.len(),
+            x_bytes * out.len()
+        );
+        debug_assert_eq!(w.len(), w_bytes);
+        if n == 0 || out.is_empty() {
+            out.fill(0.0);
+            return;
+        }
+        match self.isa {
+            Isa::Scalar => {
+                for (o, x) in out.iter_mut().zip(xs.chunks_exact(x_bytes)) {
+                    *o = reference::vec_dot_tiled(ty, n, w, x);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an AVX2 or AVX-512 table is only handed out on a CPU with AVX2, FMA and
+            // F16C (invariant of `Kernels`); lengths were checked above.
+            Isa::Avx2 | Isa::Avx512 => unsafe {
+                use super::x86_64::avx2;
+                let f: DotFn = match ty {
+                    GgmlType::Q2_K => avx2::dot_q2_k_tiled,
+                    GgmlType::Q3_K => avx2::dot_q3_k_tiled,
+                    GgmlType::Q4_K => avx2::dot_q4_k_tiled,
+                    GgmlType::Q5_K => avx2::dot_q5_k_tiled,
+                    _ => avx2::dot_q6_k_tiled,
+                };
+                f(n, w, xs, out)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => {
+                for (o, x) in out.iter_mut().zip(xs.chunks_exact(x_bytes)) {
+                    *o = reference::vec_dot_tiled(ty, n, w, x);
+                }
+            }
         }
     }
 

@@ -8,14 +8,16 @@
 //! current rayon pool (callers install socket-pinned pools), each chunk streaming a contiguous
 //! range of weights; with several tokens each weight row goes through
 //! [`Kernels::vec_dot_batch`] once per group of tokens, so a batch costs one pass over the
-//! weights. Each result equals [`Kernels::vec_dot`] of its row and token, bit for bit.
+//! weights. Each result is bit for bit the dot product of its row and token in the float order
+//! ggml's `MUL_MAT` (or `MUL_MAT_ID`) picks for that weight and batch size (see [`matmul`]),
+//! whatever the chunking.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 use thiserror::Error;
 
-use super::dispatch::Kernels;
+use super::dispatch::{Kernels, TILED_MIN_TOKENS};
 use super::GgmlType;
 
 /// Why a weight matrix or a buffer of activation rows was refused.
@@ -372,21 +374,25 @@ const TOKEN_GROUP: usize = 32;
 /// Panics if the shapes do not fit: `x` must be `w.ty.vec_dot_type()` rows of `w.n_cols`,
 /// `out.len()` must be `x.n_tokens() * w.n_rows`.
 ///
-/// The float order is ggml's `MUL_MAT` for a batch of `x.n_tokens()`: tinyBLAS's for two
-/// tokens or more where it applies (see [`Kernels::gemm_dot_batch`]), `vec_dot`'s otherwise.
+/// The float order is ggml's `MUL_MAT` for a batch of `x.n_tokens()`: the tiled matmul's for
+/// Q2_K..Q6_K weights with 8 tokens or more (see [`Kernels::tiled_dot_batch`]), CPU_REPACK's
+/// for Q4_K matrices of a multiple of 8 rows, tinyBLAS's for two tokens or more where it
+/// applies (see [`Kernels::gemm_dot_batch`]), `vec_dot`'s otherwise.
 pub fn matmul(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
     matmul_rows(kernels, w, 0..w.n_rows, x, out);
 }
 
-/// [`matmul`] in `vec_dot`'s order whatever the batch size: ggml's `MUL_MAT_ID` (the routed
-/// experts) never goes through tinyBLAS.
+/// [`matmul`] for one expert of ggml's `MUL_MAT_ID` (`x` = the tokens routed to it), which
+/// never goes through tinyBLAS: `vec_dot`'s order, CPU_REPACK's GEMV order for repacked Q4_K,
+/// or the tiled matmul's for other K-quants when 8 tokens or more are routed to the expert.
 pub fn matmul_vec_dot(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
     matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false, true);
 }
 
 /// [`matmul`] for a weight that ggml's CPU_REPACK never takes: a plane of a 3-D tensor under
 /// a plain `MUL_MAT` (MLA's per-head `attn_k_b`/`attn_v_b`), as repacking is for 2-D
-/// `MUL_MAT` and 3-D `MUL_MAT_ID` weights only. Such a Q4_K matrix keeps `vec_dot`'s order.
+/// `MUL_MAT` and 3-D `MUL_MAT_ID` weights only. Such a Q4_K matrix keeps `vec_dot`'s order
+/// below 8 tokens and takes the tiled matmul's from 8 (`src1->ne[1]` is the token count).
 pub fn matmul_unrepacked(
     kernels: &Kernels,
     w: &WeightMatrix<'_>,
@@ -410,8 +416,10 @@ pub fn matmul_rows(
     matmul_rows_in(kernels, w, rows, x, out, true, true);
 }
 
-/// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`, and
-/// in CPU_REPACK's order for the types ggml repacks when `may_repack`.
+/// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`, in
+/// CPU_REPACK's order for the types ggml repacks when `may_repack`, and in the tiled matmul's
+/// for the other K-quants from [`TILED_MIN_TOKENS`] tokens (a `MUL_MAT`'s `src1->ne[1]`, or a
+/// `MUL_MAT_ID` expert's routed rows: `x` is the whole batch in both cases).
 fn matmul_rows_in(
     kernels: &Kernels,
     w: &WeightMatrix<'_>,
@@ -462,6 +470,8 @@ fn matmul_rows_in(
     // ggml's CPU_REPACK takes Q4_K matrices whose row count (per expert) is a multiple of 8.
     let repacked = may_repack && ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
     let n_gemm = n_tokens - n_tokens % 4;
+    // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.
+    let tiled = !repacked && Kernels::has_tiled_order(ty) && n_tokens >= TILED_MIN_TOKENS;
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
@@ -479,6 +489,11 @@ fn matmul_rows_in(
                     let (out_gemm, out_gemv) = row_out.split_at_mut(split - t0);
                     kernels.repack_dot_batch(ty, n, w_row, &xs[..x_split], out_gemm, true);
                     kernels.repack_dot_batch(ty, n, w_row, &xs[x_split..], out_gemv, false);
+                    continue;
+                }
+                if tiled {
+                    let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
+                    kernels.tiled_dot_batch(ty, n, w_row, xs, row_out);
                     continue;
                 }
                 // ggml picks the float order by the whole batch's size.

@@ -11,8 +11,10 @@
 
 use proptest::prelude::*;
 
-use super::dispatch::{Isa, Kernels};
-use super::matmul::{matmul, matmul_rows, matmul_unrepacked, Activations, WeightMatrix};
+use super::dispatch::{Isa, Kernels, TILED_MIN_TOKENS};
+use super::matmul::{
+    matmul, matmul_rows, matmul_unrepacked, matmul_vec_dot, Activations, WeightMatrix,
+};
 use super::{reference, GgmlType};
 
 /// A small deterministic generator (SplitMix64), so a failing case is reproduced by its seed.
@@ -187,6 +189,12 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
         // Q4_K's repacked orders (ggml's GEMV and GEMM kernels) are held to the same tolerance.
         let mut repack = vec![f32::NAN; batch];
         let mut repack_gemm = vec![f32::NAN; batch];
+        // The tiled matmul's order: bit for bit the scalar definition of that order.
+        let tiled_ty = Kernels::has_tiled_order(ty);
+        let mut tiled = vec![f32::NAN; batch];
+        if tiled_ty {
+            kernels.tiled_dot_batch(ty, n, &w, &xs, &mut tiled);
+        }
         if ty == GgmlType::Q4_K {
             kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack, false);
             kernels.repack_dot_batch(ty, n, &w, &xs, &mut repack_gemm, true);
@@ -199,6 +207,30 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
             if ty == GgmlType::Q4_K {
                 orders.push(("repack", repack[t]));
                 orders.push(("repack gemm", repack_gemm[t]));
+            }
+            if tiled_ty {
+                orders.push(("tiled", tiled[t]));
+                let tiled_want = reference::vec_dot_tiled(ty, n, &w, x);
+                prop_assert_eq!(
+                    tiled[t].to_bits(),
+                    tiled_want.to_bits(),
+                    "{} {} tiled token {}: simd {} scalar {}",
+                    kernels.isa(),
+                    ty,
+                    t,
+                    tiled[t],
+                    tiled_want
+                );
+                // A token's value does not depend on the tile (or batch) computing it.
+                let mut alone = [f32::NAN];
+                kernels.tiled_dot_batch(ty, n, &w, x, &mut alone);
+                prop_assert_eq!(
+                    alone[0].to_bits(),
+                    tiled[t].to_bits(),
+                    "{} {} tiled tile",
+                    kernels.isa(),
+                    ty
+                );
             }
             for (order, got) in orders {
                 let diff = (f64::from(got) - f64::from(want)).abs();
@@ -319,7 +351,7 @@ proptest! {
         ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
         n_blocks in 1usize..=4,
         n_rows in 1usize..=37,
-        n_tokens in 1usize..=9,
+        n_tokens in prop_oneof![1usize..=9, 10usize..=40],
         seed in any::<u64>(),
     ) {
         let mut rng = Rng(seed);
@@ -328,6 +360,7 @@ proptest! {
         let data: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n_cols)).collect();
         let w = WeightMatrix::new(ty, n_rows, n_cols, &data).expect("valid matrix");
         let x: Vec<f32> = (0..n_cols * n_tokens).map(|_| rng.activation()).collect();
+        let tiled = Kernels::has_tiled_order(ty) && n_tokens >= TILED_MIN_TOKENS;
         for kernels in Kernels::supported() {
             let act = Activations::quantize(kernels, ty, &x, n_cols);
             let x_row = act.ty().row_bytes(n_cols).expect("whole blocks");
@@ -344,6 +377,9 @@ proptest! {
                     if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
                         let gemm = t < n_tokens - n_tokens % 4;
                         kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want, gemm);
+                    } else if tiled {
+                        // Other K-quants from eight tokens: the tiled matmul's order.
+                        kernels.tiled_dot_batch(ty, n_cols, w_row, x_t, &mut want);
                     } else {
                         kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
                     }
@@ -360,9 +396,33 @@ proptest! {
                     let mut want = [f32::NAN];
                     let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
                     let x_t = &act.data()[t * x_row..(t + 1) * x_row];
-                    kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
+                    if tiled {
+                        kernels.tiled_dot_batch(ty, n_cols, w_row, x_t, &mut want);
+                    } else {
+                        kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
+                    }
                     prop_assert_eq!(plain[t * n_rows + r].to_bits(), want[0].to_bits(),
                         "{} unrepacked matmul {} token {} row {}", kernels.isa(), ty, t, r);
+                }
+            }
+            // One expert of MUL_MAT_ID: never tinyBLAS; repacked Q4_K takes the GEMV order,
+            // other K-quants the tiled order from eight routed tokens.
+            let mut expert = vec![f32::NAN; n_tokens * n_rows];
+            matmul_vec_dot(kernels, &w, &act, &mut expert);
+            for t in 0..n_tokens {
+                for r in 0..n_rows {
+                    let mut want = [f32::NAN];
+                    let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
+                    let x_t = &act.data()[t * x_row..(t + 1) * x_row];
+                    if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
+                        kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want, false);
+                    } else if tiled {
+                        kernels.tiled_dot_batch(ty, n_cols, w_row, x_t, &mut want);
+                    } else {
+                        kernels.vec_dot_batch(ty, n_cols, w_row, x_t, &mut want);
+                    }
+                    prop_assert_eq!(expert[t * n_rows + r].to_bits(), want[0].to_bits(),
+                        "{} expert matmul {} token {} row {}", kernels.isa(), ty, t, r);
                 }
             }
             // A row range gives the same values as the whole matrix.

@@ -12,6 +12,8 @@
 //!   with an activation row of type `ty.vec_dot_type()`, computed as ggml's generic (scalar)
 //!   vec_dot does: integer sums inside blocks, f32 accumulation across blocks (f64 for the
 //!   float types, as `ggml_vec_dot_f32/f16/bf16` do).
+//! - [`vec_dot_tiled`]`(ty, n, w, x) -> f32`: the same dot product for Q2_K..Q6_K in the
+//!   float order of ggml's tiled matmul (one FMA per super-block, see `tiled`).
 //! - [`quantize_weights_row`]`(ty, src, dst)`: ggml's `quantize_row_*_ref` for every type (no
 //!   importance matrix), to synthesize weight files.
 //!
@@ -23,6 +25,7 @@ mod activation;
 mod decode;
 mod dequant;
 mod dot;
+mod tiled;
 mod weights;
 
 #[cfg(test)]
@@ -86,6 +89,29 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
         x.len()
     );
     dot::vec_dot(ty, w, x)
+}
+
+/// [`vec_dot`] of a Q2_K, Q3_K, Q4_K, Q5_K or Q6_K row in the float order of ggml's tiled
+/// matmul: per super-block `r = d·f32(s1)`, then `fma(-dmin, f32(s2), r)` for the types with
+/// mins, then `acc = fma(r, d_y, acc)` (`s1`, `s2`: the block's exact integer sums).
+///
+/// Panics as [`vec_dot`] does, or if `ty` is not one of those five types.
+pub fn vec_dot_tiled(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let w_bytes = row_bytes_or_panic(ty, n);
+    let x_bytes = row_bytes_or_panic(ty.vec_dot_type(), n);
+    assert_eq!(
+        w.len(),
+        w_bytes,
+        "vec_dot_tiled {ty}: {} weight bytes for {n} elements",
+        w.len()
+    );
+    assert_eq!(
+        x.len(),
+        x_bytes,
+        "vec_dot_tiled {ty}: {} activation bytes for {n} elements",
+        x.len()
+    );
+    tiled::vec_dot_tiled(ty, w, x)
 }
 
 /// Quantizes a weight row to `ty` as ggml's `quantize_row_*_ref` does (no importance matrix).

@@ -413,6 +413,26 @@ batched!(
     /// Q6_K weights · Q8_K activations.
     dot_q6_k, q6_k_tile
 );
+batched!(
+    /// Q2_K weights · Q8_K activations in ggml's tiled matmul order.
+    dot_q2_k_tiled, q2_k_tiled_tile
+);
+batched!(
+    /// Q3_K weights · Q8_K activations in ggml's tiled matmul order.
+    dot_q3_k_tiled, q3_k_tiled_tile
+);
+batched!(
+    /// Q4_K weights · Q8_K activations in ggml's tiled matmul order.
+    dot_q4_k_tiled, q4_k_tiled_tile
+);
+batched!(
+    /// Q5_K weights · Q8_K activations in ggml's tiled matmul order.
+    dot_q5_k_tiled, q5_k_tiled_tile
+);
+batched!(
+    /// Q6_K weights · Q8_K activations in ggml's tiled matmul order.
+    dot_q6_k_tiled, q6_k_tiled_tile
+);
 
 // ---------------------------------------------------------------------------------------------
 // Float weights, in the two orders ggml's x86 build uses for them:
@@ -719,12 +739,38 @@ pub(super) fn fma_acc(acc: __m256, d: f32, sumi: __m256i) -> __m256 {
     _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc)
 }
 
+/// One super-block of ggml's tiled order (`reference::vec_dot_tiled`): `r = d·f32(s1)`, then
+/// `fma(-dmin, f32(s2), r)` when the type has mins, then `fma(r, d_y, acc)`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn tiled_step(acc: f32, xd: f32, d: f32, s1: i32, mins: Option<(f32, i32)>) -> f32 {
+    let mut r = d * s1 as f32;
+    if let Some((dmin, s2)) = mins {
+        r = (-dmin).mul_add(s2 as f32, r);
+    }
+    r.mul_add(xd, acc)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q2_k_tile_in::<B, false>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2_k_tiled_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q2_k_tile_in::<B, true>(w, x)
+}
+
+/// Q2_K in `vec_dot`'s order, or in the tiled matmul's when `TILED` (see [`tiled_step`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2_k_tile_in<const B: usize, const TILED: bool>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let m3 = _mm256_set1_epi8(3);
     let m4 = _mm_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); B];
+    let mut tiled = [0.0f32; B];
     for (i, wb) in w.chunks_exact(84).enumerate() {
         let (d, dmin) = f16_pair(wb, 80);
         let packed = ld128(wb, 0);
@@ -747,10 +793,18 @@ fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         for t in 0..B {
             let xd = f32_at(xb[t], 0);
             let summs = _mm256_madd_epi16(mins, ld(xb[t], Q8_K_BSUMS));
+            if TILED {
+                let s2 = hsum_epi32(summs);
+                tiled[t] = tiled_step(tiled[t], xd, d, hsum_epi32(sumi[t]), Some((dmin, s2)));
+                continue;
+            }
             // ggml adds the mins' term first, then the quants', each with one FMA.
             acc[t] = fma_acc(acc[t], -(xd * dmin), summs);
             acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
         }
+    }
+    if TILED {
+        return tiled;
     }
     hsum_each(&acc)
 }
@@ -758,9 +812,23 @@ fn q2_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q3_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q3_k_tile_in::<B, false>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3_k_tiled_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q3_k_tile_in::<B, true>(w, x)
+}
+
+/// Q3_K in `vec_dot`'s order, or in the tiled matmul's when `TILED` (see [`tiled_step`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3_k_tile_in<const B: usize, const TILED: bool>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let m3 = _mm256_set1_epi8(3);
     let one = _mm256_set1_epi8(1);
     let mut acc = [_mm256_setzero_ps(); B];
+    let mut tiled = [0.0f32; B];
     for (i, wb) in w.chunks_exact(110).enumerate() {
         let d = f16_at(wb, 108);
         let scales = q3k_scales(&wb[96..108]);
@@ -789,8 +857,16 @@ fn q3_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             }
         }
         for t in 0..B {
+            if TILED {
+                let s1 = hsum_epi32(sumi[t]);
+                tiled[t] = tiled_step(tiled[t], f32_at(xb[t], 0), d, s1, None);
+                continue;
+            }
             acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), sumi[t]);
         }
+    }
+    if TILED {
+        return tiled;
     }
     hsum_each(&acc)
 }
@@ -831,14 +907,16 @@ pub(super) fn k4_mins_value<const SCALAR: bool>(acc_m: __m128) -> f32 {
 }
 
 /// Q4_K and Q5_K: `quants(wb, c)` gives the unsigned quants of sub-blocks 2c and 2c+1;
-/// `$scalar_mins` picks the kernel's mins accumulation (see [`k4_mins_acc`]).
+/// `$scalar_mins` picks the kernel's mins accumulation (see [`k4_mins_acc`]); `TILED` the
+/// tiled matmul's order instead (see [`tiled_step`]).
 macro_rules! k4_tile {
     ($name:ident, $w_bytes:expr, $scales_at:expr, $quants:ident, $scalar_mins:expr) => {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+        fn $name<const B: usize, const TILED: bool>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             let mut acc = [_mm256_setzero_ps(); B];
             let mut acc_m = [_mm_setzero_ps(); B];
+            let mut tiled = [0.0f32; B];
             for (i, wb) in w.chunks_exact($w_bytes).enumerate() {
                 let (d, dmin) = f16_pair(wb, 0);
                 let (sc, mn) = k4_scales_mins(&wb[$scales_at..$scales_at + 12]);
@@ -863,9 +941,19 @@ macro_rules! k4_tile {
                 for t in 0..B {
                     let xd = f32_at(xb[t], 0);
                     let prod = k4_min_prod(mins, xb[t]);
+                    if TILED {
+                        let s2 = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+                        let s2 = _mm_cvtsi128_si32(s2);
+                        let s1 = hsum_epi32(sumi[t]);
+                        tiled[t] = tiled_step(tiled[t], xd, d, s1, Some((dmin, s2)));
+                        continue;
+                    }
                     acc_m[t] = k4_mins_acc::<{ $scalar_mins }>(acc_m[t], -(xd * dmin), prod);
                     acc[t] = fma_acc(acc[t], xd * d, sumi[t]);
                 }
+            }
+            if TILED {
+                return tiled;
             }
             let mut out = hsum_each(&acc);
             for (o, m) in out.iter_mut().zip(acc_m) {
@@ -985,8 +1073,32 @@ fn q5k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
     )
 }
 
-k4_tile!(q4_k_tile, 144, 4, q4k_quants, false);
-k4_tile!(q5_k_tile, 176, 4, q5k_quants, true);
+k4_tile!(q4_k_tile_in, 144, 4, q4k_quants, false);
+k4_tile!(q5_k_tile_in, 176, 4, q5k_quants, true);
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q4_k_tile_in::<B, false>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_tiled_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q4_k_tile_in::<B, true>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q5_k_tile_in::<B, false>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_k_tiled_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q5_k_tile_in::<B, true>(w, x)
+}
 
 /// Q6_K's four 32-element groups of a half (`ql` bytes 0..32 and 32..64, `qh` 32 bytes).
 #[inline]
@@ -1009,7 +1121,21 @@ pub(super) fn q6k_quants(ql0: __m256i, ql1: __m256i, qh: __m256i) -> [__m256i; 4
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q6_k_tile_in::<B, false>(w, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_tiled_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
+    q6_k_tile_in::<B, true>(w, x)
+}
+
+/// Q6_K in `vec_dot`'s order, or in the tiled matmul's when `TILED` (see [`tiled_step`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_tile_in<const B: usize, const TILED: bool>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let mut acc = [_mm256_setzero_ps(); B];
+    let mut tiled = [0.0f32; B];
     for (i, wb) in w.chunks_exact(210).enumerate() {
         let d = f16_at(wb, 208);
         let scales = _mm256_cvtepi8_epi16(ld128(wb, 192));
@@ -1033,8 +1159,15 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         for t in 0..B {
             let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
             let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(offset));
+            if TILED {
+                tiled[t] = tiled_step(tiled[t], f32_at(xb[t], 0), d, hsum_epi32(s), None);
+                continue;
+            }
             acc[t] = fma_acc(acc[t], d * f32_at(xb[t], 0), s);
         }
+    }
+    if TILED {
+        return tiled;
     }
     hsum_each(&acc)
 }
