@@ -17,9 +17,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::mpsc;
 
 use rayon::prelude::*;
-use shared::gguf::{GgufError, GgufWriter, MetaValue, TensorDesc};
+use shared::gguf::{GgufError, GgufWriter, MetaValue, TensorDesc, TensorInfo};
 use shared::models::shapes::{self, ModelShape, TensorSpec, TypeRecipe};
 use shared::quant::GgmlType;
 
@@ -233,8 +234,7 @@ pub fn synth(
             .iter()
             .map(|t| t.byte_len.next_multiple_of(align))
             .sum::<u64>();
-    let mut done = writer.data_offset();
-    progress(done, total);
+    progress(writer.data_offset(), total);
     tracing::info!(
         shape = plan.shape.name,
         quant = %plan.quant.name(),
@@ -243,37 +243,34 @@ pub fn synth(
         "synthesizing"
     );
 
-    let mut buf: Vec<u8> = Vec::new();
-    for (spec, info) in plan.tensors.iter().zip(writer.tensors().to_vec()) {
-        let ne0 = spec.ne[0] as usize;
-        let row_bytes = info.row_bytes() as usize;
-        let n_rows = info.n_rows();
-        let init = spec.init();
-        let rows_per_piece = (PIECE_BYTES / row_bytes.max(1)).max(1) as u64;
-        let mut row0 = 0u64;
-        while row0 < n_rows {
-            let rows = rows_per_piece.min(n_rows - row0);
-            buf.resize(rows as usize * row_bytes, 0);
-            pool.install(|| {
-                buf.par_chunks_mut(row_bytes)
-                    .enumerate()
-                    .with_min_len(ROWS_PER_TASK_MIN)
-                    .for_each_init(
-                        || vec![0f32; ne0],
-                        |vals, (i, dst)| {
-                            shapes::fill_row(cfg.seed, &spec.name, row0 + i as u64, init, vals);
-                            shared::quant::reference::quantize_weights_row(spec.ty, vals, dst);
-                        },
-                    );
-            });
-            writer.write_tensor_part(&buf)?;
-            done += buf.len() as u64;
-            progress(done, total);
-            row0 += rows;
-        }
-        // The padding after the tensor.
-        done = done.next_multiple_of(align).min(total);
+    // Generation runs on its own thread (and the pool) while this one writes:
+    // on a disk slower than the generator the two overlap instead of adding.
+    let infos = writer.tensors().to_vec();
+    let (full_tx, full_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        // Cannot fail: the receiver is alive.
+        let _ = empty_tx.send(Vec::new());
     }
+    let (tensors, infos_ref, pool_ref, seed) = (&plan.tensors, &infos, &pool, cfg.seed);
+    std::thread::scope(|scope| -> Result<(), SynthError> {
+        scope.spawn(move || generate(tensors, infos_ref, seed, pool_ref, &empty_rx, full_tx));
+        // Owned here, so that an error return drops them and unblocks the
+        // generator before the scope waits for it.
+        let (full_rx, empty_tx) = (full_rx, empty_tx);
+        let mut within = (usize::MAX, 0u64);
+        for (idx, piece) in full_rx.iter() {
+            writer.write_tensor_part(&piece)?;
+            if within.0 != idx {
+                within = (idx, 0);
+            }
+            within.1 += piece.len() as u64;
+            progress(writer.data_offset() + infos[idx].offset + within.1, total);
+            // The generator may be gone only if it finished: nothing to do then.
+            let _ = empty_tx.send(piece);
+        }
+        Ok(())
+    })?;
     writer.finish()?;
     progress(total, total);
     Ok(SynthReport {
@@ -283,6 +280,52 @@ pub fn synth(
     })
 }
 
+/// Makes every tensor's data in pieces of about [`PIECE_BYTES`], in file
+/// order, taking buffers from `empty` and sending them to `full`; stops early
+/// when the writer goes away (it failed).
+fn generate(
+    tensors: &[TensorSpec],
+    infos: &[TensorInfo],
+    seed: u64,
+    pool: &rayon::ThreadPool,
+    empty: &mpsc::Receiver<Vec<u8>>,
+    full: mpsc::SyncSender<(usize, Vec<u8>)>,
+) {
+    for (idx, (spec, info)) in tensors.iter().zip(infos).enumerate() {
+        let ne0 = spec.ne[0] as usize;
+        let row_bytes = info.row_bytes() as usize;
+        let n_rows = info.n_rows();
+        let init = spec.init();
+        let rows_per_piece = (PIECE_BYTES / row_bytes.max(1)).max(1) as u64;
+        let mut row0 = 0u64;
+        while row0 < n_rows {
+            let Ok(mut buf) = empty.recv() else {
+                return;
+            };
+            let rows = rows_per_piece.min(n_rows - row0);
+            buf.resize(rows as usize * row_bytes, 0);
+            pool.install(|| {
+                buf.par_chunks_mut(row_bytes)
+                    .enumerate()
+                    .with_min_len(ROWS_PER_TASK_MIN)
+                    .for_each_init(
+                        || vec![0f32; ne0],
+                        |vals, (i, dst)| {
+                            shapes::fill_row(seed, &spec.name, row0 + i as u64, init, vals);
+                            shared::quant::reference::quantize_weights_row(spec.ty, vals, dst);
+                        },
+                    );
+            });
+            if full.send((idx, buf)).is_err() {
+                return;
+            }
+            row0 += rows;
+        }
+    }
+}
+
+/// Pieces in flight: one being generated, one being written.
+const BUFFERS: usize = 2;
 /// Bytes generated before each write: large enough to keep every core busy,
 /// small enough that memory stays flat whatever the model's size.
 const PIECE_BYTES: usize = 16 << 20;
