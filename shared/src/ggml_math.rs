@@ -12,6 +12,7 @@ use half::f16;
 /// ggml's `ggml_v_expf` (AVX2 + FMA), one lane: a range reduction to
 /// 2^n·e^b and a degree-5 polynomial, with ggml's overflow/underflow handling
 /// (above ~88.38 → inf, below ~-103.97 → 0).
+#[inline(always)]
 pub fn expf(x: f32) -> f32 {
     let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
@@ -46,13 +47,19 @@ pub fn expf(x: f32) -> f32 {
 }
 
 /// ggml's vectorized SiLU `x / (1 + e^(0 - x))` (`ggml_v_silu`).
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
-/// `g[i] = silu(g[i]) * u[i]`, as `ggml_vec_swiglu_f32` computes it: the vector
-/// path for whole groups of 8, libm's `expf` for the tail.
-pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
+crate::fma_dispatch! {
+    /// `g[i] = silu(g[i]) * u[i]`, as `ggml_vec_swiglu_f32` computes it: the vector
+    /// path for whole groups of 8, libm's `expf` for the tail.
+    pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) => swiglu_impl, swiglu_fma
+}
+
+#[inline(always)]
+fn swiglu_impl(g: &mut [f32], u: &[f32]) {
     let whole = g.len() / 8 * 8;
     for (gv, &uv) in g[..whole].iter_mut().zip(&u[..whole]) {
         *gv = silu(*gv) * uv;
@@ -62,20 +69,75 @@ pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Whether the CPU has FMA: `f32::mul_add` is exact either way, but without FMA
+/// enabled at compile time it is a library call per operation, so the hot
+/// elementwise functions below each have an FMA-compiled twin picked here.
+#[inline(always)]
+pub fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Declares `$name` dispatching to an FMA-compiled copy of the `#[inline(always)]`
+/// function `$imp` when the CPU has FMA (same results, one instruction per `mul_add`).
+#[macro_export]
+macro_rules! fma_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident$(<$lt:lifetime>)?($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $imp:path, $fma:ident) => {
+        $(#[$m])*
+        $vis fn $name$(<$lt>)?($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if $crate::ggml_math::has_fma() {
+                    // SAFETY: the CPU supports FMA, checked just above.
+                    return unsafe { $fma($($arg),*) };
+                }
+            }
+            $imp($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "fma")]
+        unsafe fn $fma$(<$lt>)?($($arg: $ty),*) $(-> $ret)? {
+            $imp($($arg),*)
+        }
+    };
+}
+
+/// f16 → f32 through a table (exact, as ggml's `ggml_table_f32_f16`): one load
+/// instead of a function call per value on the attention hot path.
+#[inline(always)]
+pub fn f16_to_f32(h: f16) -> f32 {
+    F16_TABLE[usize::from(h.to_bits())]
+}
+
+static F16_TABLE: std::sync::LazyLock<Box<[f32]>> =
+    std::sync::LazyLock::new(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect());
+
 /// The horizontal sum of 8 lanes in the order of ggml's and tinyBLAS's
 /// `hsum`: (l0+l4)+(l2+l6) + (l1+l5)+(l3+l7).
-#[inline]
+#[inline(always)]
 pub fn hsum8(l: &[f32; 8]) -> f32 {
     let t = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     (t[0] + t[2]) + (t[1] + t[3])
 }
 
-/// Softmax of one row in place as `ggml_soft_max` computes it: `e^(x - max)`
-/// with the vector `expf` over groups of 8 (the sum accumulated per group in
-/// f64), libm for the tail unless `padded` (a row ggml pads with masked
-/// entries to a multiple of 8, so every real entry takes the vector path), then
-/// a multiply by the f32 reciprocal of the sum.
-pub fn softmax_in_place(row: &mut [f32], padded: bool) {
+crate::fma_dispatch! {
+    /// Softmax of one row in place as `ggml_soft_max` computes it: `e^(x - max)`
+    /// with the vector `expf` over groups of 8 (the sum accumulated per group in
+    /// f64), libm for the tail unless `padded` (a row ggml pads with masked
+    /// entries to a multiple of 8, so every real entry takes the vector path), then
+    /// a multiply by the f32 reciprocal of the sum.
+    pub fn softmax_in_place(row: &mut [f32], padded: bool) => softmax_impl, softmax_fma
+}
+
+#[inline(always)]
+fn softmax_impl(row: &mut [f32], padded: bool) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     let whole = if padded { row.len() } else { row.len() / 8 * 8 };
@@ -100,25 +162,26 @@ pub fn softmax_in_place(row: &mut [f32], padded: bool) {
 /// An f16 dot product in tinyBLAS's order (llamafile's sgemm, which ggml's x86
 /// build uses for F16 matrix products): one 8-lane FMA accumulator over the
 /// length, then [`hsum8`]. A tail shorter than 8 is added in f32 afterwards.
+#[inline(always)]
 pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; 8];
     let whole = a.len() / 8 * 8;
     for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] = ca[l].to_f32().mul_add(cb[l].to_f32(), acc[l]);
+            acc[l] = f16_to_f32(ca[l]).mul_add(f16_to_f32(cb[l]), acc[l]);
         }
     }
     let mut sum = hsum8(&acc);
     for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-        sum += x.to_f32() * y.to_f32();
+        sum += f16_to_f32(*x) * f16_to_f32(*y);
     }
     sum
 }
 
 /// `GGML_F32x8_REDUCE` of four 8-lane accumulators (ggml's `vec_dot` reduction on AVX2):
 /// `x = (a0+a2) + (a1+a3)`, the 128-bit halves added, then two `hadd`s.
-#[inline]
+#[inline(always)]
 pub fn reduce4x8(acc: &[[f32; 8]; 4]) -> f32 {
     let mut x = [0.0f32; 8];
     for (l, v) in x.iter_mut().enumerate() {
@@ -130,6 +193,7 @@ pub fn reduce4x8(acc: &[[f32; 8]; 4]) -> f32 {
 
 /// An f16 dot product in `ggml_vec_dot_f16`'s AVX2 order (a matrix product over one token):
 /// four 8-lane FMA accumulators over steps of 32 ([`reduce4x8`]), the tail added in f64.
+#[inline(always)]
 pub fn dot_f16_vec(a: &[f16], b: &[f16]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [[0.0f32; 8]; 4];
@@ -137,12 +201,12 @@ pub fn dot_f16_vec(a: &[f16], b: &[f16]) -> f32 {
     for (ca, cb) in a[..whole].chunks_exact(32).zip(b[..whole].chunks_exact(32)) {
         for (k, (x, y)) in ca.iter().zip(cb).enumerate() {
             let (j, l) = (k / 8, k % 8);
-            acc[j][l] = x.to_f32().mul_add(y.to_f32(), acc[j][l]);
+            acc[j][l] = f16_to_f32(*x).mul_add(f16_to_f32(*y), acc[j][l]);
         }
     }
     let mut sum = f64::from(reduce4x8(&acc));
     for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-        sum += f64::from(x.to_f32() * y.to_f32());
+        sum += f64::from(f16_to_f32(*x) * f16_to_f32(*y));
     }
     sum as f32
 }
