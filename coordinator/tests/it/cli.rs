@@ -260,3 +260,84 @@ fn inspect_sparse_400gb_kimi_k2_header() {
     // A process start plus header parsing; reading 400 GB would take minutes.
     assert!(elapsed.as_secs_f64() < 5.0, "inspect took {elapsed:?}");
 }
+
+/// Rewrites a fixture with its metadata and tensors edited by `edit`.
+fn rewrite_fixture(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, shared::gguf::MetaValue)>, &mut Vec<String>),
+) {
+    use shared::gguf::{GgufFile, GgufWriter, TensorDesc};
+    let file = GgufFile::open(src).unwrap();
+    let mut meta = file.metadata().to_vec();
+    let mut names: Vec<String> = file.tensors().iter().map(|t| t.name.clone()).collect();
+    edit(&mut meta, &mut names);
+    let descs = names
+        .iter()
+        .map(|n| {
+            let t = file.tensor(n).unwrap();
+            TensorDesc::new(n.clone(), t.ty, t.ne.clone())
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, meta, descs).unwrap();
+    for n in &names {
+        w.write_tensor_data(file.tensor_data(file.tensor(n).unwrap()))
+            .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// An unsupported architecture and a missing tensor are clear errors at load time.
+#[test]
+fn unsupported_architecture_and_missing_tensor_are_load_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("glm4moe/model-q8_0.gguf");
+    let tokens = "1,2,3";
+
+    let odd_arch = dir.path().join("odd-arch.gguf");
+    rewrite_fixture(&src, &odd_arch, |meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "general.architecture" {
+                *v = shared::gguf::MetaValue::String("mamba2".to_owned());
+            }
+        }
+    });
+    let out_path = dir.path().join("x.safetensors");
+    let out = moeshard(&[
+        "eval",
+        "--model",
+        odd_arch.to_str().unwrap(),
+        "--tokens",
+        tokens,
+        "--logits-out",
+        out_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unsupported architecture") && stderr.contains("mamba2"),
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("missing.gguf");
+    rewrite_fixture(&src, &missing, |_, names| {
+        names.retain(|n| n != "blk.1.ffn_up_shexp.weight");
+    });
+    let out = moeshard(&[
+        "eval",
+        "--model",
+        missing.to_str().unwrap(),
+        "--tokens",
+        tokens,
+        "--logits-out",
+        out_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("missing tensor blk.1.ffn_up_shexp.weight"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+    assert!(!out_path.exists(), "nothing written on failure");
+}
