@@ -303,17 +303,23 @@ fn unsupported_architecture_and_missing_tensor_are_load_errors() {
         }
     });
     let out_path = dir.path().join("x.safetensors");
-    let out = moeshard(&[
-        "eval",
-        "--model",
-        odd_arch.to_str().unwrap(),
-        "--tokens",
-        tokens,
-        "--logits-out",
-        out_path.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Runs `eval` on `model`, expecting a clean failure; returns stderr.
+    let eval_err = |model: &Path| {
+        let out = moeshard(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            tokens,
+            "--logits-out",
+            out_path.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    let stderr = eval_err(&odd_arch);
     assert!(
         stderr.contains("unsupported architecture") && stderr.contains("mamba2"),
         "{stderr}"
@@ -323,21 +329,10 @@ fn unsupported_architecture_and_missing_tensor_are_load_errors() {
     rewrite_fixture(&src, &missing, |_, names| {
         names.retain(|n| n != "blk.1.ffn_up_shexp.weight");
     });
-    let out = moeshard(&[
-        "eval",
-        "--model",
-        missing.to_str().unwrap(),
-        "--tokens",
-        tokens,
-        "--logits-out",
-        out_path.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = eval_err(&missing);
     assert!(
         stderr.contains("missing tensor blk.1.ffn_up_shexp.weight"),
         "{stderr}"
     );
-    assert!(!stderr.contains("panicked"));
     assert!(!out_path.exists(), "nothing written on failure");
 }
