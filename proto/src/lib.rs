@@ -1,8 +1,35 @@
 //! moeshard's wire protocol between the coordinator and expert nodes.
 //!
-//! Not built yet: the protobuf schema, its conversions into `shared` types and
-//! the inproc / gRPC / QUIC transports are the distributed-execution issue.
-//! Until then this crate only fixes the protocol version both sides will check.
+//! The schema is `proto/moeshard.proto` (package `moeshard.v1`), compiled by prost into
+//! [`wire`]. Only this crate knows protobuf: [`convert`] turns wire messages into `shared`
+//! types ([`shared::moe::Assignment`], [`shared::quant::matmul::Activations`]) and checks
+//! everything a node or coordinator relies on (version, model identity, ids, shapes,
+//! sizes, finite values), answering bad input with a [`ProtoError`] that names the field
+//! and the values, never a panic. [`limits`] fixes the message sizes; [`framing`] puts
+//! messages on a byte stream (QUIC) as a u32 little-endian length then the message.
+//! The transports (inproc, gRPC, QUIC) are still to come.
+
+pub mod convert;
+pub mod error;
+pub mod framing;
+pub mod fuzz;
+pub mod limits;
+
+#[cfg(test)]
+mod tests;
+
+/// The prost types generated from `proto/moeshard.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/moeshard.v1.rs"));
+}
+
+pub use convert::{
+    DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, Hello, HelloReply, Inventory,
+    Partials, RemoteError, MODEL_IDENTITY_BYTES,
+};
+pub use error::ProtoError;
+pub use prost::Message;
 
 /// Version of the coordinator ↔ expert-node protocol; a node refuses a peer whose version differs.
 pub const PROTOCOL_VERSION: u32 = 1;

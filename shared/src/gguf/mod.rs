@@ -15,6 +15,7 @@
 //! size allows. The format is described in `docs/FORMATS.md` (section A).
 
 mod error;
+mod identity;
 mod reader;
 mod value;
 mod writer;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 pub use self::error::GgufError;
+pub use self::identity::model_identity;
 pub use self::reader::{
     GgufHeader, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_TENSOR_NAME_LEN,
 };

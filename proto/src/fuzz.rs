@@ -1,0 +1,51 @@
+//! The body of the cargo-fuzz target in `proto/fuzz`: a node's handling of untrusted bytes.
+
+use prost::Message;
+
+use crate::convert::{DispatchContext, DispatchRequest, Hello, Inventory};
+use crate::wire;
+
+/// Decodes `data` as a coordinator message and checks it as a node serving experts 0..4
+/// of layers 0..2 of a 256-wide, 8-expert, top-2 model would. Must never panic.
+pub fn check_coordinator_message(data: &[u8]) {
+    let Ok(msg) = wire::CoordinatorMessage::decode(data) else {
+        return;
+    };
+    let slices = (0..2)
+        .flat_map(|layer| {
+            (0..4).map(move |expert| crate::ExpertSlice {
+                layer,
+                expert,
+                ff_start: 0,
+                ff_len: 64,
+            })
+        })
+        .collect();
+    let Ok(inventory) = Inventory::new("fuzz".into(), None, 0, 0, slices) else {
+        unreachable!("the fuzz inventory is valid");
+    };
+    let ctx = DispatchContext {
+        n_layer: 2,
+        n_expert: 8,
+        n_embd: 256,
+        max_experts_per_token: Some(2),
+        inventory: Some(&inventory),
+    };
+    match msg.body {
+        Some(wire::coordinator_message::Body::Hello(h)) => {
+            let _ = Hello::try_from(h);
+        }
+        Some(wire::coordinator_message::Body::Dispatch(d)) => {
+            if let Ok(req) = DispatchRequest::from_wire(d, &ctx) {
+                // What passed must survive the way back unchanged.
+                let again = DispatchRequest::from_wire(req.clone().into(), &ctx);
+                assert_eq!(
+                    again.as_ref(),
+                    Ok(&req),
+                    "a checked dispatch did not round-trip"
+                );
+            }
+        }
+        _ => {}
+    }
+}
