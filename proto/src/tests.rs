@@ -716,6 +716,74 @@ fn model_identity_tells_models_apart() {
     assert_ne!(id, [0; 32]);
 }
 
+/// Writes `tensors` of `src` (with their data) and `metadata` to `path`.
+fn write_gguf(
+    path: &std::path::Path,
+    src: &shared::gguf::GgufFile,
+    metadata: Vec<(String, shared::gguf::MetaValue)>,
+    tensors: &[shared::gguf::TensorInfo],
+) {
+    use shared::gguf::{GgufWriter, TensorDesc};
+    let descs = tensors
+        .iter()
+        .map(|t| TensorDesc::new(t.name.clone(), t.ty, t.ne.clone()))
+        .collect();
+    let mut w = GgufWriter::create(path, metadata, descs).unwrap();
+    for t in tensors {
+        w.write_tensor_data(src.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn model_identity_ignores_how_the_model_is_stored() {
+    use shared::gguf::{model_identity, GgufFile, MetaValue};
+    let src = GgufFile::open(fixture("qwen3moe/model-q8_0.gguf")).unwrap();
+    let id = model_identity(&src);
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = src.tensors();
+    let half = tensors.len() / 2;
+    let split_keys = |no: u16| {
+        vec![
+            ("split.no".to_string(), MetaValue::U16(no)),
+            ("split.count".to_string(), MetaValue::U16(2)),
+            (
+                "split.tensors.count".to_string(),
+                MetaValue::I32(tensors.len() as i32),
+            ),
+        ]
+    };
+    // As gguf-split lays it out: the metadata in the first part, tensors in both.
+    let mut meta0 = src.metadata().to_vec();
+    meta0.extend(split_keys(0));
+    let first = dir.path().join("m-00001-of-00002.gguf");
+    write_gguf(&first, &src, meta0, &tensors[..half]);
+    write_gguf(
+        &dir.path().join("m-00002-of-00002.gguf"),
+        &src,
+        split_keys(1),
+        &tensors[half..],
+    );
+    let split = GgufFile::open(&first).unwrap();
+    assert_eq!(split.n_parts(), 2);
+    assert_eq!(model_identity(&split), id);
+
+    // One metadata value changed is another model.
+    let mut meta = src.metadata().to_vec();
+    let (_, v) = meta.iter_mut().find(|(k, _)| k == "general.name").unwrap();
+    assert_ne!(v.as_str(), Some("renamed"));
+    *v = MetaValue::String("renamed".into());
+    let other = dir.path().join("renamed.gguf");
+    write_gguf(&other, &src, meta, tensors);
+    assert_ne!(model_identity(&GgufFile::open(&other).unwrap()), id);
+
+    // One tensor fewer (a shard holding part of the experts) is too: shards carry the
+    // identity of their model in their metadata instead (the `split` command's job).
+    let fewer = dir.path().join("fewer.gguf");
+    write_gguf(&fewer, &src, src.metadata().to_vec(), &tensors[1..]);
+    assert_ne!(model_identity(&GgufFile::open(&fewer).unwrap()), id);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
