@@ -47,13 +47,13 @@ impl SamplerConfig {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     config: SamplerConfig,
-    rng: SplitMix64,
+    rng: shared::rng::SplitMix64,
 }
 
 impl Sampler {
     pub fn new(config: SamplerConfig) -> Sampler {
         Sampler {
-            rng: SplitMix64(config.seed),
+            rng: shared::rng::SplitMix64::new(config.seed),
             config,
         }
     }
@@ -139,25 +139,6 @@ fn softmax(cand: &[(u32, f32)]) -> Vec<f32> {
     let exps: Vec<f64> = cand.iter().map(|e| ((e.1 - max) as f64).exp()).collect();
     let sum: f64 = exps.iter().sum();
     exps.iter().map(|&e| (e / sum) as f32).collect()
-}
-
-/// A small, fast, seedable generator (SplitMix64): sampling needs
-/// reproducibility, not cryptographic strength.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 #[cfg(test)]

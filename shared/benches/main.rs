@@ -120,15 +120,11 @@ mod kernels {
     use super::*;
 
     /// SplitMix64, to fill the matrices quickly and reproducibly.
-    struct Rng(u64);
+    struct Rng(shared::rng::SplitMix64);
 
     impl Rng {
         fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
 
         fn signed(&mut self) -> f32 {
@@ -167,7 +163,7 @@ mod kernels {
     fn matrix(ty: GgmlType) -> (usize, Vec<u8>) {
         let row_bytes = ty.row_bytes(N_COLS).unwrap_or(1);
         let n_rows = MATRIX_BYTES.div_ceil(row_bytes);
-        let mut rng = Rng(ty.id().into());
+        let mut rng = Rng(shared::rng::SplitMix64::new(ty.id().into()));
         let distinct: Vec<Vec<u8>> = (0..64).map(|_| random_row(&mut rng, ty)).collect();
         let mut data = Vec::with_capacity(n_rows * row_bytes);
         for r in 0..n_rows {
@@ -188,7 +184,7 @@ mod kernels {
         for &ty in types {
             let row_bytes = ty.row_bytes(N_COLS).unwrap_or(1);
             let n_rows = RESIDENT_BYTES.div_ceil(row_bytes);
-            let mut rng = Rng(ty.id().into());
+            let mut rng = Rng(shared::rng::SplitMix64::new(ty.id().into()));
             let data: Vec<u8> = (0..n_rows).flat_map(|_| random_row(&mut rng, ty)).collect();
             let w = match WeightMatrix::new(ty, n_rows, N_COLS, &data) {
                 Ok(w) => w,
@@ -226,7 +222,7 @@ mod kernels {
                 Err(e) => panic!("benchmark matrix {ty}: {e}"),
             };
             let bytes = data.len() as u64;
-            let mut rng = Rng(1);
+            let mut rng = Rng(shared::rng::SplitMix64::new(1));
             for (label, n_tokens) in [("matvec", 1), ("matmul8", BATCH)] {
                 let x: Vec<f32> = (0..N_COLS * n_tokens).map(|_| rng.signed()).collect();
                 let act = Activations::quantize(kernels, ty, &x, N_COLS);

@@ -10,3 +10,4 @@ pub mod membw;
 pub mod models;
 pub mod moe;
 pub mod quant;
+pub mod rng;

@@ -7,6 +7,7 @@
 
 use crate::gguf::MetaValue;
 use crate::quant::GgmlType;
+use crate::rng::mix64;
 
 /// A real model's shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -519,13 +520,6 @@ impl TensorSpec {
             Init::Normal(1.0 / (self.ne[0].max(1) as f32).sqrt())
         }
     }
-}
-
-/// splitmix64's finalizer: a bijective 64-bit mix.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// FNV-1a of a tensor name: values depend on the name, not on where the

@@ -17,21 +17,17 @@ use super::matmul::{
 };
 use super::{reference, GgmlType};
 
-/// A small deterministic generator (SplitMix64), so a failing case is reproduced by its seed.
-struct Rng(u64);
+/// A small deterministic generator, so a failing case is reproduced by its seed.
+struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.next_f32()
     }
 
     /// Uniform in [-1, 1).
@@ -172,7 +168,7 @@ fn n_blocks() -> impl Strategy<Value = usize> {
 }
 
 fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(), TestCaseError> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
     let n = n_blocks * ty.block_elems();
     let w = random_weights(&mut rng, ty, n);
     let xs = random_activations(&mut rng, ty, n, batch);
@@ -309,7 +305,7 @@ proptest! {
         n_blocks in n_blocks(),
         seed in any::<u64>(),
     ) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
         let n = n_blocks * ty.block_elems().max(32);
         let mut values: Vec<f32> = (0..n).map(|_| rng.activation()).collect();
         // Blocks with ties and special shapes: zeros, rounding ties, a repeated maximum of
@@ -354,7 +350,7 @@ proptest! {
         n_tokens in prop_oneof![1usize..=9, 10usize..=40],
         seed in any::<u64>(),
     ) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
         let n_cols = n_blocks * ty.block_elems().max(32);
         let row_bytes = ty.row_bytes(n_cols).expect("whole blocks");
         let data: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n_cols)).collect();
@@ -439,7 +435,7 @@ proptest! {
 /// Activation rows with a -128 quant or inconsistent Q8_K sums are refused.
 #[test]
 fn from_bytes_validates() {
-    let mut rng = Rng(3);
+    let mut rng = Rng(crate::rng::SplitMix64::new(3));
     let n = 256;
     let good = random_activations(&mut rng, GgmlType::Q4_K, n, 2);
     assert!(Activations::from_bytes(GgmlType::Q8_K, n, 2, good.clone()).is_ok());

@@ -14,21 +14,17 @@ use crate::quant::QK_K;
 
 // ---------------------------------------------------------------- helpers
 
-/// splitmix64: deterministic test data without a dependency.
-struct Rng(u64);
+/// Deterministic test data without a dependency.
+struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
     }
 
     fn normal(&mut self) -> f32 {
@@ -309,7 +305,7 @@ fn dequant_q6_k_by_hand() {
 
 #[test]
 fn dequant_reads_rows_at_any_alignment() {
-    let mut rng = Rng(7);
+    let mut rng = Rng(crate::rng::SplitMix64::new(7));
     let xs = rng.row(2 * QK_K);
     for ty in [GgmlType::Q8_K, GgmlType::Q4_K, GgmlType::Q4_0] {
         let q = quant_weights(ty, &xs);
@@ -423,7 +419,7 @@ fn q8_k_uses_first_element_of_largest_magnitude() {
 
 #[test]
 fn multi_block_rows_quantize_each_block_alone() {
-    let mut rng = Rng(11);
+    let mut rng = Rng(crate::rng::SplitMix64::new(11));
     for ty in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K] {
         let n_blocks = 5;
         let xs = rng.row(n_blocks * ty.block_elems());
@@ -438,7 +434,7 @@ fn multi_block_rows_quantize_each_block_alone() {
 
 #[test]
 fn activation_round_trips_within_bounds() {
-    let mut rng = Rng(3);
+    let mut rng = Rng(crate::rng::SplitMix64::new(3));
     for ty in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K] {
         let xs = rng.row(4 * QK_K);
         let y = dequant(ty, &quant(ty, &xs));
@@ -569,7 +565,7 @@ fn relative_rmse(ty: GgmlType, xs: &[f32]) -> f64 {
 
 #[test]
 fn weight_round_trips_within_bounds() {
-    let mut rng = Rng(5);
+    let mut rng = Rng(crate::rng::SplitMix64::new(5));
     let xs = rng.gaussian(16 * QK_K);
     // Bounds about 1.25 times what these quantizers reach on unit Gaussian data (the
     // quantization step over √12); a layout or scale bug gives errors of order 1.
@@ -609,7 +605,7 @@ fn weight_round_trips_within_bounds() {
 fn k_quant_weights_use_full_scale_range() {
     // A sanity check of the scale packing: the largest sub-block scale must decode to the
     // top of its range (63 for Q4_K/Q5_K, ±127/-128 for Q6_K, -32 for Q3_K, 15 for Q2_K).
-    let mut rng = Rng(9);
+    let mut rng = Rng(crate::rng::SplitMix64::new(9));
     let xs = rng.row(QK_K);
     let b: BlockQ4K = one_block(&quant_weights(GgmlType::Q4_K, &xs));
     let (sc, _) = decode::k4_scale_min(&b.scales);
@@ -653,7 +649,7 @@ fn weight_row(rng: &mut Rng, ty: GgmlType, n: usize, random_bytes: bool) -> Vec<
 
 #[test]
 fn vec_dot_matches_f64_dot_of_dequantized_rows() {
-    let mut rng = Rng(1234);
+    let mut rng = Rng(crate::rng::SplitMix64::new(1234));
     for random_bytes in [false, true] {
         for ty in GgmlType::WEIGHT_TYPES {
             // Odd lengths as ggml's test-quantize-fns uses (and f32/f16/bf16 rows that are
