@@ -356,23 +356,9 @@ impl Kernels {
     ///
     /// Panics as [`Kernels::vec_dot`] does.
     pub fn vec_dot_batch(&self, ty: GgmlType, n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
-        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
-        assert_eq!(
-            xs.len(),
-            x_bytes * out.len(),
-            "vec_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
-            xs.len(),
-            out.len(),
-            x_bytes * out.len()
-        );
-        debug_assert_eq!(w.len(), w_bytes);
-        if n == 0 {
-            out.fill(0.0);
+        let Some(_) = check_batch("vec_dot_batch", ty, n, w, xs, out) else {
             return;
-        }
-        if out.is_empty() {
-            return;
-        }
+        };
         // SAFETY: the table's features were detected before it was handed out (invariant of
         // `Kernels`), and the lengths were checked above, which is the entry's whole contract.
         unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
@@ -399,17 +385,9 @@ impl Kernels {
             GgmlType::Q4_K,
             "repack_dot_batch: {ty} has no repacked order"
         );
-        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
-        assert_eq!(
-            xs.len(),
-            x_bytes * out.len(),
-            "repack_dot_batch: activation bytes"
-        );
-        debug_assert_eq!(w.len(), w_bytes);
-        if n == 0 || out.is_empty() {
-            out.fill(0.0);
+        let Some(_) = check_batch("repack_dot_batch", ty, n, w, xs, out) else {
             return;
-        }
+        };
         match self.isa {
             Isa::Scalar => self.vec_dot_batch(ty, n, w, xs, out),
             #[cfg(target_arch = "x86_64")]
@@ -449,20 +427,9 @@ impl Kernels {
             Kernels::has_tiled_order(ty),
             "tiled_dot_batch: {ty} has no tiled order"
         );
-        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
-        assert_eq!(
-            xs.len(),
-            x_bytes * out.len(),
-            "tiled_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
-            xs.len(),
-            out.len(),
-            x_bytes * out.len()
-        );
-        debug_assert_eq!(w.len(), w_bytes);
-        if n == 0 || out.is_empty() {
-            out.fill(0.0);
+        let Some(x_bytes) = check_batch("tiled_dot_batch", ty, n, w, xs, out) else {
             return;
-        }
+        };
         match self.isa {
             Isa::Scalar => {
                 for (o, x) in out.iter_mut().zip(xs.chunks_exact(x_bytes)) {
@@ -511,23 +478,9 @@ impl Kernels {
         if batch_tokens < 2 {
             return self.vec_dot_batch(ty, n, w, xs, out);
         }
-        let (w_bytes, x_bytes) = check_dot(ty, n, w.len());
-        assert_eq!(
-            xs.len(),
-            x_bytes * out.len(),
-            "gemm_dot_batch {ty}: {} activation bytes for {} rows of {n} (want {})",
-            xs.len(),
-            out.len(),
-            x_bytes * out.len()
-        );
-        debug_assert_eq!(w.len(), w_bytes);
-        if n == 0 {
-            out.fill(0.0);
+        let Some(_) = check_batch("gemm_dot_batch", ty, n, w, xs, out) else {
             return;
-        }
-        if out.is_empty() {
-            return;
-        }
+        };
         // SAFETY: as in `vec_dot_batch`: features detected, lengths checked.
         unsafe { (self.gemm[slot(ty)])(n, w, xs, out) }
     }
@@ -561,6 +514,33 @@ impl Kernels {
         // `Kernels`), and the lengths were checked above.
         unsafe { (self.quantize[slot(ty)])(src, dst) }
     }
+}
+
+/// Checks a batched dot product's lengths (panicking like [`check_dot`]); returns the
+/// activation row bytes, or `None` after writing zeros when there is nothing to compute
+/// (`n == 0`, or no rows).
+fn check_batch(
+    what: &str,
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    out: &mut [f32],
+) -> Option<usize> {
+    let (_, x_bytes) = check_dot(ty, n, w.len());
+    assert_eq!(
+        xs.len(),
+        x_bytes * out.len(),
+        "{what} {ty}: {} activation bytes for {} rows of {n} (want {})",
+        xs.len(),
+        out.len(),
+        x_bytes * out.len()
+    );
+    if n == 0 || out.is_empty() {
+        out.fill(0.0);
+        return None;
+    }
+    Some(x_bytes)
 }
 
 /// Checks a dot product's type and weight length; returns the weight and activation row bytes.
