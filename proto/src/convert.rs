@@ -155,18 +155,52 @@ impl From<HelloReply> for wire::HelloReply {
     }
 }
 
-/// Rows `[ff_start, ff_start + ff_len)` of one expert's intermediate dimension.
+/// Which feed-forward weights of a layer a slice or a dispatch is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FfnPart {
+    /// The routed experts (`blk.L.ffn_{gate,up,down}_exps.weight`).
+    Routed,
+    /// The dense part: the dense FFN of a dense layer (`blk.L.ffn_{gate,up,down}.weight`)
+    /// or the shared expert of a MoE layer (`blk.L.ffn_{gate,up,down}_shexp.weight`).
+    Dense,
+}
+
+impl FfnPart {
+    /// Reads a wire `FfnPart`; an unknown value is an error naming `field`.
+    fn from_wire(field: &'static str, value: i32) -> Result<FfnPart, ProtoError> {
+        match wire::FfnPart::try_from(value) {
+            Ok(wire::FfnPart::Routed) => Ok(FfnPart::Routed),
+            Ok(wire::FfnPart::Dense) => Ok(FfnPart::Dense),
+            Err(_) => Err(ProtoError::UnknownEnum { field, value }),
+        }
+    }
+}
+
+impl From<FfnPart> for wire::FfnPart {
+    fn from(p: FfnPart) -> Self {
+        match p {
+            FfnPart::Routed => wire::FfnPart::Routed,
+            FfnPart::Dense => wire::FfnPart::Dense,
+        }
+    }
+}
+
+/// Rows `[ff_start, ff_start + ff_len)` of one expert's intermediate dimension, or of the
+/// layer's dense part (`part` [`FfnPart::Dense`], `expert` 0). Field order makes the
+/// derived `Ord` sort by layer, then part, then expert and rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExpertSlice {
     pub layer: u32,
+    pub part: FfnPart,
     pub expert: u32,
     pub ff_start: u32,
     pub ff_len: u32,
 }
 
 /// What a node serves, checked: a name, at most [`MAX_INVENTORY_SLICES`] non-empty
-/// slices with ids under [`MAX_LAYERS`] / [`MAX_EXPERTS`], no two of one expert
-/// overlapping. Slices are kept sorted by (layer, expert, ff_start).
+/// slices with ids under [`MAX_LAYERS`] / [`MAX_EXPERTS`], dense slices of expert 0, no
+/// two of one expert (or of one layer's dense part) overlapping. Slices are kept sorted
+/// by (layer, part, expert, ff_start).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inventory {
     pub node_name: String,
@@ -200,6 +234,9 @@ impl Inventory {
                     "ids over the limits ({MAX_LAYERS} layers, {MAX_EXPERTS} experts)"
                 )));
             }
+            if s.part == FfnPart::Dense && s.expert != 0 {
+                return Err(bad("a dense slice must have expert 0".into()));
+            }
             if s.ff_len == 0 {
                 return Err(bad("ff_len is 0".into()));
             }
@@ -214,7 +251,9 @@ impl Inventory {
         slices.sort_unstable();
         for (index, w) in slices.windows(2).enumerate() {
             let (a, b) = (w[0], w[1]);
-            if (a.layer, a.expert) == (b.layer, b.expert) && a.ff_start + a.ff_len > b.ff_start {
+            if (a.layer, a.part, a.expert) == (b.layer, b.part, b.expert)
+                && a.ff_start + a.ff_len > b.ff_start
+            {
                 return Err(ProtoError::BadSlice {
                     index: index + 1,
                     layer: b.layer,
@@ -238,19 +277,21 @@ impl Inventory {
         })
     }
 
-    /// The slices, sorted by (layer, expert, ff_start).
+    /// The slices, sorted by (layer, part, expert, ff_start).
     pub fn slices(&self) -> &[ExpertSlice] {
         &self.slices
     }
 
-    /// Whether the node holds any rows of `expert` of `layer`.
-    pub fn serves(&self, layer: u32, expert: u32) -> bool {
+    /// Whether the node holds any rows of `expert` of `layer`'s `part` (for
+    /// [`FfnPart::Dense`], `expert` is 0).
+    pub fn serves(&self, part: FfnPart, layer: u32, expert: u32) -> bool {
+        let key = (layer, part, expert);
         let i = self
             .slices
-            .partition_point(|s| (s.layer, s.expert) < (layer, expert));
+            .partition_point(|s| (s.layer, s.part, s.expert) < key);
         self.slices
             .get(i)
-            .is_some_and(|s| (s.layer, s.expert) == (layer, expert))
+            .is_some_and(|s| (s.layer, s.part, s.expert) == key)
     }
 }
 
@@ -261,13 +302,16 @@ impl TryFrom<wire::NodeInventory> for Inventory {
         let slices = m
             .slices
             .iter()
-            .map(|s| ExpertSlice {
-                layer: s.layer,
-                expert: s.expert,
-                ff_start: s.ff_start,
-                ff_len: s.ff_len,
+            .map(|s| {
+                Ok(ExpertSlice {
+                    layer: s.layer,
+                    part: FfnPart::from_wire("inventory.slices.part", s.part)?,
+                    expert: s.expert,
+                    ff_start: s.ff_start,
+                    ff_len: s.ff_len,
+                })
             })
-            .collect();
+            .collect::<Result<_, ProtoError>>()?;
         Inventory::new(
             m.node_name,
             m.numa_node,
@@ -293,6 +337,7 @@ impl From<Inventory> for wire::NodeInventory {
                     expert: s.expert,
                     ff_start: s.ff_start,
                     ff_len: s.ff_len,
+                    part: wire::FfnPart::from(s.part).into(),
                 })
                 .collect(),
         }
@@ -325,13 +370,17 @@ impl DispatchContext<'_> {
 }
 
 /// A checked dispatch: every input holds `n_tokens` valid rows of `n_embd` of a distinct
-/// activation type; every assignment names a token of the dispatch and an expert of the
-/// model (and of the inventory, if one was given) with a finite weight, no (token,
-/// expert) twice. Assignments keep their wire order (routing rank order per token).
+/// activation type. For [`FfnPart::Routed`], at least one assignment; every assignment
+/// names a token of the dispatch and an expert of the model (and of the inventory, if one
+/// was given) with a finite weight, no (token, expert) twice. Assignments keep their wire
+/// order (routing rank order per token). For [`FfnPart::Dense`], no assignments (every
+/// token goes through the layer's dense part) and, if an inventory was given, it serves
+/// that dense part.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchRequest {
     pub step_id: u64,
     pub layer: u32,
+    pub part: FfnPart,
     pub inputs: Vec<Activations>,
     pub assignments: Vec<Assignment>,
 }
@@ -366,6 +415,23 @@ impl DispatchRequest {
                 layer: m.layer,
                 n_layer: ctx.n_layer,
             });
+        }
+        let part = FfnPart::from_wire("dispatch.part", m.part)?;
+        match part {
+            FfnPart::Routed => nonzero("dispatch.assignments", m.assignments.len())?,
+            FfnPart::Dense => {
+                if !m.assignments.is_empty() {
+                    return Err(ProtoError::DenseAssignments {
+                        layer: m.layer,
+                        got: m.assignments.len(),
+                    });
+                }
+                if let Some(inv) = ctx.inventory {
+                    if !inv.serves(FfnPart::Dense, m.layer, 0) {
+                        return Err(ProtoError::DenseNotServed { layer: m.layer });
+                    }
+                }
+            }
         }
         nonzero("dispatch.inputs", m.inputs.len())?;
         limit("dispatch.inputs", m.inputs.len(), MAX_DISPATCH_INPUTS)?;
@@ -446,7 +512,7 @@ impl DispatchRequest {
                 });
             }
             if let Some(inv) = ctx.inventory {
-                if !inv.serves(m.layer, a.expert) {
+                if !inv.serves(FfnPart::Routed, m.layer, a.expert) {
                     return Err(ProtoError::NotServed {
                         index,
                         layer: m.layer,
@@ -463,6 +529,7 @@ impl DispatchRequest {
         Ok(DispatchRequest {
             step_id: m.step_id,
             layer: m.layer,
+            part,
             inputs,
             assignments,
         })
@@ -496,6 +563,7 @@ impl From<DispatchRequest> for wire::Dispatch {
                     weight: a.weight,
                 })
                 .collect(),
+            part: wire::FfnPart::from(d.part).into(),
         }
     }
 }

@@ -82,6 +82,10 @@ pub enum ProtoError {
         layer: u32,
         expert: u32,
     },
+    #[error("dispatch of layer {layer}'s dense part has {got} assignments, must have none")]
+    DenseAssignments { layer: u32, got: usize },
+    #[error("layer {layer}'s dense part is not served by this node")]
+    DenseNotServed { layer: u32 },
     #[error("slice {index} (layer {layer}, expert {expert}): {detail}")]
     BadSlice {
         index: usize,
@@ -119,7 +123,9 @@ impl ProtoError {
         match self {
             ProtoError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             ProtoError::ModelMismatch { .. } => ErrorCode::ModelMismatch,
-            ProtoError::NotServed { .. } => ErrorCode::NotServed,
+            ProtoError::NotServed { .. } | ProtoError::DenseNotServed { .. } => {
+                ErrorCode::NotServed
+            }
             _ => ErrorCode::BadRequest,
         }
     }

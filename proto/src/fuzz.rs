@@ -2,24 +2,33 @@
 
 use prost::Message;
 
-use crate::convert::{DispatchContext, DispatchRequest, Hello, Inventory};
+use crate::convert::{DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, Inventory};
 use crate::wire;
 
 /// Decodes `data` as a coordinator message and checks it as a node serving experts 0..4
-/// of layers 0..2 of a 256-wide, 8-expert, top-2 model would. Must never panic.
+/// of layers 0..2 and the dense part of layer 1 of a 256-wide, 8-expert, top-2 model
+/// would. Must never panic.
 pub fn check_coordinator_message(data: &[u8]) {
     let Ok(msg) = wire::CoordinatorMessage::decode(data) else {
         return;
     };
     let slices = (0..2)
         .flat_map(|layer| {
-            (0..4).map(move |expert| crate::ExpertSlice {
+            (0..4).map(move |expert| ExpertSlice {
                 layer,
+                part: FfnPart::Routed,
                 expert,
                 ff_start: 0,
                 ff_len: 64,
             })
         })
+        .chain([ExpertSlice {
+            layer: 1,
+            part: FfnPart::Dense,
+            expert: 0,
+            ff_start: 0,
+            ff_len: 64,
+        }])
         .collect();
     let Ok(inventory) = Inventory::new("fuzz".into(), None, 0, 0, slices) else {
         unreachable!("the fuzz inventory is valid");

@@ -25,8 +25,8 @@ pub mod wire {
 }
 
 pub use convert::{
-    DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, Hello, HelloReply, Inventory,
-    Partials, RemoteError, MODEL_IDENTITY_BYTES,
+    DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, FfnPart, Hello, HelloReply,
+    Inventory, Partials, RemoteError, MODEL_IDENTITY_BYTES,
 };
 pub use error::ProtoError;
 pub use prost::Message;

@@ -17,26 +17,24 @@ use crate::*;
 
 const N_EMBD: usize = 256;
 
+fn slice(layer: u32, part: FfnPart, expert: u32, ff_start: u32, ff_len: u32) -> ExpertSlice {
+    ExpertSlice {
+        layer,
+        part,
+        expert,
+        ff_start,
+        ff_len,
+    }
+}
+
+/// Experts 3 and 0 (rows 256..512) of layer 1, expert 5 of layer 0, and rows 0..512 of
+/// layer 2's dense part.
 fn inventory() -> Inventory {
     let slices = vec![
-        ExpertSlice {
-            layer: 1,
-            expert: 3,
-            ff_start: 0,
-            ff_len: 512,
-        },
-        ExpertSlice {
-            layer: 1,
-            expert: 0,
-            ff_start: 256,
-            ff_len: 256,
-        },
-        ExpertSlice {
-            layer: 0,
-            expert: 5,
-            ff_start: 0,
-            ff_len: 512,
-        },
+        slice(2, FfnPart::Dense, 0, 0, 512),
+        slice(1, FfnPart::Routed, 3, 0, 512),
+        slice(1, FfnPart::Routed, 0, 256, 256),
+        slice(0, FfnPart::Routed, 5, 0, 512),
     ];
     Inventory::new("node-a".into(), Some(1), 1 << 30, 1 << 34, slices).unwrap()
 }
@@ -64,6 +62,7 @@ fn good_dispatch() -> wire::Dispatch {
     let req = DispatchRequest {
         step_id: 42,
         layer: 1,
+        part: FfnPart::Routed,
         inputs: vec![
             Activations::quantize(k, GgmlType::Q4_K, &x, N_EMBD),
             Activations::quantize(k, GgmlType::F16, &x, N_EMBD),
@@ -320,6 +319,82 @@ fn dispatch_assignment_errors() {
 }
 
 #[test]
+fn routed_dispatch_needs_assignments_and_a_known_part() {
+    check_dispatch(
+        |m| m.assignments.clear(),
+        ProtoError::Zero {
+            field: "dispatch.assignments",
+            got: 0,
+        },
+    );
+    check_dispatch(
+        |m| m.part = 2,
+        ProtoError::UnknownEnum {
+            field: "dispatch.part",
+            value: 2,
+        },
+    );
+}
+
+/// `good_dispatch` turned into a dispatch of `layer`'s dense part.
+fn dense_dispatch(layer: u32) -> wire::Dispatch {
+    let mut m = good_dispatch();
+    m.layer = layer;
+    m.part = wire::FfnPart::Dense as i32;
+    m.assignments.clear();
+    m
+}
+
+#[test]
+fn dense_dispatch_round_trips_and_errors() {
+    let inv = inventory();
+    let m = dense_dispatch(2);
+    let req = DispatchRequest::from_wire(m.clone(), &ctx(Some(&inv))).unwrap();
+    assert_eq!(req.part, FfnPart::Dense);
+    assert_eq!((req.layer, req.n_tokens()), (2, 3));
+    assert!(req.assignments.is_empty());
+    let back: wire::Dispatch = req.into();
+    assert_eq!(back, m);
+    assert_eq!(
+        wire::Dispatch::decode(m.encode_to_vec().as_slice()).unwrap(),
+        m
+    );
+
+    // Assignments are refused: the node computes every token.
+    let mut with_assignments = dense_dispatch(2);
+    with_assignments.assignments = good_dispatch().assignments;
+    assert_eq!(
+        DispatchRequest::from_wire(with_assignments, &ctx(None)),
+        Err(ProtoError::DenseAssignments { layer: 2, got: 3 })
+    );
+    // Layer 1's dense part is not served by this node (it serves routed experts of
+    // layer 1); without an inventory the same dispatch passes.
+    let err = DispatchRequest::from_wire(dense_dispatch(1), &ctx(Some(&inv))).unwrap_err();
+    assert_eq!(err, ProtoError::DenseNotServed { layer: 1 });
+    assert_eq!(err.code(), wire::ErrorCode::NotServed);
+    assert!(DispatchRequest::from_wire(dense_dispatch(1), &ctx(None)).is_ok());
+    // The shape checks apply as for routed dispatches.
+    assert_eq!(
+        DispatchRequest::from_wire(dense_dispatch(4), &ctx(None)),
+        Err(ProtoError::LayerOutOfRange {
+            layer: 4,
+            n_layer: 4
+        })
+    );
+    // A routed dispatch of layer 2 is refused: the node serves only its dense part.
+    let mut routed = good_dispatch();
+    routed.layer = 2;
+    assert_eq!(
+        DispatchRequest::from_wire(routed, &ctx(Some(&inv))),
+        Err(ProtoError::NotServed {
+            index: 0,
+            layer: 2,
+            expert: 3
+        })
+    );
+}
+
+#[test]
 fn hello_round_trip_and_errors() {
     let hello = Hello {
         model_identity: [7; 32],
@@ -380,8 +455,17 @@ fn hello_reply_and_inventory_round_trip() {
     // Sorted, and looked up by (layer, expert).
     let inv = inventory();
     assert_eq!(inv.slices()[0].layer, 0);
-    assert!(inv.serves(1, 3) && inv.serves(1, 0) && inv.serves(0, 5));
-    assert!(!inv.serves(0, 3) && !inv.serves(1, 5) && !inv.serves(2, 0));
+    let routed = |layer, expert| inv.serves(FfnPart::Routed, layer, expert);
+    assert!(routed(1, 3) && routed(1, 0) && routed(0, 5));
+    assert!(!routed(0, 3) && !routed(1, 5) && !routed(2, 0));
+    assert!(inv.serves(FfnPart::Dense, 2, 0));
+    assert!(!inv.serves(FfnPart::Dense, 1, 0) && !inv.serves(FfnPart::Dense, 2, 1));
+    // Sorted by layer, then part: layer 2's dense slice last.
+    assert_eq!(
+        inv.slices().iter().map(|s| s.layer).collect::<Vec<_>>(),
+        [0, 1, 1, 2]
+    );
+    assert_eq!(inv.slices()[3].part, FfnPart::Dense);
 
     let mut no_inv = w;
     no_inv.inventory = None;
@@ -393,7 +477,8 @@ fn hello_reply_and_inventory_round_trip() {
     );
 }
 
-fn check_inventory(slices: &[(u32, u32, u32, u32)], want: Result<(), ProtoError>) {
+/// `(layer, part, expert, ff_start, ff_len)` per slice, `part` as on the wire.
+fn check_inventory(slices: &[(u32, i32, u32, u32, u32)], want: Result<(), ProtoError>) {
     let w = wire::NodeInventory {
         node_name: "n".into(),
         numa_node: None,
@@ -401,12 +486,15 @@ fn check_inventory(slices: &[(u32, u32, u32, u32)], want: Result<(), ProtoError>
         memory_bytes: 0,
         slices: slices
             .iter()
-            .map(|&(layer, expert, ff_start, ff_len)| wire::ExpertSlice {
-                layer,
-                expert,
-                ff_start,
-                ff_len,
-            })
+            .map(
+                |&(layer, part, expert, ff_start, ff_len)| wire::ExpertSlice {
+                    layer,
+                    expert,
+                    ff_start,
+                    ff_len,
+                    part,
+                },
+            )
             .collect(),
     };
     assert_eq!(Inventory::try_from(w).map(|_| ()), want);
@@ -414,18 +502,16 @@ fn check_inventory(slices: &[(u32, u32, u32, u32)], want: Result<(), ProtoError>
 
 #[test]
 fn inventory_errors() {
-    check_inventory(&[(0, 0, 0, 256), (0, 0, 256, 256), (0, 1, 0, 256)], Ok(()));
+    const R: i32 = wire::FfnPart::Routed as i32;
+    const D: i32 = wire::FfnPart::Dense as i32;
     check_inventory(
-        &[(0, 0, 0, 0)],
-        Err(ProtoError::BadSlice {
-            index: 0,
-            layer: 0,
-            expert: 0,
-            detail: "ff_len is 0".into(),
-        }),
+        &[(0, R, 0, 0, 256), (0, R, 0, 256, 256), (0, R, 1, 0, 256)],
+        Ok(()),
     );
+    // A dense slice and expert 0's slice of the same rows do not overlap.
+    check_inventory(&[(0, R, 0, 0, 256), (0, D, 0, 0, 256)], Ok(()));
     check_inventory(
-        &[(0, 0, 0, 256), (0, 0, 128, 256)],
+        &[(0, D, 0, 0, 256), (0, D, 0, 128, 256)],
         Err(ProtoError::BadSlice {
             index: 1,
             layer: 0,
@@ -434,7 +520,41 @@ fn inventory_errors() {
         }),
     );
     check_inventory(
-        &[(0, 0, u32::MAX, 2)],
+        &[(3, D, 1, 0, 256)],
+        Err(ProtoError::BadSlice {
+            index: 0,
+            layer: 3,
+            expert: 1,
+            detail: "a dense slice must have expert 0".into(),
+        }),
+    );
+    check_inventory(
+        &[(0, R, 0, 0, 256), (0, 2, 0, 0, 256)],
+        Err(ProtoError::UnknownEnum {
+            field: "inventory.slices.part",
+            value: 2,
+        }),
+    );
+    check_inventory(
+        &[(0, R, 0, 0, 0)],
+        Err(ProtoError::BadSlice {
+            index: 0,
+            layer: 0,
+            expert: 0,
+            detail: "ff_len is 0".into(),
+        }),
+    );
+    check_inventory(
+        &[(0, R, 0, 0, 256), (0, R, 0, 128, 256)],
+        Err(ProtoError::BadSlice {
+            index: 1,
+            layer: 0,
+            expert: 0,
+            detail: "rows 128..384 overlap rows 0..256".into(),
+        }),
+    );
+    check_inventory(
+        &[(0, R, 0, u32::MAX, 2)],
         Err(ProtoError::BadSlice {
             index: 0,
             layer: 0,
@@ -447,9 +567,8 @@ fn inventory_errors() {
             node_name: "n".into(),
             slices: vec![wire::ExpertSlice {
                 layer: 5000,
-                expert: 0,
-                ff_start: 0,
-                ff_len: 1
+                ff_len: 1,
+                ..Default::default()
             }],
             ..Default::default()
         }),
