@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::quant::dispatch::Kernels;
-use crate::quant::matmul::{matmul_vec_dot, Activations, WeightMatrix};
+use crate::quant::matmul::{matmul, matmul_vec_dot, Activations, WeightMatrix};
 use crate::quant::GgmlType;
 
 /// One 3-D expert tensor (`ffn_{gate,up,down}_exps`): `n_expert` matrices of
@@ -164,6 +164,74 @@ pub struct Assignment {
     pub weight: f32,
 }
 
+/// One expert's FFN, or a slice of its intermediate dimension: `gate` and `up` are
+/// `n_ff × n_embd`, `down` is `n_embd × n_ff` (for a slice, the slice's columns of down laid
+/// out as rows of their own, so every matrix is contiguous).
+#[derive(Clone, Copy, Debug)]
+pub struct FfnMatrices<'a> {
+    pub gate: WeightMatrix<'a>,
+    pub up: WeightMatrix<'a>,
+    pub down: WeightMatrix<'a>,
+}
+
+impl FfnMatrices<'_> {
+    /// Intermediate size (of the slice).
+    pub fn n_ff(&self) -> usize {
+        self.gate.n_rows
+    }
+
+    /// Checks that the three matrices fit together and take `n_embd` inputs.
+    pub fn validate(&self, n_embd: usize) -> Result<(), MoeError> {
+        let (g, u, d) = (&self.gate, &self.up, &self.down);
+        for (what, m) in [("gate", g), ("up", u), ("down", d)] {
+            WeightMatrix::new(m.ty, m.n_rows, m.n_cols, m.data)
+                .map_err(|e| MoeError::Shape(format!("{what}: {e}")))?;
+        }
+        if g.n_cols != n_embd || u.n_cols != n_embd || g.n_rows != u.n_rows {
+            return Err(MoeError::Shape(format!(
+                "gate {}x{} and up {}x{} for n_embd {n_embd}",
+                g.n_rows, g.n_cols, u.n_rows, u.n_cols
+            )));
+        }
+        if d.n_cols != g.n_rows || d.n_rows != n_embd {
+            return Err(MoeError::Shape(format!(
+                "down {}x{} does not match gate {}x{}",
+                d.n_rows, d.n_cols, g.n_rows, g.n_cols
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The routed experts of one layer as a node holds them.
+pub trait ExpertSource: Sync {
+    /// Hidden size (input of gate/up, output of down).
+    fn n_embd(&self) -> usize;
+    /// Number of routed experts of the layer (ids run below it).
+    fn n_expert(&self) -> usize;
+    /// The slices of `expert` held here, in intermediate-dimension order; empty when none.
+    fn expert(&self, expert: u32) -> Vec<FfnMatrices<'_>>;
+}
+
+impl ExpertSource for ExpertLayer<'_> {
+    fn n_embd(&self) -> usize {
+        ExpertLayer::n_embd(self)
+    }
+
+    fn n_expert(&self) -> usize {
+        self.gate.n_expert
+    }
+
+    fn expert(&self, expert: u32) -> Vec<FfnMatrices<'_>> {
+        let e = expert as usize;
+        vec![FfnMatrices {
+            gate: self.gate.expert(e),
+            up: self.up.expert(e),
+            down: self.down.expert(e),
+        }]
+    }
+}
+
 /// Computes Σ weight·down(silu(gate·x) ⊙ up·x) per token into `out`
 /// (`n_tokens × n_embd`, overwritten; tokens with no assignment get zeros).
 ///
@@ -177,18 +245,21 @@ pub fn compute_experts(
     out: &mut [f32],
 ) -> Result<(), MoeError> {
     layer.validate()?;
-    let n_embd = layer.n_embd();
-    let n_ff = layer.n_ff();
-    let find_input = |ty: GgmlType| {
-        inputs
-            .iter()
-            .find(|a| a.ty() == ty)
-            .ok_or(MoeError::MissingInput(ty))
-    };
-    let x_gate = find_input(layer.gate.ty.vec_dot_type())?;
-    let x_up = find_input(layer.up.ty.vec_dot_type())?;
-    let n_tokens = x_gate.n_tokens();
-    for x in [x_gate, x_up] {
+    compute_routed(kernels, layer, inputs, assignments, out)
+}
+
+fn find_input(inputs: &[Activations], ty: GgmlType) -> Result<&Activations, MoeError> {
+    inputs
+        .iter()
+        .find(|a| a.ty() == ty)
+        .ok_or(MoeError::MissingInput(ty))
+}
+
+/// Checks that every input has `n_tokens` rows of `n_embd` and `out` room for the result;
+/// returns `n_tokens`.
+fn check_io(inputs: &[Activations], n_embd: usize, out: &[f32]) -> Result<usize, MoeError> {
+    let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
+    for x in inputs {
         if x.n_cols() != n_embd || x.n_tokens() != n_tokens {
             return Err(MoeError::Shape(format!(
                 "input of {} tokens x {} for {n_tokens} tokens x {n_embd}",
@@ -203,6 +274,21 @@ pub fn compute_experts(
             out.len()
         )));
     }
+    Ok(n_tokens)
+}
+
+/// [`compute_experts`] over any [`ExpertSource`]: each expert's slices are computed for
+/// its tokens together and summed in slice order; a node holding whole experts computes
+/// exactly what the single-process engine computes.
+pub fn compute_routed(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    inputs: &[Activations],
+    assignments: &[Assignment],
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let n_embd = source.n_embd();
+    let n_tokens = check_io(inputs, n_embd, out)?;
 
     // Group assignment slots by expert; experts in ascending order, tokens in slot order.
     let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -213,10 +299,10 @@ pub fn compute_experts(
                 n_tokens,
             });
         }
-        if a.expert as usize >= layer.gate.n_expert {
+        if a.expert as usize >= source.n_expert() {
             return Err(MoeError::BadExpert {
                 expert: a.expert,
-                n_expert: layer.gate.n_expert,
+                n_expert: source.n_expert(),
             });
         }
         if !a.weight.is_finite() {
@@ -226,20 +312,35 @@ pub fn compute_experts(
     }
 
     // Each expert's output rows, one per slot routed to it.
-    let per_expert: Vec<(Vec<usize>, Vec<f32>)> = by_expert
+    let per_expert: Vec<Result<(Vec<usize>, Vec<f32>), MoeError>> = by_expert
         .into_par_iter()
         .map(|(expert, slots)| {
             let tokens: Vec<usize> = slots
                 .iter()
                 .map(|&s| assignments[s].token as usize)
                 .collect();
-            let down_out = expert_ffn(kernels, layer, expert as usize, x_gate, x_up, &tokens, n_ff);
-            (slots, down_out)
+            let slices = source.expert(expert);
+            if slices.is_empty() {
+                return Err(MoeError::NotHeld { expert });
+            }
+            let mut sum: Option<Vec<f32>> = None;
+            for m in &slices {
+                m.validate(n_embd)?;
+                let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+                let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+                let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens);
+                match &mut sum {
+                    None => sum = Some(rows),
+                    Some(s) => s.iter_mut().zip(&rows).for_each(|(a, b)| *a += b),
+                }
+            }
+            Ok((slots, sum.unwrap_or_default()))
         })
         .collect();
 
     let mut slot_rows: Vec<&[f32]> = vec![&[]; assignments.len()];
-    for (slots, rows) in &per_expert {
+    for r in &per_expert {
+        let (slots, rows) = r.as_ref().map_err(Clone::clone)?;
         for (i, &slot) in slots.iter().enumerate() {
             slot_rows[slot] = &rows[i * n_embd..(i + 1) * n_embd];
         }
@@ -254,44 +355,74 @@ pub fn compute_experts(
     Ok(())
 }
 
-/// down(silu(gate·x) ⊙ up·x) of one expert for the given tokens (rows in token order).
+/// A dense FFN (a dense layer's, or a shared expert) over every token: down(silu(gate·x) ⊙
+/// up·x) summed over `slices` in order, into `out` (`n_tokens × n_embd`, overwritten).
+///
+/// The float order is ggml's 2-D `MUL_MAT` (as the coordinator's own dense FFN computes it),
+/// so one node holding the whole FFN computes exactly what the single-process engine does.
+pub fn compute_dense(
+    kernels: &Kernels,
+    slices: &[FfnMatrices<'_>],
+    inputs: &[Activations],
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let first = slices.first().ok_or(MoeError::NotHeld { expert: 0 })?;
+    let n_embd = first.gate.n_cols;
+    let n_tokens = check_io(inputs, n_embd, out)?;
+    for (i, m) in slices.iter().enumerate() {
+        m.validate(n_embd)?;
+        let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+        let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+        let n_ff = m.n_ff();
+        let mut gate = vec![0.0f32; n_tokens * n_ff];
+        matmul(kernels, &m.gate, x_gate, &mut gate);
+        let mut up = vec![0.0f32; n_tokens * n_ff];
+        matmul(kernels, &m.up, x_up, &mut up);
+        crate::ggml_math::swiglu_in_place(&mut gate, &up);
+        let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
+        if i == 0 {
+            matmul(kernels, &m.down, &hidden, out);
+        } else {
+            let mut part = vec![0.0f32; n_tokens * n_embd];
+            matmul(kernels, &m.down, &hidden, &mut part);
+            out.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(())
+}
+
+/// down(silu(gate·x) ⊙ up·x) of one expert (slice) for the given tokens (rows in token order).
 ///
 /// The float order is ggml's `MUL_MAT_ID` for this expert, which depends on how many tokens
 /// are routed to it (the tiled matmul's from 8 for K-quants, see `matmul_vec_dot`): an
 /// expert's tokens of one batch must be computed together to stay exact.
 fn expert_ffn(
     kernels: &Kernels,
-    layer: &ExpertLayer<'_>,
-    expert: usize,
+    m: &FfnMatrices<'_>,
     x_gate: &Activations,
     x_up: &Activations,
     tokens: &[usize],
-    n_ff: usize,
 ) -> Vec<f32> {
     let n = tokens.len();
+    let n_ff = m.n_ff();
     let xg = x_gate.gather(tokens);
     let mut gate = vec![0.0f32; n * n_ff];
-    matmul_vec_dot(kernels, &layer.gate.expert(expert), &xg, &mut gate);
+    matmul_vec_dot(kernels, &m.gate, &xg, &mut gate);
     let mut up = vec![0.0f32; n * n_ff];
     if std::ptr::eq(x_gate, x_up) {
-        matmul_vec_dot(kernels, &layer.up.expert(expert), &xg, &mut up);
+        matmul_vec_dot(kernels, &m.up, &xg, &mut up);
     } else {
-        matmul_vec_dot(
-            kernels,
-            &layer.up.expert(expert),
-            &x_up.gather(tokens),
-            &mut up,
-        );
+        matmul_vec_dot(kernels, &m.up, &x_up.gather(tokens), &mut up);
     }
     crate::ggml_math::swiglu_in_place(&mut gate, &up);
-    let hidden = Activations::quantize(kernels, layer.down.ty, &gate, n_ff);
-    let mut down = vec![0.0f32; n * layer.n_embd()];
-    matmul_vec_dot(kernels, &layer.down.expert(expert), &hidden, &mut down);
+    let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
+    let mut down = vec![0.0f32; n * m.down.n_rows];
+    matmul_vec_dot(kernels, &m.down, &hidden, &mut down);
     down
 }
 
 /// Why an expert computation was refused.
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum MoeError {
     #[error("shape mismatch: {0}")]
     Shape(String),
@@ -303,4 +434,6 @@ pub enum MoeError {
     BadExpert { expert: u32, n_expert: usize },
     #[error("non-finite {0}")]
     NonFinite(&'static str),
+    #[error("expert {expert} is not held here")]
+    NotHeld { expert: u32 },
 }

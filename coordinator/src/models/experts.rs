@@ -14,18 +14,61 @@ use shared::quant::GgmlType;
 
 use super::EngineError;
 
-/// Computes routed experts for the coordinator.
+/// Computes routed experts (and, where a plan places them on nodes, dense FFN parts) for
+/// the coordinator.
+///
+/// Work is started, then waited for, so the coordinator can compute its own part of the
+/// layer (the shared expert) while nodes work on theirs.
 pub trait ExpertExecutor: Send + Sync {
+    /// Starts Σ w·FFN_e(x) per token of MoE layer `layer`. `inputs` are the tokens'
+    /// normalized hidden rows, quantized to each type the layer's gate/up kernels consume.
+    fn start(
+        &self,
+        layer: usize,
+        inputs: &[Activations],
+        assignments: &[Assignment],
+    ) -> Result<Pending<'_>, EngineError>;
+
+    /// Whether layer `layer`'s dense part (its dense FFN, or its shared expert) is computed
+    /// by this executor rather than by the coordinator itself.
+    fn places_dense(&self, _layer: usize) -> bool {
+        false
+    }
+
+    /// Starts layer `layer`'s dense part for every token of `inputs` (quantized to the
+    /// dense gate/up types); only called where [`ExpertExecutor::places_dense`] is true.
+    fn start_dense(&self, layer: usize, _inputs: &[Activations]) -> Result<Pending<'_>, EngineError> {
+        Err(EngineError::Node(format!(
+            "layer {layer}'s dense part is not placed on expert nodes"
+        )))
+    }
+
     /// Writes Σ w·FFN_e(x) per token of MoE layer `layer` into `out`
-    /// (`n_tokens × n_embd`). `inputs` are the tokens' normalized hidden rows,
-    /// quantized to each type the layer's gate/up kernels consume.
+    /// (`n_tokens × n_embd`): [`ExpertExecutor::start`] then wait.
     fn run(
         &self,
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
         out: &mut [f32],
-    ) -> Result<(), EngineError>;
+    ) -> Result<(), EngineError> {
+        self.start(layer, inputs, assignments)?.wait(out)
+    }
+}
+
+/// Work started by an [`ExpertExecutor`]; [`Pending::wait`] writes its result.
+pub struct Pending<'a>(Box<dyn FnOnce(&mut [f32]) -> Result<(), EngineError> + Send + 'a>);
+
+impl<'a> Pending<'a> {
+    /// Work whose result is written by `finish`.
+    pub fn new(finish: impl FnOnce(&mut [f32]) -> Result<(), EngineError> + Send + 'a) -> Self {
+        Pending(Box::new(finish))
+    }
+
+    /// Waits for the work and writes its result (`n_tokens × n_embd`) into `out`.
+    pub fn wait(self, out: &mut [f32]) -> Result<(), EngineError> {
+        (self.0)(out)
+    }
 }
 
 /// Every routed expert of the model, computed in this process from the mapping.
@@ -114,21 +157,32 @@ impl InprocExperts {
 }
 
 impl ExpertExecutor for InprocExperts {
-    fn run(
+    fn start(
         &self,
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
-        out: &mut [f32],
-    ) -> Result<(), EngineError> {
+    ) -> Result<Pending<'_>, EngineError> {
         let names = self
             .layers
             .get(layer)
             .and_then(Option::as_ref)
             .ok_or_else(|| EngineError::Node(format!("layer {layer} has no routed experts")))?;
         let view = self.layer_view(names)?;
-        compute_experts(self.kernels, &view, inputs, assignments, out)?;
-        Ok(())
+        let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
+        let mut result = vec![0.0f32; n_tokens * self.n_embd];
+        compute_experts(self.kernels, &view, inputs, assignments, &mut result)?;
+        Ok(Pending::new(move |out| {
+            if out.len() != result.len() {
+                return Err(EngineError::Node(format!(
+                    "output of {} values for {} computed",
+                    out.len(),
+                    result.len()
+                )));
+            }
+            out.copy_from_slice(&result);
+            Ok(())
+        }))
     }
 }
 

@@ -21,7 +21,7 @@ use shared::quant::matmul::{matmul, matmul_unrepacked, Activations, WeightMatrix
 use shared::quant::GgmlType;
 use thiserror::Error;
 
-pub use experts::{ExpertExecutor, InprocExperts};
+pub use experts::{ExpertExecutor, InprocExperts, Pending};
 
 use crate::kv_cache::KvCache;
 use blocks::{add_bias, attend_head, rms_norm, Rope};
@@ -321,7 +321,7 @@ impl Model {
             let mut cur = ffn_inp.clone();
             rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
             let ffn_out = match &layer.ffn {
-                Ffn::Dense(f) => self.dense_ffn(f, &cur, rows),
+                Ffn::Dense(f) => self.start_dense_ffn(il, f, &cur, experts)?.finish(rows * n_embd)?,
                 Ffn::Moe(m) => self.moe_ffn(il, m, &cur, rows, experts)?,
             };
             for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
@@ -557,7 +557,28 @@ impl Model {
         self.linear(&a.wo, &out)
     }
 
-    fn dense_ffn(&self, f: &DenseFfn, cur: &[f32], _n: usize) -> Vec<f32> {
+    /// A dense FFN (dense layer or shared expert): started on the nodes where the plan
+    /// places it, computed here otherwise.
+    fn start_dense_ffn<'e>(
+        &self,
+        il: usize,
+        f: &DenseFfn,
+        cur: &[f32],
+        experts: &'e dyn ExpertExecutor,
+    ) -> Result<DenseResult<'e>, EngineError> {
+        if !experts.places_dense(il) {
+            return Ok(DenseResult::Local(self.dense_ffn(f, cur)));
+        }
+        let n_embd = self.hp.n_embd;
+        let (g, u) = (f.gate.info.ty.vec_dot_type(), f.up.info.ty.vec_dot_type());
+        let mut inputs = vec![Activations::quantize(self.kernels, f.gate.info.ty, cur, n_embd)];
+        if u != g {
+            inputs.push(Activations::quantize(self.kernels, f.up.info.ty, cur, n_embd));
+        }
+        Ok(DenseResult::Remote(experts.start_dense(il, &inputs)?))
+    }
+
+    fn dense_ffn(&self, f: &DenseFfn, cur: &[f32]) -> Vec<f32> {
         let mut g = self.linear(&f.gate, cur);
         let u = self.linear(&f.up, cur);
         shared::ggml_math::swiglu_in_place(&mut g, &u);
@@ -583,10 +604,16 @@ impl Model {
             .iter()
             .map(|&ty| Activations::quantize(self.kernels, ty, cur, self.hp.n_embd))
             .collect();
+        let pending = experts.start(il, &inputs, &assignments)?;
+        // The shared expert is computed (here or on nodes) while the routed experts run.
+        let shared = match &m.shared {
+            Some(f) => Some(self.start_dense_ffn(il, f, cur, experts)?),
+            None => None,
+        };
         let mut out = vec![0.0f32; n * self.hp.n_embd];
-        experts.run(il, &inputs, &assignments, &mut out)?;
-        if let Some(shared) = &m.shared {
-            let mut sh = self.dense_ffn(shared, cur, n);
+        pending.wait(&mut out)?;
+        if let Some(shared) = shared {
+            let mut sh = shared.finish(n * self.hp.n_embd)?;
             if let Some(gate) = &m.shared_gate {
                 let g = self.linear(gate, cur);
                 for (row, &gv) in sh.chunks_exact_mut(self.hp.n_embd).zip(&g) {
@@ -599,6 +626,25 @@ impl Model {
             }
         }
         Ok(out)
+    }
+}
+
+/// A dense FFN's output: computed here, or still running on nodes.
+enum DenseResult<'e> {
+    Local(Vec<f32>),
+    Remote(Pending<'e>),
+}
+
+impl DenseResult<'_> {
+    fn finish(self, len: usize) -> Result<Vec<f32>, EngineError> {
+        match self {
+            DenseResult::Local(v) => Ok(v),
+            DenseResult::Remote(p) => {
+                let mut out = vec![0.0f32; len];
+                p.wait(&mut out)?;
+                Ok(out)
+            }
+        }
     }
 }
 

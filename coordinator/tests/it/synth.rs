@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use coordinator::engine::Engine;
-use coordinator::models::{EngineError, ExpertExecutor, InprocExperts, Model};
+use coordinator::models::{EngineError, ExpertExecutor, InprocExperts, Model, Pending};
 use coordinator::synth::{self, SynthConfig};
 use shared::gguf::{GgufFile, GgufWriter, TensorDesc};
 use shared::models::HParams;
@@ -96,18 +96,17 @@ struct Recording {
 }
 
 impl ExpertExecutor for Recording {
-    fn run(
+    fn start(
         &self,
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
-        out: &mut [f32],
-    ) -> Result<(), EngineError> {
+    ) -> Result<Pending<'_>, EngineError> {
         self.seen
             .lock()
             .unwrap()
             .extend(assignments.iter().map(|a| (layer, a.expert)));
-        self.inner.run(layer, inputs, assignments, out)
+        self.inner.start(layer, inputs, assignments)
     }
 }
 
@@ -122,14 +121,13 @@ fn eval_and_route(path: &Path) -> (Vec<f32>, BTreeSet<(usize, u32)>) {
     });
     struct Shared(Arc<Recording>);
     impl ExpertExecutor for Shared {
-        fn run(
+        fn start(
             &self,
             layer: usize,
             inputs: &[Activations],
             assignments: &[Assignment],
-            out: &mut [f32],
-        ) -> Result<(), EngineError> {
-            self.0.run(layer, inputs, assignments, out)
+        ) -> Result<Pending<'_>, EngineError> {
+            self.0.start(layer, inputs, assignments)
         }
     }
     let engine = Engine::with_executor(model, Box::new(Shared(rec.clone())));
