@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod chat_template;
+pub mod distributed;
 pub mod engine;
 pub mod inspect;
 pub mod kv_cache;

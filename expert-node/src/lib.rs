@@ -1,5 +1,18 @@
-//! The expert-node daemon: serves the routed experts (or expert slices) it holds
-//! from its local memory.
+//! The expert-node daemon: serves the routed experts (or expert slices), and optionally
+//! dense FFN slices, that its plan gives it, from its local memory.
 //!
-//! Not built yet (the distributed-execution issue): the daemon currently only
-//! parses its command line and says so.
+//! - [`weights`]: maps only the byte ranges of the slices served (from the model file or a
+//!   `moeshard split` node file) and hands out zero-copy matrix views.
+//! - [`service`]: [`NodeCore`], the transport-independent answers (handshake, dispatch,
+//!   health, stats), every message checked first.
+//! - [`daemon`]: command line, transports (gRPC or QUIC), graceful shutdown.
+
+pub mod daemon;
+pub mod error;
+pub mod service;
+pub mod weights;
+
+pub use daemon::NodeArgs;
+pub use error::NodeError;
+pub use service::NodeCore;
+pub use weights::NodeWeights;

@@ -312,7 +312,9 @@ pub fn compute_routed(
     }
 
     // Each expert's output rows, one per slot routed to it.
-    let per_expert: Vec<Result<(Vec<usize>, Vec<f32>), MoeError>> = by_expert
+    // Per expert: its assignment slots and their output rows.
+    type SlotRows = (Vec<usize>, Vec<f32>);
+    let per_expert: Vec<Result<SlotRows, MoeError>> = by_expert
         .into_par_iter()
         .map(|(expert, slots)| {
             let tokens: Vec<usize> = slots

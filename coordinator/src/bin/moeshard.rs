@@ -42,9 +42,13 @@ enum Command {
         /// Output safetensors file with one f32 tensor `logits` [n_tokens, n_vocab]
         #[arg(long)]
         logits_out: PathBuf,
+        #[command(flatten)]
+        dist: DistArgs,
     },
-    /// Generate text from a prompt (single process)
+    /// Generate text from a prompt (single process, or with the experts on nodes: --nodes, --cluster)
     Generate(GenerateArgs),
+    /// Run an expert-node daemon (the same as `moeshard-expert-node`)
+    ExpertNode(expert_node::NodeArgs),
     /// Tokenize text with the model's tokenizer
     Tokenize {
         #[arg(long, short = 'm')]
@@ -83,6 +87,8 @@ enum Command {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Render a chat template for a list of messages (like llama-server's /apply-template)
     Template {
@@ -181,6 +187,79 @@ struct GenerateArgs {
     /// Print one JSON object with `tokens` and `text` instead of streaming text
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    dist: DistArgs,
+}
+
+/// Where the routed experts run (default: in this process).
+#[derive(Args, Debug, Clone)]
+struct DistArgs {
+    /// Start N expert nodes on this machine (loopback) with an even plan (or --plan's)
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Transport to the loopback nodes: grpc, quic, or inproc (nodes inside this process)
+    #[arg(long, default_value = "grpc")]
+    transport: proto::transport::TransportKind,
+    /// Connect to running expert-node daemons listed in this cluster file (TOML, docs/placement.md)
+    #[arg(long, conflicts_with = "nodes")]
+    cluster: Option<PathBuf>,
+    /// Placement plan (TOML, docs/placement.md); default: an even plan over the nodes
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// In the even plan, also slice dense FFNs and shared experts over the nodes (always
+    /// done for a dense model)
+    #[arg(long)]
+    split_dense: bool,
+    /// Seconds a node may take to answer one dispatch before the step fails naming it
+    #[arg(long, default_value_t = coordinator::distributed::DEFAULT_DISPATCH_TIMEOUT.as_secs_f64())]
+    dispatch_timeout: f64,
+}
+
+impl DistArgs {
+    fn options(&self) -> anyhow::Result<coordinator::distributed::connect::DistOptions> {
+        if !(self.dispatch_timeout > 0.0 && self.dispatch_timeout.is_finite()) {
+            bail!("--dispatch-timeout must be a positive number of seconds");
+        }
+        Ok(coordinator::distributed::connect::DistOptions {
+            nodes: self.nodes,
+            transport: self.transport,
+            cluster: self.cluster.clone(),
+            plan: self.plan.clone(),
+            split_dense: self.split_dense,
+            dispatch_timeout: std::time::Duration::from_secs_f64(self.dispatch_timeout),
+            launch: None,
+        })
+    }
+}
+
+/// An engine and, in loopback mode, the node processes it uses (stopped when dropped).
+struct Loaded {
+    engine: Engine,
+    _nodes: Option<coordinator::distributed::launcher::LocalNodes>,
+}
+
+impl std::ops::Deref for Loaded {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// The single-process engine, or one whose experts run on nodes.
+fn open_engine_dist(path: &Path, dist: &DistArgs) -> anyhow::Result<Loaded> {
+    let opts = dist.options()?;
+    if !opts.is_distributed() {
+        return Ok(Loaded {
+            engine: open_engine(path)?,
+            _nodes: None,
+        });
+    }
+    let d = coordinator::distributed::connect::open_distributed(path, &opts)
+        .with_context(|| format!("placing the experts of {} on nodes", path.display()))?;
+    Ok(Loaded {
+        engine: d.engine,
+        _nodes: d.local_nodes,
+    })
 }
 
 fn main() -> ExitCode {
@@ -211,8 +290,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             tokens,
             logits_out,
+            dist,
         } => {
-            let engine = open_engine(&model)?;
+            let engine = open_engine_dist(&model, &dist)?;
             let logits = engine.eval(&tokens).context("evaluating tokens")?;
             let n_vocab = engine.model().hparams().n_vocab;
             coordinator::safetensors_out::write_f32(
@@ -231,6 +311,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::ExpertNode(args) => {
+            let core = expert_node::daemon::load(&args)?;
+            expert_node::daemon::serve(&args, core, |transport, addr| {
+                // The one line on stdout: the loopback launcher reads the bound address from it.
+                println!("moeshard-expert-node listening on {transport}://{addr}");
+            })?;
+            Ok(())
+        }
         Command::Bench {
             model,
             threads,
@@ -238,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             n_gen,
             reps,
             json,
+            dist,
         } => {
             if n_prompt == 0 || reps == 0 {
                 bail!("-p and --reps must be at least 1");
@@ -251,7 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .num_threads(threads)
                 .build()
                 .context("starting worker threads")?;
-            let engine = open_engine(&model)?;
+            let engine = open_engine_dist(&model, &dist)?;
             let cfg = coordinator::bench::BenchConfig {
                 n_prompt,
                 n_decode: n_gen,
@@ -419,7 +508,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let file = open_gguf(&args.model)?;
-    let engine = load_engine(file.clone(), &args.model)?;
+    let engine = if args.dist.options()?.is_distributed() {
+        open_engine_dist(&args.model, &args.dist)?
+    } else {
+        Loaded {
+            engine: load_engine(file.clone(), &args.model)?,
+            _nodes: None,
+        }
+    };
     let tokenizer = Tokenizer::from_gguf(&file).ok();
     let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
         (Some(t), _) => t.clone(),

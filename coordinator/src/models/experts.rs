@@ -37,7 +37,11 @@ pub trait ExpertExecutor: Send + Sync {
 
     /// Starts layer `layer`'s dense part for every token of `inputs` (quantized to the
     /// dense gate/up types); only called where [`ExpertExecutor::places_dense`] is true.
-    fn start_dense(&self, layer: usize, _inputs: &[Activations]) -> Result<Pending<'_>, EngineError> {
+    fn start_dense(
+        &self,
+        layer: usize,
+        _inputs: &[Activations],
+    ) -> Result<Pending<'_>, EngineError> {
         Err(EngineError::Node(format!(
             "layer {layer}'s dense part is not placed on expert nodes"
         )))
@@ -57,7 +61,10 @@ pub trait ExpertExecutor: Send + Sync {
 }
 
 /// Work started by an [`ExpertExecutor`]; [`Pending::wait`] writes its result.
-pub struct Pending<'a>(Box<dyn FnOnce(&mut [f32]) -> Result<(), EngineError> + Send + 'a>);
+pub struct Pending<'a>(Box<Finish<'a>>);
+
+/// Writes a started computation's result once it is ready.
+type Finish<'a> = dyn FnOnce(&mut [f32]) -> Result<(), EngineError> + Send + 'a;
 
 impl<'a> Pending<'a> {
     /// Work whose result is written by `finish`.

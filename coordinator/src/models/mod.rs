@@ -321,7 +321,9 @@ impl Model {
             let mut cur = ffn_inp.clone();
             rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
             let ffn_out = match &layer.ffn {
-                Ffn::Dense(f) => self.start_dense_ffn(il, f, &cur, experts)?.finish(rows * n_embd)?,
+                Ffn::Dense(f) => self
+                    .start_dense_ffn(il, f, &cur, experts)?
+                    .finish(rows * n_embd)?,
                 Ffn::Moe(m) => self.moe_ffn(il, m, &cur, rows, experts)?,
             };
             for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
@@ -571,9 +573,19 @@ impl Model {
         }
         let n_embd = self.hp.n_embd;
         let (g, u) = (f.gate.info.ty.vec_dot_type(), f.up.info.ty.vec_dot_type());
-        let mut inputs = vec![Activations::quantize(self.kernels, f.gate.info.ty, cur, n_embd)];
+        let mut inputs = vec![Activations::quantize(
+            self.kernels,
+            f.gate.info.ty,
+            cur,
+            n_embd,
+        )];
         if u != g {
-            inputs.push(Activations::quantize(self.kernels, f.up.info.ty, cur, n_embd));
+            inputs.push(Activations::quantize(
+                self.kernels,
+                f.up.info.ty,
+                cur,
+                n_embd,
+            ));
         }
         Ok(DenseResult::Remote(experts.start_dense(il, &inputs)?))
     }

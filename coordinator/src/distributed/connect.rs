@@ -1,0 +1,241 @@
+//! Putting a distributed engine together from the command line's choices: loopback nodes
+//! (`--nodes N --transport T`, optionally with `--plan`), or daemons already running
+//! (`--cluster FILE`, with `--plan FILE` or an even plan over the cluster's nodes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::transport::{grpc, quic, NodeLink, TransportKind};
+use shared::gguf::{model_identity, GgufFile};
+use shared::placement::{Cluster, ModelShape, Plan};
+use tracing::{info, warn};
+
+use super::launcher::{launch, LaunchOptions, LocalNodes};
+use super::{DistributedError, NodeHandle, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
+use crate::engine::Engine;
+use crate::models::Model;
+
+/// Where the experts run.
+#[derive(Clone, Debug)]
+pub struct DistOptions {
+    /// Start this many loopback nodes (with an even plan unless `plan` is given).
+    pub nodes: Option<usize>,
+    pub transport: TransportKind,
+    /// Connect to the daemons of this cluster file instead of starting nodes.
+    pub cluster: Option<PathBuf>,
+    pub plan: Option<PathBuf>,
+    /// In an even plan, slice dense FFNs and shared experts over the nodes too (always
+    /// done for a dense model, which has nothing else to spread).
+    pub split_dense: bool,
+    pub dispatch_timeout: Duration,
+    pub launch: Option<LaunchOptions>,
+}
+
+impl DistOptions {
+    /// Whether anything but the single-process engine was asked for.
+    pub fn is_distributed(&self) -> bool {
+        self.nodes.is_some() || self.cluster.is_some() || self.plan.is_some()
+    }
+}
+
+impl Default for DistOptions {
+    fn default() -> Self {
+        DistOptions {
+            nodes: None,
+            transport: TransportKind::Grpc,
+            cluster: None,
+            plan: None,
+            split_dense: false,
+            dispatch_timeout: DEFAULT_DISPATCH_TIMEOUT,
+            launch: None,
+        }
+    }
+}
+
+/// An engine whose experts run on nodes, and the nodes started for it (stopped when
+/// dropped; empty when connecting to a cluster).
+pub struct DistributedEngine {
+    pub engine: Engine,
+    pub local_nodes: Option<LocalNodes>,
+}
+
+fn node_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("node{i}")).collect()
+}
+
+/// Opens `model_path` with its experts placed as `opts` says.
+pub fn open_distributed(
+    model_path: &Path,
+    opts: &DistOptions,
+) -> Result<DistributedEngine, OpenError> {
+    let file = Arc::new(GgufFile::open(model_path)?);
+    let model = Model::load(file.clone())?;
+    let shape = ModelShape::from_gguf(&file)?;
+    let identity = model_identity(&file);
+    let dense_model = shape.layers.iter().all(|l| l.routed.is_none());
+    let split_dense = opts.split_dense || dense_model;
+
+    let cluster = match &opts.cluster {
+        Some(path) => Some(Cluster::load(path)?),
+        None => None,
+    };
+    let plan = match (&opts.plan, &cluster, opts.nodes) {
+        (Some(path), _, _) => Plan::load(path)?,
+        (None, Some(c), _) => {
+            let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+            Plan::even(&names, &shape, split_dense)
+        }
+        (None, None, Some(n)) => {
+            if n == 0 {
+                return Err(DistributedError::Launch("--nodes must be at least 1".into()).into());
+            }
+            Plan::even(&node_names(n), &shape, split_dense)
+        }
+        (None, None, None) => {
+            return Err(DistributedError::Launch(
+                "give --nodes N, --cluster FILE or --plan FILE".into(),
+            )
+            .into())
+        }
+    };
+    plan.check_identity(&identity)?;
+    let resolved = plan.resolve(&shape)?;
+    if let (Some(n), None) = (opts.nodes, &cluster) {
+        if n != resolved.nodes().len() {
+            return Err(DistributedError::Launch(format!(
+                "--nodes {n} but the plan has {} nodes",
+                resolved.nodes().len()
+            ))
+            .into());
+        }
+    }
+
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coordinator-io")
+            .enable_all()
+            .build()
+            .map_err(|e| DistributedError::Launch(format!("starting the I/O runtime: {e}")))?,
+    );
+    let (local_nodes, handles) = match &cluster {
+        Some(c) => (None, connect_cluster(&runtime, c, resolved.nodes())?),
+        None => {
+            let launch_opts = match &opts.launch {
+                Some(o) => o.clone(),
+                None => LaunchOptions::this_executable()?,
+            };
+            let (nodes, handles) = launch(
+                &runtime,
+                model_path,
+                &plan,
+                &resolved,
+                opts.transport,
+                &launch_opts,
+            )?;
+            (Some(nodes), handles)
+        }
+    };
+    let n_embd = model.hparams().n_embd;
+    let remote = RemoteExperts::connect(
+        runtime,
+        handles,
+        resolved,
+        identity,
+        n_embd,
+        opts.dispatch_timeout,
+    )?;
+    info!(nodes = remote.nodes().len(), "experts placed on nodes");
+    Ok(DistributedEngine {
+        engine: Engine::with_executor(model, Box::new(remote)),
+        local_nodes,
+    })
+}
+
+/// Links to the running daemons named by the plan, in plan order.
+pub fn connect_cluster(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    plan_nodes: &[String],
+) -> Result<Vec<NodeHandle>, DistributedError> {
+    let mut handles = Vec::with_capacity(plan_nodes.len());
+    for name in plan_nodes {
+        let node = cluster
+            .nodes
+            .iter()
+            .find(|n| &n.name == name)
+            .ok_or_else(|| DistributedError::UnknownNode(name.clone()))?;
+        let addr = resolve_addr(&node.address).map_err(|detail| DistributedError::Refused {
+            node: name.clone(),
+            peer: node.address.clone(),
+            detail,
+        })?;
+        if !addr.ip().is_loopback() && node.transport == "grpc" {
+            warn!(
+                node = %name,
+                address = %node.address,
+                "plain-text gRPC link to another host: unauthenticated and unencrypted"
+            );
+        }
+        let transport_err = |source| DistributedError::Transport {
+            node: name.clone(),
+            peer: node.address.clone(),
+            source,
+        };
+        let link: Arc<dyn NodeLink> = match node.transport.as_str() {
+            "quic" => {
+                let cert = node
+                    .cert
+                    .as_ref()
+                    .ok_or_else(|| DistributedError::Refused {
+                        node: name.clone(),
+                        peer: node.address.clone(),
+                        detail: "a QUIC node needs `cert` in the cluster file".into(),
+                    })?;
+                let pem = std::fs::read_to_string(cert).map_err(|e| DistributedError::Refused {
+                    node: name.clone(),
+                    peer: node.address.clone(),
+                    detail: format!("reading {}: {e}", cert.display()),
+                })?;
+                Arc::new(
+                    runtime
+                        .block_on(quic::connect(addr, &node.server_name, &pem))
+                        .map_err(transport_err)?,
+                )
+            }
+            _ => Arc::new(
+                runtime
+                    .block_on(grpc::connect(addr))
+                    .map_err(transport_err)?,
+            ),
+        };
+        handles.push(NodeHandle {
+            name: name.clone(),
+            link,
+        });
+    }
+    Ok(handles)
+}
+
+fn resolve_addr(address: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{address} resolves to no address"))
+}
+
+/// Why [`open_distributed`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Gguf(#[from] shared::gguf::GgufError),
+    #[error(transparent)]
+    Engine(#[from] crate::models::EngineError),
+    #[error(transparent)]
+    Placement(#[from] shared::placement::PlacementError),
+    #[error(transparent)]
+    Distributed(#[from] DistributedError),
+}

@@ -1,0 +1,272 @@
+//! Loopback mode: the expert nodes of a plan started on this machine — as processes
+//! listening on 127.0.0.1 (gRPC or QUIC, ports chosen free by the OS), or inside this
+//! process (`inproc`) — and stopped again when [`LocalNodes`] is dropped.
+//!
+//! The cores are divided between the node processes, not multiplied: N nodes on C cores
+//! get max(1, C / N) compute threads each, so timings and deadlines stay meaningful.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use expert_node::{NodeCore, NodeWeights};
+use proto::transport::{grpc, quic, InprocLink, NodeLink, TlsIdentity, TransportKind};
+use shared::placement::{Plan, ResolvedPlan};
+use tracing::{info, warn};
+
+use super::{DistributedError, NodeHandle};
+
+/// How long a node process may take to load its weights and listen.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How to start node processes.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    /// The program and the arguments before the node's own (`moeshard expert-node`).
+    pub program: PathBuf,
+    pub program_args: Vec<String>,
+    /// Compute threads per node (0: the cores divided by the node count).
+    pub threads_per_node: usize,
+    pub start_timeout: Duration,
+}
+
+impl LaunchOptions {
+    /// This executable's `expert-node` subcommand.
+    pub fn this_executable() -> Result<LaunchOptions, DistributedError> {
+        let program = std::env::current_exe()
+            .map_err(|e| DistributedError::Launch(format!("finding this executable: {e}")))?;
+        Ok(LaunchOptions {
+            program,
+            program_args: vec!["expert-node".into()],
+            threads_per_node: 0,
+            start_timeout: DEFAULT_START_TIMEOUT,
+        })
+    }
+}
+
+/// Node processes (or in-process nodes) started for one run; stopped on drop (SIGTERM,
+/// then SIGKILL after 5 s).
+pub struct LocalNodes {
+    children: Vec<(String, Child)>,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalNodes {
+    /// The process ids of the node processes, in plan order (empty for inproc).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c)| c.id()).collect()
+    }
+
+    /// Kills node `index` at once (SIGKILL), as a crash would (for tests of failure handling).
+    pub fn kill(&mut self, index: usize) {
+        if let Some((name, child)) = self.children.get_mut(index) {
+            warn!(node = %name, "killing node");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LocalNodes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        warn!(node = %name, "node did not stop on SIGTERM; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+fn launch_err(detail: String) -> DistributedError {
+    DistributedError::Launch(detail)
+}
+
+/// Starts the nodes of `plan` for `model` and connects to them; handles in plan order.
+pub fn launch(
+    runtime: &tokio::runtime::Runtime,
+    model: &Path,
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    transport: TransportKind,
+    options: &LaunchOptions,
+) -> Result<(LocalNodes, Vec<NodeHandle>), DistributedError> {
+    let dir = tempfile::Builder::new()
+        .prefix("moeshard-nodes-")
+        .tempdir()
+        .map_err(|e| launch_err(format!("creating a temporary directory: {e}")))?;
+    let n = resolved.nodes().len();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = match options.threads_per_node {
+        0 => (cores / n).max(1),
+        t => t,
+    };
+
+    if transport == TransportKind::Inproc {
+        let mut handles = Vec::with_capacity(n);
+        for (i, name) in resolved.nodes().iter().enumerate() {
+            let slices = resolved.node_slices(i);
+            let weights = NodeWeights::open(model, Some(&slices))
+                .map_err(|e| launch_err(format!("node {name}: {e}")))?;
+            let core = NodeCore::new(name, weights, threads, None)
+                .map_err(|e| launch_err(format!("node {name}: {e}")))?;
+            let link: Arc<dyn NodeLink> = Arc::new(InprocLink::new(name, Arc::new(core)));
+            handles.push(NodeHandle {
+                name: name.clone(),
+                link,
+            });
+        }
+        info!(nodes = n, threads, "in-process nodes ready");
+        return Ok((
+            LocalNodes {
+                children: Vec::new(),
+                _dir: dir,
+            },
+            handles,
+        ));
+    }
+
+    let plan_path = dir.path().join("plan.toml");
+    plan.save(&plan_path)
+        .map_err(|e| launch_err(format!("writing the plan: {e}")))?;
+    let mut nodes = LocalNodes {
+        children: Vec::new(),
+        _dir: dir,
+    };
+    let mut started = Vec::with_capacity(n);
+    for name in resolved.nodes() {
+        let mut cmd = Command::new(&options.program);
+        cmd.args(&options.program_args)
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0", "--transport"])
+            .arg(transport.to_string())
+            .arg("--plan")
+            .arg(&plan_path)
+            .args(["--node", name, "--threads"])
+            .arg(threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut cert_pem = None;
+        if transport == TransportKind::Quic {
+            let cert = nodes._dir.path().join(format!("{name}.cert.pem"));
+            let key = nodes._dir.path().join(format!("{name}.key.pem"));
+            let identity = TlsIdentity::load_or_create(&cert, &key, &["localhost", "127.0.0.1"])
+                .map_err(|e| launch_err(format!("node {name}: certificate: {e}")))?;
+            cert_pem = Some(identity.cert_pem);
+            cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            launch_err(format!(
+                "starting node {name} ({}): {e}",
+                options.program.display()
+            ))
+        })?;
+        let stdout = child.stdout.take();
+        nodes.children.push((name.clone(), child));
+        let (tx, rx) = mpsc::channel();
+        if let Some(out) = stdout {
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(out).lines();
+                if let Some(Ok(line)) = lines.next() {
+                    let _ = tx.send(line);
+                }
+                // Keep draining so the node never blocks on a full pipe.
+                for _ in lines {}
+            });
+        }
+        started.push((name.clone(), rx, cert_pem));
+    }
+
+    let mut handles = Vec::with_capacity(n);
+    for (i, (name, rx, cert_pem)) in started.into_iter().enumerate() {
+        let deadline = Instant::now() + options.start_timeout;
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => break line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = nodes.children[i].1.try_wait() {
+                        return Err(launch_err(format!(
+                            "node {name} exited ({status}) before listening; see its log above"
+                        )));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(launch_err(format!(
+                            "node {name} did not listen within {:?}",
+                            options.start_timeout
+                        )));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = nodes.children[i].1.wait().ok();
+                    return Err(launch_err(format!(
+                        "node {name} exited ({status:?}) before listening; see its log above"
+                    )));
+                }
+            }
+        };
+        let addr = parse_ready_line(&line).ok_or_else(|| {
+            launch_err(format!(
+                "node {name} printed \"{line}\" instead of its address"
+            ))
+        })?;
+        let link: Arc<dyn NodeLink> = match (transport, &cert_pem) {
+            (TransportKind::Quic, Some(pem)) => Arc::new(
+                runtime
+                    .block_on(quic::connect(addr, "localhost", pem))
+                    .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+            ),
+            _ => Arc::new(
+                runtime
+                    .block_on(grpc::connect(addr))
+                    .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+            ),
+        };
+        handles.push(NodeHandle {
+            name: name.clone(),
+            link,
+        });
+    }
+    info!(nodes = n, threads, %transport, "node processes ready");
+    Ok((nodes, handles))
+}
+
+/// The address in `moeshard-expert-node listening on grpc://127.0.0.1:PORT`.
+fn parse_ready_line(line: &str) -> Option<SocketAddr> {
+    let url = line.rsplit(' ').next()?;
+    let (_, addr) = url.split_once("://")?;
+    addr.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ready_line;
+
+    #[test]
+    fn ready_line() {
+        assert_eq!(
+            parse_ready_line("moeshard-expert-node listening on quic://127.0.0.1:4242"),
+            Some("127.0.0.1:4242".parse().unwrap())
+        );
+        assert_eq!(parse_ready_line("starting"), None);
+    }
+}

@@ -1,0 +1,333 @@
+//! [`NodeCore`]: what an expert node answers, whatever the transport.
+//!
+//! Every message is checked by `proto::convert` against the model's shape and this node's
+//! inventory before anything is computed; a refused message gets an error answer naming
+//! the problem, never a crash. A dispatch's tokens are grouped per expert (one batched
+//! matmul per expert) and the weighted outputs summed per token: one partial-sum vector
+//! per token goes back.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::Instant;
+
+use proto::transport::NodeService;
+use proto::{
+    wire, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply, Inventory,
+    Message, Partials, ProtoError, RemoteError,
+};
+use shared::moe::{compute_dense, compute_routed, ExpertSource, FfnMatrices};
+use shared::placement::Part;
+use shared::quant::dispatch::Kernels;
+use tracing::{debug, info, warn};
+
+use crate::error::NodeError;
+use crate::weights::NodeWeights;
+
+/// Counters since the node started (the `Stats` message).
+#[derive(Debug, Default)]
+struct Counters {
+    dispatches: AtomicU64,
+    tokens: AtomicU64,
+    assignments: AtomicU64,
+    errors: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    compute_ns: AtomicU64,
+}
+
+const SERVING: u8 = 0;
+const DRAINING: u8 = 1;
+
+/// An expert node's state and answers.
+pub struct NodeCore {
+    name: String,
+    weights: NodeWeights,
+    inventory: Inventory,
+    kernels: &'static Kernels,
+    pool: Option<rayon::ThreadPool>,
+    started: Instant,
+    counters: Counters,
+    state: AtomicU8,
+}
+
+impl std::fmt::Debug for NodeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCore")
+            .field("name", &self.name)
+            .field("weights", &self.weights)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The protocol's part from the placement's.
+pub fn ffn_part(p: Part) -> FfnPart {
+    match p {
+        Part::Routed => FfnPart::Routed,
+        Part::Dense => FfnPart::Dense,
+    }
+}
+
+fn placement_part(p: FfnPart) -> Part {
+    match p {
+        FfnPart::Routed => Part::Routed,
+        FfnPart::Dense => Part::Dense,
+    }
+}
+
+/// The routed experts of one layer, as [`compute_routed`] reads them.
+struct LayerSource<'a> {
+    weights: &'a NodeWeights,
+    layer: u32,
+}
+
+impl ExpertSource for LayerSource<'_> {
+    fn n_embd(&self) -> usize {
+        self.weights.facts().n_embd
+    }
+
+    fn n_expert(&self) -> usize {
+        self.weights.facts().n_expert
+    }
+
+    fn expert(&self, expert: u32) -> Vec<FfnMatrices<'_>> {
+        self.weights.expert(self.layer, Part::Routed, expert)
+    }
+}
+
+impl NodeCore {
+    /// A node named `name` serving `weights` with `threads` compute threads (0: rayon's
+    /// global pool).
+    pub fn new(
+        name: &str,
+        weights: NodeWeights,
+        threads: usize,
+        numa_node: Option<u32>,
+    ) -> Result<NodeCore, NodeError> {
+        let slices = weights
+            .slices()
+            .iter()
+            .map(|s| ExpertSlice {
+                layer: s.layer,
+                part: ffn_part(s.part),
+                expert: s.expert,
+                ff_start: s.ff_start,
+                ff_len: s.ff_len,
+            })
+            .collect();
+        let inventory = Inventory::new(
+            name.to_owned(),
+            numa_node,
+            weights.weight_bytes(),
+            weights.mapped_bytes() + weights.copied_bytes(),
+            slices,
+        )?;
+        let pool = if threads > 0 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("expert-{i}"))
+                    .build()
+                    .map_err(|e| NodeError::Usage(format!("starting {threads} threads: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(NodeCore {
+            name: name.to_owned(),
+            weights,
+            inventory,
+            kernels: Kernels::get(),
+            pool,
+            started: Instant::now(),
+            counters: Counters::default(),
+            state: AtomicU8::new(SERVING),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    pub fn weights(&self) -> &NodeWeights {
+        &self.weights
+    }
+
+    /// From now on, dispatches are refused as `UNAVAILABLE` (a coordinator retries
+    /// elsewhere) and health says draining.
+    pub fn drain(&self) {
+        self.state.store(DRAINING, Ordering::SeqCst);
+    }
+
+    fn hello(&self, m: wire::Hello) -> wire::HelloReply {
+        let error = match Hello::try_from(m) {
+            Ok(h) => match h.check_model(self.weights.identity()) {
+                Ok(()) => {
+                    info!(coordinator = %h.coordinator_name, "coordinator connected");
+                    None
+                }
+                Err(e) => Some(e),
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = &error {
+            warn!(error = %e, "refused a coordinator");
+        }
+        HelloReply {
+            model_identity: *self.weights.identity(),
+            inventory: self.inventory.clone(),
+            error: error.as_ref().map(RemoteError::from_proto_error),
+        }
+        .into()
+    }
+
+    fn dispatch(&self, m: wire::Dispatch) -> wire::DispatchResult {
+        let (step_id, layer) = (m.step_id, m.layer);
+        let outcome = self.compute(m);
+        if let Err(e) = &outcome {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            warn!(step_id, layer, error = %e.message, "dispatch refused");
+        }
+        proto::DispatchResponse {
+            step_id,
+            layer,
+            outcome,
+        }
+        .into()
+    }
+
+    fn compute(&self, m: wire::Dispatch) -> Result<Partials, RemoteError> {
+        if self.state.load(Ordering::SeqCst) != SERVING {
+            return Err(RemoteError {
+                code: wire::ErrorCode::Unavailable,
+                message: format!("node {} is shutting down", self.name),
+            });
+        }
+        let facts = self.weights.facts();
+        let ctx = DispatchContext {
+            n_layer: facts.n_layer,
+            n_expert: facts.n_expert,
+            n_embd: facts.n_embd,
+            max_experts_per_token: Some(facts.n_expert_used),
+            inventory: Some(&self.inventory),
+        };
+        let req = DispatchRequest::from_wire(m, &ctx)
+            .map_err(|e: ProtoError| RemoteError::from_proto_error(&e))?;
+        let n_tokens = req.n_tokens();
+        let t0 = Instant::now();
+        let mut out = vec![0.0f32; n_tokens * facts.n_embd];
+        let mut run = || match req.part {
+            FfnPart::Routed => {
+                let source = LayerSource {
+                    weights: &self.weights,
+                    layer: req.layer,
+                };
+                compute_routed(
+                    self.kernels,
+                    &source,
+                    &req.inputs,
+                    &req.assignments,
+                    &mut out,
+                )
+            }
+            FfnPart::Dense => {
+                let slices = self
+                    .weights
+                    .expert(req.layer, placement_part(FfnPart::Dense), 0);
+                compute_dense(self.kernels, &slices, &req.inputs, &mut out)
+            }
+        };
+        let result = match &self.pool {
+            Some(pool) => pool.install(&mut run),
+            None => run(),
+        };
+        result.map_err(|e| RemoteError {
+            code: wire::ErrorCode::Internal,
+            message: format!("layer {}: {e}", req.layer),
+        })?;
+        let c = &self.counters;
+        c.compute_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.dispatches.fetch_add(1, Ordering::Relaxed);
+        c.tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
+        c.assignments
+            .fetch_add(req.assignments.len() as u64, Ordering::Relaxed);
+        debug!(
+            step_id = req.step_id,
+            layer = req.layer,
+            n_tokens,
+            assignments = req.assignments.len(),
+            us = t0.elapsed().as_micros() as u64,
+            "dispatch"
+        );
+        Partials::new(n_tokens, facts.n_embd, out).map_err(|e| RemoteError {
+            code: wire::ErrorCode::Internal,
+            message: format!("layer {}: result {e}", req.layer),
+        })
+    }
+
+    /// The `Stats` message.
+    pub fn stats(&self) -> wire::Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        wire::Stats {
+            dispatches: get(&c.dispatches),
+            tokens: get(&c.tokens),
+            assignments: get(&c.assignments),
+            errors: get(&c.errors),
+            bytes_in: get(&c.bytes_in),
+            bytes_out: get(&c.bytes_out),
+            compute_ns: get(&c.compute_ns),
+            mapped_bytes: self.weights.mapped_bytes(),
+        }
+    }
+
+    fn health(&self) -> wire::Health {
+        let state = if self.state.load(Ordering::SeqCst) == SERVING {
+            wire::NodeState::Serving
+        } else {
+            wire::NodeState::Draining
+        };
+        wire::Health {
+            state: state.into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+impl NodeService for NodeCore {
+    fn handle(&self, msg: wire::CoordinatorMessage) -> wire::NodeMessage {
+        use wire::coordinator_message::Body as In;
+        use wire::node_message::Body as Out;
+        self.counters
+            .bytes_in
+            .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+        let body = match msg.body {
+            Some(In::Hello(h)) => Out::Hello(self.hello(h)),
+            Some(In::Dispatch(d)) => Out::DispatchResult(self.dispatch(d)),
+            Some(In::Health(_)) => Out::Health(self.health()),
+            Some(In::Stats(_)) => Out::Stats(self.stats()),
+            None => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Out::DispatchResult(
+                    proto::DispatchResponse {
+                        step_id: 0,
+                        layer: 0,
+                        outcome: Err(RemoteError {
+                            code: wire::ErrorCode::BadRequest,
+                            message: "a message without a body".into(),
+                        }),
+                    }
+                    .into(),
+                )
+            }
+        };
+        let reply = wire::NodeMessage { body: Some(body) };
+        self.counters
+            .bytes_out
+            .fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
+        reply
+    }
+}

@@ -1,0 +1,625 @@
+//! The weights a node serves: the byte ranges of its slices, mapped from the model file
+//! (or from a `split` file holding only this node's share), never the whole file.
+//!
+//! The file is opened once to read its header (that mapping is dropped again); then each
+//! needed region (an expert's gate, up and down rows, coalesced where adjacent) gets a
+//! mapping of its own, so the process maps only its share. The one exception is a slice of
+//! down's columns read from the full model file: those bytes are strided in the file, so
+//! they are read into memory once at load (logged and counted as copied); a `split` file
+//! lays them out contiguously and needs no copy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapOptions};
+use shared::gguf::{model_identity, GgufFile, TensorInfo};
+use shared::models::HParams;
+use shared::moe::FfnMatrices;
+use shared::placement::split::{read_split_info, split_tensor_name};
+use shared::placement::{Part, SliceSpec};
+use shared::quant::matmul::WeightMatrix;
+use shared::quant::GgmlType;
+use tracing::{info, warn};
+
+use crate::error::NodeError;
+
+/// Where a matrix's bytes are.
+#[derive(Clone, Copy, Debug)]
+enum Src {
+    /// `maps[i]`.
+    Map(usize),
+    /// `owned[i]`.
+    Owned(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MatLoc {
+    src: Src,
+    offset: usize,
+    ty: GgmlType,
+    n_rows: usize,
+    n_cols: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SliceMats {
+    gate: MatLoc,
+    up: MatLoc,
+    down: MatLoc,
+}
+
+/// A byte range of a model part file that must be mapped; `loc` is filled in once mapped.
+struct Region {
+    part: usize,
+    start: u64,
+    len: u64,
+}
+
+/// The model facts a node checks dispatches against.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelFacts {
+    pub n_layer: usize,
+    pub n_expert: usize,
+    pub n_embd: usize,
+    pub n_expert_used: usize,
+}
+
+/// The weights of the slices one node serves.
+pub struct NodeWeights {
+    identity: [u8; 32],
+    facts: ModelFacts,
+    slices: Vec<SliceSpec>,
+    maps: Vec<Mmap>,
+    owned: Vec<Vec<u8>>,
+    /// (layer, part) → expert → its slices in ff order.
+    layers: HashMap<(u32, Part), BTreeMap<u32, Vec<SliceMats>>>,
+    mapped_bytes: u64,
+    copied_bytes: u64,
+    path: PathBuf,
+    from_split_file: bool,
+}
+
+impl std::fmt::Debug for NodeWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeWeights")
+            .field("path", &self.path)
+            .field("slices", &self.slices.len())
+            .field("mapped_bytes", &self.mapped_bytes)
+            .field("copied_bytes", &self.copied_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tensor names of one FFN in an ordinary model file.
+struct FfnNames {
+    /// `Some` for a merged `ffn_gate_up_exps`.
+    gate_up: Option<String>,
+    gate: String,
+    up: String,
+    down: String,
+}
+
+fn ffn_names(file: &GgufFile, layer: u32, part: Part) -> FfnNames {
+    let n = |s: &str| format!("blk.{layer}.{s}.weight");
+    match part {
+        Part::Routed => {
+            let merged = n("ffn_gate_up_exps");
+            FfnNames {
+                gate_up: file.tensor(&merged).is_some().then_some(merged),
+                gate: n("ffn_gate_exps"),
+                up: n("ffn_up_exps"),
+                down: n("ffn_down_exps"),
+            }
+        }
+        Part::Dense => {
+            // A MoE layer's dense part is its shared expert; a dense layer's is its FFN.
+            let suffix = if file.tensor(&n("ffn_gate_shexp")).is_some() {
+                "_shexp"
+            } else {
+                ""
+            };
+            FfnNames {
+                gate_up: None,
+                gate: n(&format!("ffn_gate{suffix}")),
+                up: n(&format!("ffn_up{suffix}")),
+                down: n(&format!("ffn_down{suffix}")),
+            }
+        }
+    }
+}
+
+impl NodeWeights {
+    /// Opens `path` (a model file, or a `split` file) and maps the bytes of `wanted`
+    /// (`None`: everything a split file holds; an ordinary model file needs a list).
+    pub fn open(path: &Path, wanted: Option<&[SliceSpec]>) -> Result<NodeWeights, NodeError> {
+        let file = GgufFile::open(path)?;
+        let hp = HParams::from_gguf(&file)?;
+        let facts = ModelFacts {
+            n_layer: hp.n_layer_all,
+            n_expert: hp.n_expert,
+            n_embd: hp.n_embd,
+            n_expert_used: hp.n_expert_used,
+        };
+        let split = read_split_info(&file)?;
+        let from_split_file = split.is_some();
+        let (identity, slices) = match split {
+            Some(info) => {
+                let slices = match wanted {
+                    None => info.slices.clone(),
+                    Some(w) => {
+                        for s in w {
+                            if !info.slices.contains(s) {
+                                return Err(NodeError::NotInFile {
+                                    path: path.to_owned(),
+                                    slice: *s,
+                                });
+                            }
+                        }
+                        w.to_vec()
+                    }
+                };
+                (info.model_identity, slices)
+            }
+            None => {
+                let slices = wanted.ok_or_else(|| NodeError::NothingToServe {
+                    path: path.to_owned(),
+                })?;
+                (model_identity(&file), slices.to_vec())
+            }
+        };
+        if slices.is_empty() {
+            return Err(NodeError::NothingToServe {
+                path: path.to_owned(),
+            });
+        }
+        let mut slices = slices;
+        slices.sort_unstable();
+
+        let mut loader = Loader {
+            file: &file,
+            regions: Vec::new(),
+            owned: Vec::new(),
+            copied_bytes: 0,
+        };
+        let mut pending: Vec<(SliceSpec, [PendingMat; 3])> = Vec::with_capacity(slices.len());
+        for s in &slices {
+            check_slice(s, &facts, &hp)?;
+            let mats = if from_split_file {
+                loader.split_slice(s)?
+            } else {
+                loader.model_slice(s, &hp)?
+            };
+            pending.push((*s, mats));
+        }
+        let Loader {
+            regions,
+            owned,
+            copied_bytes,
+            ..
+        } = loader;
+        let part_paths: Vec<PathBuf> = (0..file.n_parts())
+            .map(|p| file.part_path(p).to_owned())
+            .collect();
+        drop(file);
+
+        let (maps, region_loc, mapped_bytes) = map_regions(&part_paths, &regions)?;
+        let mut layers: HashMap<(u32, Part), BTreeMap<u32, Vec<SliceMats>>> = HashMap::new();
+        for (s, mats) in pending {
+            let resolve = |m: PendingMat| match m.src {
+                PendingSrc::Region(r) => {
+                    let (map, offset) = region_loc[r];
+                    MatLoc {
+                        src: Src::Map(map),
+                        offset,
+                        ty: m.ty,
+                        n_rows: m.n_rows,
+                        n_cols: m.n_cols,
+                    }
+                }
+                PendingSrc::Owned(i) => MatLoc {
+                    src: Src::Owned(i),
+                    offset: 0,
+                    ty: m.ty,
+                    n_rows: m.n_rows,
+                    n_cols: m.n_cols,
+                },
+            };
+            let [g, u, d] = mats;
+            layers
+                .entry((s.layer, s.part))
+                .or_default()
+                .entry(s.expert)
+                .or_default()
+                .push(SliceMats {
+                    gate: resolve(g),
+                    up: resolve(u),
+                    down: resolve(d),
+                });
+        }
+        if copied_bytes > 0 {
+            warn!(
+                copied_bytes,
+                "slices of down's columns were read into memory: a `moeshard split` file \
+                 would let them be mapped instead"
+            );
+        }
+        info!(
+            path = %path.display(),
+            slices = slices.len(),
+            mapped_bytes,
+            mappings = maps.len(),
+            copied_bytes,
+            split_file = from_split_file,
+            "weights mapped"
+        );
+        let me = NodeWeights {
+            identity,
+            facts,
+            slices,
+            maps,
+            owned,
+            layers,
+            mapped_bytes,
+            copied_bytes,
+            path: path.to_owned(),
+            from_split_file,
+        };
+        // Check every view once so that serving never meets a bad shape.
+        for experts in me.layers.values() {
+            for slices in experts.values() {
+                for s in slices {
+                    me.matrices(s).validate(facts.n_embd)?;
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// The model identity of the full model these weights belong to.
+    pub fn identity(&self) -> &[u8; 32] {
+        &self.identity
+    }
+
+    pub fn facts(&self) -> ModelFacts {
+        self.facts
+    }
+
+    /// The slices served, sorted.
+    pub fn slices(&self) -> &[SliceSpec] {
+        &self.slices
+    }
+
+    /// Bytes of the model file(s) mapped.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_bytes
+    }
+
+    /// Bytes read into memory at load (down column slices of a full model file).
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied_bytes
+    }
+
+    /// Bytes of weights served (mapped and copied).
+    pub fn weight_bytes(&self) -> u64 {
+        let mut total = 0u64;
+        for experts in self.layers.values() {
+            for slices in experts.values() {
+                for s in slices {
+                    for m in [s.gate, s.up, s.down] {
+                        total += (m.ty.row_bytes(m.n_cols).unwrap_or(0) * m.n_rows) as u64;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn from_split_file(&self) -> bool {
+        self.from_split_file
+    }
+
+    fn bytes(&self, m: &MatLoc) -> &[u8] {
+        let len = m.ty.row_bytes(m.n_cols).unwrap_or(0) * m.n_rows;
+        let all: &[u8] = match m.src {
+            Src::Map(i) => &self.maps[i],
+            Src::Owned(i) => &self.owned[i],
+        };
+        // In range by construction (regions were mapped whole; checked again by validate()).
+        all.get(m.offset..m.offset + len).unwrap_or(&[])
+    }
+
+    fn matrix(&self, m: &MatLoc) -> WeightMatrix<'_> {
+        WeightMatrix {
+            ty: m.ty,
+            n_rows: m.n_rows,
+            n_cols: m.n_cols,
+            data: self.bytes(m),
+        }
+    }
+
+    fn matrices(&self, s: &SliceMats) -> FfnMatrices<'_> {
+        FfnMatrices {
+            gate: self.matrix(&s.gate),
+            up: self.matrix(&s.up),
+            down: self.matrix(&s.down),
+        }
+    }
+
+    /// The slices of (layer, part, expert) held, in ff order; empty when none.
+    pub fn expert(&self, layer: u32, part: Part, expert: u32) -> Vec<FfnMatrices<'_>> {
+        self.layers
+            .get(&(layer, part))
+            .and_then(|m| m.get(&expert))
+            .map(|v| v.iter().map(|s| self.matrices(s)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads every mapped page once, so the first dispatches do not pay for page faults.
+    pub fn prefault(&self) -> u64 {
+        let mut sum = 0u64;
+        for m in &self.maps {
+            for page in m.chunks(4096) {
+                sum = sum.wrapping_add(page[0] as u64);
+            }
+        }
+        sum
+    }
+}
+
+fn check_slice(s: &SliceSpec, facts: &ModelFacts, hp: &HParams) -> Result<(), NodeError> {
+    let bad = |detail: String| NodeError::BadSlice { slice: *s, detail };
+    if s.layer as usize >= facts.n_layer {
+        return Err(bad(format!("the model has {} layers", facts.n_layer)));
+    }
+    match s.part {
+        Part::Routed => {
+            if !hp.is_moe_layer(s.layer as usize) {
+                return Err(bad("the layer has no routed experts".into()));
+            }
+            if s.expert as usize >= facts.n_expert {
+                return Err(bad(format!("the model has {} experts", facts.n_expert)));
+            }
+        }
+        Part::Dense => {
+            if s.expert != 0 {
+                return Err(bad("a dense part is expert 0".into()));
+            }
+        }
+    }
+    if s.ff_len == 0 {
+        return Err(bad("an empty range".into()));
+    }
+    Ok(())
+}
+
+enum PendingSrc {
+    Region(usize),
+    Owned(usize),
+}
+
+struct PendingMat {
+    src: PendingSrc,
+    ty: GgmlType,
+    n_rows: usize,
+    n_cols: usize,
+}
+
+struct Loader<'f> {
+    file: &'f GgufFile,
+    regions: Vec<Region>,
+    owned: Vec<Vec<u8>>,
+    copied_bytes: u64,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, name: &str) -> Result<&TensorInfo, NodeError> {
+        self.file
+            .tensor(name)
+            .ok_or_else(|| NodeError::MissingTensor(name.to_owned()))
+    }
+
+    fn region(&mut self, info: &TensorInfo, start: u64, len: u64) -> PendingSrc {
+        let base = self.file.part_data_offset(info.part) + info.offset;
+        self.regions.push(Region {
+            part: info.part,
+            start: base + start,
+            len,
+        });
+        PendingSrc::Region(self.regions.len() - 1)
+    }
+
+    /// A slice stored on its own in a split file: three whole 2-D tensors.
+    fn split_slice(&mut self, s: &SliceSpec) -> Result<[PendingMat; 3], NodeError> {
+        let mut out = Vec::with_capacity(3);
+        for matrix in ["ffn_gate", "ffn_up", "ffn_down"] {
+            let name = split_tensor_name(s.layer, s.part, s.expert, matrix);
+            let info = self.tensor(&name)?.clone();
+            let (n_cols, n_rows) = (info.ne[0] as usize, info.n_rows() as usize);
+            let src = self.region(&info, 0, info.byte_len);
+            out.push(PendingMat {
+                src,
+                ty: info.ty,
+                n_rows,
+                n_cols,
+            });
+        }
+        let [g, u, d]: [PendingMat; 3] = out
+            .try_into()
+            .map_err(|_| NodeError::MissingTensor("split slice".into()))?;
+        Ok([g, u, d])
+    }
+
+    /// A slice of an ordinary model file: rows of gate and up (contiguous), columns of down
+    /// (contiguous only for the whole range; otherwise read into memory).
+    fn model_slice(&mut self, s: &SliceSpec, hp: &HParams) -> Result<[PendingMat; 3], NodeError> {
+        let names = ffn_names(self.file, s.layer, s.part);
+        let n_embd = hp.n_embd;
+        let (n_expert, expert) = match s.part {
+            Part::Routed => (hp.n_expert, s.expert as usize),
+            Part::Dense => (1, 0),
+        };
+        let down = self.tensor(&names.down)?.clone();
+        let n_ff = down.ne[0] as usize;
+        let shape_err = |info: &TensorInfo, want: Vec<u64>| NodeError::BadShape {
+            name: info.name.clone(),
+            found: info.ne.clone(),
+            expected: want,
+        };
+        let want3 = |a: usize, b: usize| {
+            let mut v = vec![a as u64, b as u64];
+            if s.part == Part::Routed {
+                v.push(n_expert as u64);
+            }
+            v
+        };
+        if down.ne != want3(n_ff, n_embd) {
+            return Err(shape_err(&down, want3(n_ff, n_embd)));
+        }
+        let (ff_start, ff_len) = (s.ff_start as usize, s.ff_len as usize);
+        if ff_start + ff_len > n_ff {
+            return Err(NodeError::BadSlice {
+                slice: *s,
+                detail: format!("rows past the intermediate size {n_ff}"),
+            });
+        }
+
+        // gate and up: rows [ff_start, ff_start + ff_len) of the expert's matrix.
+        let (gate_info, up_info, rows_per_expert, up_row0) = match &names.gate_up {
+            Some(merged) => {
+                let info = self.tensor(merged)?.clone();
+                if info.ne != want3(n_embd, 2 * n_ff) {
+                    return Err(shape_err(&info, want3(n_embd, 2 * n_ff)));
+                }
+                (info.clone(), info, 2 * n_ff, n_ff)
+            }
+            None => {
+                let g = self.tensor(&names.gate)?.clone();
+                let u = self.tensor(&names.up)?.clone();
+                for info in [&g, &u] {
+                    if info.ne != want3(n_embd, n_ff) {
+                        return Err(shape_err(info, want3(n_embd, n_ff)));
+                    }
+                }
+                (g, u, n_ff, 0)
+            }
+        };
+        let mut rows_of = |info: &TensorInfo, row0: usize| {
+            let rb = info.row_bytes();
+            let start = ((expert * rows_per_expert + row0 + ff_start) as u64) * rb;
+            let src = self.region(info, start, ff_len as u64 * rb);
+            PendingMat {
+                src,
+                ty: info.ty,
+                n_rows: ff_len,
+                n_cols: n_embd,
+            }
+        };
+        let gate = rows_of(&gate_info, 0);
+        let up = rows_of(&up_info, up_row0);
+
+        // down: columns [ff_start, ff_start + ff_len) of each of the expert's n_embd rows.
+        let rb = down.row_bytes();
+        let expert_start = (expert * n_embd) as u64 * rb;
+        let down_mat = if ff_start == 0 && ff_len == n_ff {
+            let src = self.region(&down, expert_start, n_embd as u64 * rb);
+            PendingMat {
+                src,
+                ty: down.ty,
+                n_rows: n_embd,
+                n_cols: n_ff,
+            }
+        } else {
+            let block = down.ty.block_elems();
+            if ff_start % block != 0 || (ff_len % block != 0 && ff_start + ff_len != n_ff) {
+                return Err(NodeError::BadSlice {
+                    slice: *s,
+                    detail: format!("not cut at {} blocks of {block}", down.ty),
+                });
+            }
+            let col_bytes = |n: usize| (n / block * down.ty.block_bytes()) as u64;
+            let (skip, take) = (col_bytes(ff_start), col_bytes(ff_len));
+            let path = self.file.part_path(down.part).to_owned();
+            let f = File::open(&path).map_err(|e| NodeError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+            let base = self.file.part_data_offset(down.part) + down.offset + expert_start;
+            let mut buf = vec![0u8; (take * n_embd as u64) as usize];
+            for (r, dst) in buf.chunks_exact_mut(take as usize).enumerate() {
+                f.read_exact_at(dst, base + r as u64 * rb + skip)
+                    .map_err(|e| NodeError::Io {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+            }
+            self.copied_bytes += buf.len() as u64;
+            self.owned.push(buf);
+            PendingMat {
+                src: PendingSrc::Owned(self.owned.len() - 1),
+                ty: down.ty,
+                n_rows: n_embd,
+                n_cols: ff_len,
+            }
+        };
+        Ok([gate, up, down_mat])
+    }
+}
+
+/// Maps `regions` (coalescing neighbours within a page of each other, per part file);
+/// returns the mappings, each region's (mapping, offset in it), and the bytes mapped.
+#[allow(clippy::type_complexity)]
+fn map_regions(
+    part_paths: &[PathBuf],
+    regions: &[Region],
+) -> Result<(Vec<Mmap>, Vec<(usize, usize)>, u64), NodeError> {
+    const PAGE: u64 = 4096;
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by_key(|&i| (regions[i].part, regions[i].start));
+    let mut maps = Vec::new();
+    let mut loc = vec![(0usize, 0usize); regions.len()];
+    let mut mapped = 0u64;
+    let mut i = 0;
+    while i < order.len() {
+        let first = &regions[order[i]];
+        let part = first.part;
+        let map_start = first.start / PAGE * PAGE;
+        let mut map_end = first.start + first.len;
+        let mut j = i + 1;
+        while j < order.len() {
+            let r = &regions[order[j]];
+            if r.part != part || r.start > map_end.div_ceil(PAGE) * PAGE {
+                break;
+            }
+            map_end = map_end.max(r.start + r.len);
+            j += 1;
+        }
+        let path = &part_paths[part];
+        let f = File::open(path).map_err(|e| NodeError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let len = (map_end - map_start) as usize;
+        // SAFETY: the file is opened read-only and mapped read-only; as for every mapping of a
+        // model file, moeshard requires that it is not modified while it is served.
+        let map =
+            unsafe { MmapOptions::new().offset(map_start).len(len).map(&f) }.map_err(|e| {
+                NodeError::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            })?;
+        mapped += len as u64;
+        for &k in &order[i..j] {
+            loc[k] = (maps.len(), (regions[k].start - map_start) as usize);
+        }
+        maps.push(map);
+        i = j;
+    }
+    Ok((maps, loc, mapped))
+}
