@@ -9,5 +9,6 @@ pub mod gguf;
 pub mod membw;
 pub mod models;
 pub mod moe;
+pub mod placement;
 pub mod quant;
 pub mod rng;

@@ -1,0 +1,120 @@
+//! Placement: which node holds which expert slice, and what nodes exist.
+//!
+//! The unit of placement is a slice: (layer, [`Part`], expert, range of the
+//! intermediate dimension `ff`). A node holding rows `a..b` of an expert's
+//! `gate` and `up` and the same columns of its `down` returns an exact partial
+//! sum of that expert's output, so slices of one expert on several nodes add up
+//! to the whole.
+//!
+//! Two human-edited TOML files, both described with examples in
+//! `docs/placement.md`:
+//! - the **plan** ([`Plan`]): where each slice lives, with replicas, and which
+//!   model it is for. [`Plan::resolve`] checks it against a model's
+//!   [`ModelShape`] (every routed expert covered exactly once per row, cuts on
+//!   quant-block boundaries, ids in range) and gives a [`ResolvedPlan`] to look
+//!   slices up in;
+//! - the **cluster** ([`Cluster`]): the nodes that exist, their addresses and
+//!   transports.
+//!
+//! [`split`] writes per-node GGUF files holding only one node's slices.
+//!
+//! Nothing here does networking or reads a clock; errors are
+//! [`PlacementError`]s naming the file, the plan entry, the layer and expert
+//! and what is wrong.
+
+mod cluster;
+mod error;
+mod ids;
+mod plan;
+mod resolve;
+mod shape;
+pub mod split;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::cluster::{Cluster, ClusterNode, DEFAULT_SERVER_NAME};
+pub use self::error::{PlacementError, SliceRef};
+pub use self::ids::IdList;
+pub use self::plan::{Plan, PlanEntry, PLAN_VERSION};
+pub use self::resolve::{PlacedSlice, ResolvedPlan, SliceSpec};
+pub use self::shape::{FfnShape, LayerShape, ModelShape};
+
+/// Which feed-forward network of a layer a slice belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    /// The routed experts (`ffn_{gate,up,down}_exps`, or a merged `ffn_gate_up_exps`).
+    Routed,
+    /// The layer's dense FFN (`ffn_{gate,up,down}` on dense layers) or its shared
+    /// expert (`ffn_{gate,up,down}_shexp` on MoE layers); always expert 0.
+    Dense,
+}
+
+impl Part {
+    /// The name used in plan files and split tensor names (`routed`, `dense`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Part::Routed => "routed",
+            Part::Dense => "dense",
+        }
+    }
+
+    /// The number stored in a split file's `moeshard.split.slices` (0 routed, 1 dense).
+    pub const fn id(self) -> u32 {
+        match self {
+            Part::Routed => 0,
+            Part::Dense => 1,
+        }
+    }
+
+    /// The part stored as `id` in a split file.
+    pub const fn from_id(id: u32) -> Option<Part> {
+        match id {
+            0 => Some(Part::Routed),
+            1 => Some(Part::Dense),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Formats a model identity as 64 lowercase hex digits.
+pub fn identity_hex(identity: &[u8; 32]) -> String {
+    identity.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 64 hex digits (either case) into a model identity.
+pub fn parse_identity_hex(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Whether `name` may name a node: 1 to 64 ASCII letters, digits, `.`, `_` or
+/// `-`, not starting with `.` (node names become parts of file names).
+pub fn is_valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
