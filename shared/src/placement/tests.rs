@@ -1309,3 +1309,60 @@ fn split_names() {
     );
     assert_eq!(parse_identity_hex(&"g".repeat(64)), None);
 }
+
+// ---- docs/placement.md --------------------------------------------------------
+
+/// The TOML examples of `docs/placement.md`, in order.
+fn doc_examples() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/placement.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split("```toml\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn doc_examples_parse_and_resolve() {
+    let examples = doc_examples();
+    assert_eq!(examples.len(), 2, "a plan and a cluster example");
+    // DeepSeek-V3's shape, as the example's comment says.
+    let mut layers = vec![
+        LayerShape {
+            routed: None,
+            dense: ffn(18432, 256)
+        };
+        3
+    ];
+    layers.extend(vec![
+        LayerShape {
+            routed: ffn(2048, 256),
+            dense: ffn(2048, 256)
+        };
+        58
+    ]);
+    let shape = ModelShape {
+        n_layer: 61,
+        n_expert: 256,
+        layers,
+    };
+    let plan = Plan::from_toml(&examples[0]).unwrap();
+    let resolved = plan.resolve(&shape).unwrap();
+    assert_eq!(
+        resolved.slices(10, Part::Routed, 7).unwrap()[0].replicas,
+        vec![0, 2]
+    );
+    assert_eq!(
+        resolved.slices(40, Part::Routed, 200).unwrap()[1].replicas,
+        vec![2, 0]
+    );
+    assert_eq!(resolved.slices(30, Part::Dense, 0), None);
+    assert_eq!(resolved.slices(1, Part::Dense, 0).unwrap().len(), 2);
+
+    let cluster = Cluster::from_toml(&examples[1], Path::new("/etc/moeshard")).unwrap();
+    cluster.check_plan(&plan).unwrap();
+    assert_eq!(
+        cluster.nodes[0].cert.as_deref(),
+        Some(Path::new("/etc/moeshard/certs/s0.pem"))
+    );
+}
