@@ -1,4 +1,6 @@
-//! Generates the Rust types of `proto/moeshard.proto` with prost-build.
+//! Generates the Rust types of `proto/moeshard.proto` with prost-build, and the gRPC
+//! client and server of its `ExpertNode` service with tonic-prost-build (into the same
+//! file, so both live in `proto::wire`).
 //!
 //! prost-build runs the system `protoc` (Debian's `protobuf-compiler`, which CI installs),
 //! or the one `PROTOC` names; without one the build stops here with a message saying so
@@ -36,6 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    config.compile_protos(&[SCHEMA], &["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(false)
+        .compile_with_config(config, &[SCHEMA], &["proto"])?;
     Ok(())
 }

@@ -7,18 +7,27 @@
 //! sizes, finite values), answering bad input with a [`ProtoError`] that names the field
 //! and the values, never a panic. [`limits`] fixes the message sizes; [`framing`] puts
 //! messages on a byte stream (QUIC) as a u32 little-endian length then the message.
-//! The transports (inproc, gRPC, QUIC) are still to come.
+//!
+//! [`transport`] moves those messages between the coordinator and a node, behind one
+//! trait pair: a node implements [`transport::NodeService`], the coordinator holds a
+//! [`transport::NodeLink`] per node, over [`transport::InprocLink`] (same process),
+//! [`transport::grpc`] (tonic, one bidirectional stream per link; the service is generated
+//! into [`wire`]) or [`transport::quic`] (quinn, TLS always, a stream per call). All three
+//! pass one conformance suite. Transports enforce only the message size; the checks of a
+//! message's content stay in [`convert`].
 
 pub mod convert;
 pub mod error;
 pub mod framing;
 pub mod fuzz;
 pub mod limits;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;
 
-/// The prost types generated from `proto/moeshard.proto`.
+/// The prost types generated from `proto/moeshard.proto`, and the tonic client
+/// (`expert_node_client`) and server (`expert_node_server`) of its `ExpertNode` service.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/moeshard.v1.rs"));

@@ -1,0 +1,366 @@
+//! The gRPC transport (tonic): one long-lived bidirectional `Session` stream per link.
+//!
+//! [`connect`] opens the HTTP/2 connection and the session stream once; every call of the
+//! [`GrpcLink`] sends one message on it and reads the next answer. The node answers a
+//! session's messages in order, so calls on one link are serialized (one at a time); a
+//! call abandoned after its message was sent (its future dropped, e.g. by a timeout) leaves
+//! its answer due, and the next call reads and drops it before its own.
+//!
+//! Both sides cap messages at [`MAX_MESSAGE_BYTES`] (tonic's encoding and decoding limits),
+//! set TCP_NODELAY and send HTTP/2 keep-alive pings every [`KEEP_ALIVE_INTERVAL`]: a peer
+//! that does not answer one within [`KEEP_ALIVE_TIMEOUT`] is dead and the connection is
+//! dropped. A killed peer is noticed at once on loopback (the kernel resets the TCP
+//! connection); a silent one (cable pulled) within interval + timeout. Either way an
+//! outstanding or later call returns [`TransportError::Closed`]. A link does not reconnect:
+//! the coordinator connects a new one when the node is back.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Endpoint, Server};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use super::{
+    check_size, coordinator_message_kind, handle_blocking, CallFuture, NodeLink, NodeService, Stop,
+    TransportError, SHUTDOWN_GRACE,
+};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::wire;
+use crate::wire::expert_node_client::ExpertNodeClient;
+use crate::wire::expert_node_server::{ExpertNode, ExpertNodeServer};
+
+/// How often each side pings an HTTP/2 connection.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is declared dead.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest [`connect`] waits for the TCP connection and the session to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// HTTP/2 flow-control windows: large enough that a 56 MiB result streams without waiting
+/// for window updates at every 64 KiB (the HTTP/2 default).
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// `e` and its sources, joined by ": " (tonic's own Display says little more than
+/// "transport error").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn status_text(status: &Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}
+
+/// The coordinator's end of a gRPC session with one node.
+pub struct GrpcLink {
+    peer: String,
+    session: Mutex<Session>,
+}
+
+struct Session {
+    requests: mpsc::Sender<wire::CoordinatorMessage>,
+    replies: Streaming<wire::NodeMessage>,
+    /// Answers due and not yet read: the current call's, and those of calls abandoned
+    /// after their message was sent. Read (and the abandoned ones dropped) in order.
+    pending: usize,
+    /// Why the session ended, once it has: every later call fails with it.
+    closed: Option<String>,
+}
+
+impl Session {
+    /// Marks the session ended and returns the error for the call that saw it.
+    fn close(&mut self, peer: &str, detail: String, err: TransportError) -> TransportError {
+        info!(peer, %detail, "grpc session ended");
+        self.closed = Some(detail);
+        err
+    }
+
+    /// Reads the next answer on the session.
+    async fn next_reply(&mut self, peer: &str) -> Result<wire::NodeMessage, TransportError> {
+        let closed = |detail: &str| TransportError::Closed {
+            peer: peer.to_string(),
+            detail: detail.to_string(),
+        };
+        match self.replies.message().await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => {
+                let detail = "the node ended the session".to_string();
+                let err = closed(&detail);
+                Err(self.close(peer, detail, err))
+            }
+            Err(status) => {
+                let detail = status_text(&status);
+                let err = match status.code() {
+                    Code::OutOfRange | Code::ResourceExhausted => TransportError::Protocol {
+                        peer: peer.to_string(),
+                        detail: format!("session failed: {detail}"),
+                    },
+                    Code::Internal if status.message().starts_with("node service failed") => {
+                        TransportError::Service {
+                            peer: peer.to_string(),
+                            detail: detail.clone(),
+                        }
+                    }
+                    _ => closed(&detail),
+                };
+                Err(self.close(peer, detail, err))
+            }
+        }
+    }
+}
+
+/// Connects to the node at `addr` and opens the link's session stream.
+pub async fn connect(addr: SocketAddr) -> Result<GrpcLink, TransportError> {
+    let peer = format!("grpc://{addr}");
+    let connect_err = |detail: String| TransportError::Connect {
+        peer: peer.clone(),
+        detail,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| connect_err(error_chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| connect_err(error_chain(&e)))?;
+    let mut client = ExpertNodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (requests, requests_rx) = mpsc::channel(4);
+    let response = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        client.session(ReceiverStream::new(requests_rx)),
+    )
+    .await
+    .map_err(|_| {
+        connect_err(format!(
+            "the node did not open the session within {CONNECT_TIMEOUT:?}"
+        ))
+    })?
+    .map_err(|status| connect_err(format!("opening the session: {}", status_text(&status))))?;
+    info!(%peer, "grpc link connected");
+    Ok(GrpcLink {
+        peer,
+        session: Mutex::new(Session {
+            requests,
+            replies: response.into_inner(),
+            pending: 0,
+            closed: None,
+        }),
+    })
+}
+
+impl NodeLink for GrpcLink {
+    fn call(&self, msg: wire::CoordinatorMessage) -> CallFuture<'_> {
+        Box::pin(async move {
+            let peer = self.peer.as_str();
+            let len = check_size(peer, &msg)?;
+            let kind = coordinator_message_kind(&msg);
+            let mut session = self.session.lock().await;
+            if let Some(detail) = &session.closed {
+                return Err(TransportError::Closed {
+                    peer: peer.to_string(),
+                    detail: detail.clone(),
+                });
+            }
+            // Answers of abandoned calls come first: the node answers in order.
+            while session.pending > 0 {
+                session.next_reply(peer).await?;
+                session.pending -= 1;
+                debug!(peer, "dropped the answer of an abandoned call");
+            }
+            debug!(peer, kind, bytes = len, "call");
+            if session.requests.send(msg).await.is_err() {
+                let detail = "the session's request stream is gone".to_string();
+                let err = TransportError::Closed {
+                    peer: peer.to_string(),
+                    detail: detail.clone(),
+                };
+                return Err(session.close(peer, detail, err));
+            }
+            session.pending = 1;
+            let reply = session.next_reply(peer).await?;
+            session.pending = 0;
+            Ok(reply)
+        })
+    }
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+/// The tonic service: each session runs in a task of its own.
+struct GrpcNode {
+    service: Arc<dyn NodeService>,
+    stop: Stop,
+}
+
+#[tonic::async_trait]
+impl ExpertNode for GrpcNode {
+    type SessionStream = ReceiverStream<Result<wire::NodeMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<wire::CoordinatorMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let (replies, replies_rx) = mpsc::channel(1);
+        tokio::spawn(
+            run_session(
+                Arc::clone(&self.service),
+                request.into_inner(),
+                replies,
+                self.stop.clone(),
+            )
+            .instrument(info_span!("grpc_session", %remote)),
+        );
+        Ok(Response::new(ReceiverStream::new(replies_rx)))
+    }
+}
+
+/// Answers one session's messages in order until the coordinator ends it, the stream
+/// fails or the server stops (then a final `UNAVAILABLE` status tells the coordinator why).
+async fn run_session(
+    service: Arc<dyn NodeService>,
+    mut requests: Streaming<wire::CoordinatorMessage>,
+    replies: mpsc::Sender<Result<wire::NodeMessage, Status>>,
+    mut stop: Stop,
+) {
+    info!("grpc session opened");
+    let last: Option<Status> = loop {
+        let msg = tokio::select! {
+            biased;
+            () = stop.stopped() => break Some(Status::unavailable("the node is shutting down")),
+            msg = requests.message() => msg,
+        };
+        let msg = match msg {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                info!("the coordinator ended the session");
+                break None;
+            }
+            Err(status) => {
+                // A message over the limit, or the stream broke: tell the peer if it listens.
+                info!(status = %status_text(&status), "session stream failed");
+                break Some(status);
+            }
+        };
+        debug!(kind = coordinator_message_kind(&msg), "message");
+        let reply = tokio::select! {
+            reply = handle_blocking(&service, msg) => reply,
+            () = stop.grace_over() => {
+                warn!("in-flight message abandoned at shutdown");
+                break Some(Status::unavailable("the node shut down during the call"));
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(detail) => {
+                error!(%detail, "node service failed");
+                break Some(Status::internal(format!("node service failed: {detail}")));
+            }
+        };
+        let len = reply.encoded_len();
+        if len > MAX_MESSAGE_BYTES {
+            error!(
+                len,
+                max = MAX_MESSAGE_BYTES,
+                "reply over the message limit not sent"
+            );
+            break Some(Status::resource_exhausted(format!(
+                "reply of {len} bytes is over the limit of {MAX_MESSAGE_BYTES}"
+            )));
+        }
+        let sent = tokio::select! {
+            sent = replies.send(Ok(reply)) => sent.is_ok(),
+            () = stop.grace_over() => false,
+        };
+        if !sent {
+            info!("the coordinator went away");
+            break None;
+        }
+    };
+    if let Some(status) = last {
+        let _ = tokio::time::timeout(Duration::from_secs(1), replies.send(Err(status))).await;
+    }
+    info!("grpc session closed");
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves; then stops accepting, lets
+/// in-flight calls finish (at most [`SHUTDOWN_GRACE`]), ends every session with an
+/// `UNAVAILABLE` status and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: Arc<dyn NodeService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransportError> {
+    let addr = listener.local_addr().map_or_else(
+        |_| "grpc://(unknown address)".to_string(),
+        |a| format!("grpc://{a}"),
+    );
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop_tx, stop) = Stop::new();
+    let node = ExpertNodeServer::new(GrpcNode {
+        service,
+        stop: stop.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut signal = stop;
+    let server = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEP_ALIVE_TIMEOUT))
+        .serve_with_incoming_shutdown(node, incoming, async move { signal.stopped().await });
+    let mut server = std::pin::pin!(server);
+    let mut shutdown = std::pin::pin!(shutdown);
+    info!(%addr, "grpc node serving");
+    let serve_err = |e: tonic::transport::Error| TransportError::Serve {
+        addr: addr.clone(),
+        detail: error_chain(&e),
+    };
+    tokio::select! {
+        result = &mut server => return result.map_err(serve_err),
+        () = &mut shutdown => {}
+    }
+    info!(%addr, "grpc node shutting down");
+    let _ = stop_tx.send(true);
+    // Sessions end by themselves within the grace period; the second is for the goodbyes.
+    match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), server).await {
+        Ok(result) => result.map_err(serve_err)?,
+        Err(_) => warn!(%addr, "connections still open after the shutdown grace period"),
+    }
+    info!(%addr, "grpc node stopped");
+    Ok(())
+}
