@@ -104,10 +104,10 @@ impl Cluster {
 
     /// Reads and parses a cluster file; errors name the file.
     pub fn load(path: &Path) -> Result<Cluster, PlacementError> {
-        let text = fs::read_to_string(path).map_err(|source| PlacementError::Io {
+        let text = fs::read_to_string(path).map_err(|cause| PlacementError::Io {
             op: "read",
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         Cluster::from_toml(&text, base_dir).map_err(|e| e.in_file(path))

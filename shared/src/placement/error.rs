@@ -40,25 +40,26 @@ impl fmt::Display for SliceRef {
 #[non_exhaustive]
 pub enum PlacementError {
     /// An operating-system call failed on `path`.
-    #[error("cannot {op} {path}: {source}")]
+    // The cause is part of the message and deliberately not a `#[source]`:
+    // a report printing the chain (anyhow's `{:#}`) would repeat it.
+    #[error("cannot {op} {path}: {cause}")]
     Io {
         /// What was being done ("read", "write", "rename"...).
         op: &'static str,
         /// The file it was done to.
         path: PathBuf,
         /// The operating system's error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// An error in the file `path`.
-    #[error("{path}: {source}")]
+    // As for `Io`, the inner error is in the message, not a `#[source]`.
+    #[error("{path}: {error}")]
     InFile {
         /// The plan or cluster file.
         path: PathBuf,
         /// What is wrong in it.
-        #[source]
-        source: Box<PlacementError>,
+        error: Box<PlacementError>,
     },
 
     /// The text is not TOML of the expected form: a syntax error, an unknown key,
@@ -255,7 +256,7 @@ impl PlacementError {
             e @ PlacementError::Io { .. } => e,
             e => PlacementError::InFile {
                 path: path.to_path_buf(),
-                source: Box::new(e),
+                error: Box::new(e),
             },
         }
     }

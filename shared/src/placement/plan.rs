@@ -139,10 +139,10 @@ impl Plan {
 
     /// Reads and parses a plan file; errors name the file.
     pub fn load(path: &Path) -> Result<Plan, PlacementError> {
-        let text = fs::read_to_string(path).map_err(|source| PlacementError::Io {
+        let text = fs::read_to_string(path).map_err(|cause| PlacementError::Io {
             op: "read",
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Plan::from_toml(&text).map_err(|e| e.in_file(path))
     }
@@ -367,14 +367,14 @@ fn string_array(items: &[String]) -> String {
 pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PlacementError> {
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
-        move |source| PlacementError::Io { op, path, source }
+        move |cause| PlacementError::Io { op, path, cause }
     };
     let mut tmp_name = path
         .file_name()
         .ok_or_else(|| PlacementError::Io {
             op: "write",
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+            cause: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
         })?
         .to_os_string();
     tmp_name.push(".tmp");

@@ -374,10 +374,10 @@ pub fn write_node_file(
     }
     writer.finish()?;
     let size = fs::metadata(out)
-        .map_err(|source| PlacementError::Io {
+        .map_err(|cause| PlacementError::Io {
             op: "stat",
             path: out.to_path_buf(),
-            source,
+            cause,
         })?
         .len();
     tracing::debug!(path = %out.display(), node = %node_name, n_slices = slices.len(), bytes = size, "wrote split file");
