@@ -137,6 +137,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write one GGUF per node holding only that node's slices of a model (see docs/placement.md)
+    Split(SplitArgs),
+}
+
+#[derive(Args, Debug)]
+struct SplitArgs {
+    /// The model (GGUF; for a split model, its first part)
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// The plan file (TOML) placing the slices on nodes
+    #[arg(long)]
+    plan: PathBuf,
+    /// Output directory (created if missing); files are named <model stem>.<node>.gguf
+    #[arg(long)]
+    out: PathBuf,
+    /// Write only this node's file
+    #[arg(long)]
+    node: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -445,6 +463,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.bytes as f64 / 1e9,
                 report.bytes as f64 / 1e9 / secs.max(1e-9)
             );
+            Ok(())
+        }
+        Command::Split(args) => {
+            use shared::placement::{split, ModelShape, Plan};
+            let model = open_gguf(&args.model)?;
+            let plan = Plan::load(&args.plan)?;
+            plan.check_identity(&shared::gguf::model_identity(&model))
+                .with_context(|| {
+                    format!(
+                        "{} is not a plan for {}",
+                        args.plan.display(),
+                        args.model.display()
+                    )
+                })?;
+            let shape = ModelShape::from_gguf(&model)
+                .with_context(|| format!("reading the FFN shapes of {}", args.model.display()))?;
+            let resolved = plan.resolve(&shape).with_context(|| {
+                format!(
+                    "checking {} against {}",
+                    args.plan.display(),
+                    args.model.display()
+                )
+            })?;
+            let nodes: Vec<usize> = match &args.node {
+                None => (0..resolved.nodes().len()).collect(),
+                Some(name) => vec![resolved.node_index(name).with_context(|| {
+                    format!(
+                        "node {name:?} is not in {} (nodes: {})",
+                        args.plan.display(),
+                        resolved.nodes().join(", ")
+                    )
+                })?],
+            };
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            for node in nodes {
+                let name = &resolved.nodes()[node];
+                let n_slices = resolved.node_slices(node).len();
+                if n_slices == 0 {
+                    eprintln!("node {name} holds nothing under this plan: no file written");
+                    continue;
+                }
+                let path = args.out.join(split::split_file_name(&args.model, name));
+                let bar = indicatif::ProgressBar::with_draw_target(
+                    None,
+                    indicatif::ProgressDrawTarget::stderr(),
+                );
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "split {msg} {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_message(name.clone());
+                let written =
+                    split::write_node_file(&model, &resolved, node, &path, &mut |done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    });
+                bar.finish_and_clear();
+                let bytes = written.with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "{}\t{bytes} bytes ({:.2} GB)\t{n_slices} slices",
+                    path.display(),
+                    bytes as f64 / 1e9
+                );
+            }
             Ok(())
         }
         Command::Template {
