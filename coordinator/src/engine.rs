@@ -60,6 +60,11 @@ impl Engine {
         Engine { model, experts }
     }
 
+    /// The routed-expert executor (its nodes' stats, in distributed mode).
+    pub fn experts(&self) -> &dyn ExpertExecutor {
+        self.experts.as_ref()
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }

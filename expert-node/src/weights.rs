@@ -614,7 +614,8 @@ fn map_regions(
                     source: e,
                 }
             })?;
-        mapped += len as u64;
+        // The kernel maps whole pages: count what /proc/PID/smaps shows.
+        mapped += (len as u64).div_ceil(PAGE) * PAGE;
         for &k in &order[i..j] {
             loc[k] = (maps.len(), (regions[k].start - map_start) as usize);
         }

@@ -102,6 +102,7 @@ impl RemoteExperts {
                 return Err(DistributedError::UnknownNode(name.clone()));
             }
         }
+        check_slice_replicas(&plan)?;
         let hello = wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Hello(
                 Hello {
@@ -363,6 +364,35 @@ impl RemoteExperts {
     }
 }
 
+/// A node computes every slice it holds of an expert it gets tokens for, so a node holding
+/// several slices of one expert must be the one picked for each of them: refuse plans where
+/// such slices have replicas (a replica could be picked instead, and the slice counted twice).
+fn check_slice_replicas(plan: &ResolvedPlan) -> Result<(), DistributedError> {
+    for node in 0..plan.nodes().len() {
+        let slices = plan.node_slices(node);
+        for w in slices.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if (a.layer, a.part, a.expert) != (b.layer, b.part, b.expert) {
+                continue;
+            }
+            let replicated = plan
+                .slices(a.layer as usize, a.part, a.expert as usize)
+                .is_some_and(|s| s.iter().any(|p| p.replicas.len() > 1));
+            if replicated {
+                return Err(DistributedError::Launch(format!(
+                    "node {} holds several slices of layer {} {:?} expert {} and some of them \
+                     have replicas: not supported (give each node one slice per expert)",
+                    plan.nodes()[node],
+                    a.layer,
+                    a.part,
+                    a.expert
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `expected` sorted by node index (the plan's order).
 fn plan_order(expected: &[(usize, Vec<usize>)]) -> Vec<(usize, &[usize])> {
     let mut v: Vec<(usize, &[usize])> = expected.iter().map(|(n, t)| (*n, t.as_slice())).collect();
@@ -397,6 +427,37 @@ impl ExpertExecutor for RemoteExperts {
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
         let work = self.route(layer, n_tokens, assignments)?;
         self.send(layer, FfnPart::Routed, n_tokens, inputs, work)
+    }
+
+    fn node_stats(&self) -> Vec<(String, Result<wire::Stats, EngineError>)> {
+        let ask = wire::CoordinatorMessage {
+            body: Some(wire::coordinator_message::Body::Stats(
+                wire::StatsRequest {},
+            )),
+        };
+        self.nodes
+            .iter()
+            .map(|n| {
+                let link = n.link.clone();
+                let msg = ask.clone();
+                let timeout = self.timeout;
+                let answer = self
+                    .runtime
+                    .block_on(async move { tokio::time::timeout(timeout, link.call(msg)).await });
+                let stats = match answer {
+                    Ok(Ok(wire::NodeMessage {
+                        body: Some(wire::node_message::Body::Stats(s)),
+                    })) => Ok(s),
+                    Ok(Ok(other)) => Err(format!("answered a stats request with {other:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+                let stats = stats.map_err(|detail| {
+                    EngineError::Node(format!("node {} ({}): {detail}", n.name, n.link.peer()))
+                });
+                (n.name.clone(), stats)
+            })
+            .collect()
     }
 
     fn places_dense(&self, layer: usize) -> bool {

@@ -47,6 +47,12 @@ pub trait ExpertExecutor: Send + Sync {
         )))
     }
 
+    /// Each node's counters (name, stats or why they could not be had); empty when the
+    /// experts run in this process.
+    fn node_stats(&self) -> Vec<(String, Result<proto::wire::Stats, EngineError>)> {
+        Vec::new()
+    }
+
     /// Writes Σ w·FFN_e(x) per token of MoE layer `layer` into `out`
     /// (`n_tokens × n_embd`): [`ExpertExecutor::start`] then wait.
     fn run(

@@ -2,6 +2,7 @@
 //! transformers' references, and the `moeshard` command line as a user runs it.
 
 mod cli;
+mod distributed;
 mod fixtures;
 mod smollm2;
 mod support;
