@@ -198,12 +198,25 @@ impl NodeLink for GrpcLink {
             }
             debug!(peer, kind, bytes = len, "call");
             if session.requests.send(msg).await.is_err() {
-                let detail = "the session's request stream is gone".to_string();
-                let err = TransportError::Closed {
-                    peer: peer.to_string(),
-                    detail: detail.clone(),
-                };
-                return Err(session.close(peer, detail, err));
+                // The session is over; its reply stream normally holds the reason (the
+                // node's final status).
+                let why = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        match session.next_reply(peer).await {
+                            Ok(_) => continue,
+                            Err(e) => return e,
+                        }
+                    }
+                })
+                .await;
+                return Err(why.unwrap_or_else(|_| {
+                    let detail = "the session's request stream is gone".to_string();
+                    let err = TransportError::Closed {
+                        peer: peer.to_string(),
+                        detail: detail.clone(),
+                    };
+                    session.close(peer, detail, err)
+                }));
             }
             session.pending = 1;
             let reply = session.next_reply(peer).await?;

@@ -467,10 +467,16 @@ async fn serve_connection(
             }
             Err(e) => {
                 info!(reason = %e, "quic connection closed");
-                break;
+                return;
             }
         }
     }
+    // Stopping: keep the connection open (dropping the last handle would close it with
+    // code 0) until `serve` closes the endpoint with CODE_SHUTDOWN once the streams in
+    // flight are answered, so the coordinator learns why. `alive` is not held meanwhile.
+    drop(alive);
+    let _ =
+        tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(2), connection.closed()).await;
 }
 
 /// Answers the one message of a stream.

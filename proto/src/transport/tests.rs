@@ -372,6 +372,7 @@ async fn shutdown_fails_calls_promptly(kind: TransportKind) {
     );
     assert!(err.is_transient());
     assert!(err.to_string().contains(node.link.peer()), "{err}");
+    assert!(err.to_string().contains("shut"), "says why: {err}");
     // A new connection is refused.
     let started = Instant::now();
     let again = tokio::time::timeout(Duration::from_secs(10), node.connect()).await;
@@ -587,33 +588,49 @@ async fn grpc_node_refuses_an_oversized_message() {
     call_within(&link, hello("after"), HUNG).await.unwrap();
 }
 
-/// A loopback relay in front of a node that can go silent: it keeps every socket open but
-/// forwards nothing more, as a host whose cable was pulled.
+/// What a [`Relay`] does with the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Relaying {
+    Forward,
+    /// Keeps every socket open but forwards nothing more, as a host whose cable was pulled.
+    Silent,
+    /// Closes its TCP connections, as the kernel does for a killed process.
+    Cut,
+}
+
+/// A loopback relay in front of a node, to make the node look silent or dead.
 struct Relay {
     addr: SocketAddr,
-    silence: tokio::sync::watch::Sender<bool>,
+    mode: tokio::sync::watch::Sender<Relaying>,
 }
 
 impl Relay {
     async fn tcp(node: SocketAddr) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (silence, silent) = tokio::sync::watch::channel(false);
+        let (mode, modes) = tokio::sync::watch::channel(Relaying::Forward);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                let mut silent = silent.clone();
+                let mut modes = modes.clone();
                 tokio::spawn(async move {
                     let mut server = tokio::net::TcpStream::connect(node).await.unwrap();
+                    let changed = async {
+                        let _ = modes.wait_for(|m| *m != Relaying::Forward).await;
+                        let mode = *modes.borrow();
+                        mode
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = async { let _ = silent.wait_for(|s| *s).await; } => {
-                            std::future::pending::<()>().await
+                        mode = changed => {
+                            if mode == Relaying::Silent {
+                                std::future::pending::<()>().await;
+                            }
                         }
                     }
                 });
             }
         });
-        Relay { addr, silence }
+        Relay { addr, mode }
     }
 
     async fn udp(node: SocketAddr) -> Relay {
@@ -621,7 +638,7 @@ impl Relay {
         let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         back.connect(node).await.unwrap();
         let addr = front.local_addr().unwrap();
-        let (silence, silent) = tokio::sync::watch::channel(false);
+        let (mode, modes) = tokio::sync::watch::channel(Relaying::Forward);
         tokio::spawn(async move {
             let mut client: Option<SocketAddr> = None;
             let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
@@ -629,28 +646,28 @@ impl Relay {
                 tokio::select! {
                     Ok((n, from)) = front.recv_from(&mut up) => {
                         client = Some(from);
-                        let quiet = *silent.borrow();
-                        if !quiet {
+                        let forward = *modes.borrow() == Relaying::Forward;
+                        if forward {
                             let _ = back.send(&up[..n]).await;
                         }
                     }
                     Ok(n) = back.recv(&mut down) => {
-                        let quiet = *silent.borrow();
-                        if let (Some(to), false) = (client, quiet) {
+                        let forward = *modes.borrow() == Relaying::Forward;
+                        if let (Some(to), true) = (client, forward) {
                             let _ = front.send_to(&down[..n], to).await;
                         }
                     }
                 }
             }
         });
-        Relay { addr, silence }
+        Relay { addr, mode }
     }
 }
 
-async fn silent_peer_is_detected(kind: TransportKind, limit: Duration) {
-    let node = Node::start(kind).await;
+/// A link to `node` through a new relay.
+async fn relayed_link(node: &Node) -> (Relay, Arc<dyn NodeLink>) {
     let node_addr = node.addr.unwrap();
-    let (relay, link): (Relay, Arc<dyn NodeLink>) = match kind {
+    match node.kind {
         TransportKind::Grpc => {
             let relay = Relay::tcp(node_addr).await;
             let link = Arc::new(grpc::connect(relay.addr).await.unwrap());
@@ -665,9 +682,14 @@ async fn silent_peer_is_detected(kind: TransportKind, limit: Duration) {
             );
             (relay, link)
         }
-    };
+    }
+}
+
+async fn silent_peer_is_detected(kind: TransportKind, limit: Duration) {
+    let node = Node::start(kind).await;
+    let (relay, link) = relayed_link(&node).await;
     call_within(&*link, hello("before"), HUNG).await.unwrap();
-    let _ = relay.silence.send(true);
+    let _ = relay.mode.send(Relaying::Silent);
     let started = Instant::now();
     let err = call_within(
         &*link,
@@ -690,6 +712,40 @@ async fn grpc_silent_peer_is_detected_by_keep_alive() {
 async fn quic_silent_peer_is_detected_by_idle_timeout() {
     let limit = quic::IDLE_TIMEOUT + Duration::from_secs(3);
     silent_peer_is_detected(TransportKind::Quic, limit).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_killed_peer_fails_the_call_in_flight() {
+    let node = Node::start(TransportKind::Grpc).await;
+    let (relay, link) = relayed_link(&node).await;
+    call_within(&*link, hello("before"), HUNG).await.unwrap();
+    let in_flight = {
+        let link = Arc::clone(&link);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = call_within(&*link, dispatch(SLOW_STEP, 1, 1, 8), HUNG).await;
+            (result, started.elapsed())
+        })
+    };
+    let waiting = Instant::now();
+    while node.slow_started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            waiting.elapsed() < HUNG,
+            "the slow call never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = relay.mode.send(Relaying::Cut);
+    let (result, elapsed) = in_flight.await.unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(err, TransportError::Closed { .. }), "{err}");
+    // Before the node would have answered.
+    assert!(elapsed < SLOW, "{elapsed:?}");
+    // Later calls fail at once the same way.
+    let err = call_within(&*link, hello("after"), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Closed { .. }), "{err}");
 }
 
 #[test]
