@@ -13,6 +13,9 @@
 //! connection); a silent one (cable pulled) within interval + timeout. Either way an
 //! outstanding or later call returns [`TransportError::Closed`]. A link does not reconnect:
 //! the coordinator connects a new one when the node is back.
+//!
+//! gRPC links are plain text: meant for loopback (both sides warn otherwise); between
+//! hosts use QUIC, which is always TLS.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -133,6 +136,9 @@ impl Session {
 /// Connects to the node at `addr` and opens the link's session stream.
 pub async fn connect(addr: SocketAddr) -> Result<GrpcLink, TransportError> {
     let peer = format!("grpc://{addr}");
+    if !addr.ip().is_loopback() {
+        warn!(%peer, "gRPC links are plain text (no TLS): use QUIC between hosts");
+    }
     let connect_err = |detail: String| TransportError::Connect {
         peer: peer.clone(),
         detail,
@@ -337,10 +343,14 @@ pub async fn serve(
     service: Arc<dyn NodeService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TransportError> {
-    let addr = listener.local_addr().map_or_else(
-        |_| "grpc://(unknown address)".to_string(),
+    let local = listener.local_addr().ok();
+    let addr = local.map_or_else(
+        || "grpc://(unknown address)".to_string(),
         |a| format!("grpc://{a}"),
     );
+    if !local.is_some_and(|a| a.ip().is_loopback()) {
+        warn!(%addr, "gRPC is plain text (no TLS): serve other hosts over QUIC");
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop) = Stop::new();
     let node = ExpertNodeServer::new(GrpcNode {
