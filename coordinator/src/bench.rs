@@ -85,12 +85,12 @@ pub fn run(
     // One warm-up pass faults the weights in.
     {
         let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
-        engine.forward(&mut cache, &tokens, Logits::Last)?;
+        engine.prefill(&mut cache, &tokens)?;
     }
     for _ in 0..cfg.reps.max(1) {
         let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
         let t = Instant::now();
-        let logits = engine.forward(&mut cache, &tokens, Logits::Last)?;
+        let logits = engine.prefill(&mut cache, &tokens)?;
         prompt_tps.push(cfg.n_prompt as f64 / t.elapsed().as_secs_f64());
         let mut next = argmax(&logits);
         let t = Instant::now();

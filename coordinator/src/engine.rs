@@ -12,6 +12,11 @@ use crate::kv_cache::KvCache;
 use crate::models::{EngineError, ExpertExecutor, InprocExperts, Logits, Model};
 use crate::sampler::Sampler;
 
+/// The most tokens evaluated as one batch: longer prompts are cut into batches of this size,
+/// as llama.cpp's default `n_ubatch` does (and as expert dispatches must be, see
+/// `proto::limits`).
+pub const UBATCH: usize = 512;
+
 /// A model ready to evaluate, with the executor of its routed experts.
 pub struct Engine {
     model: Model,
@@ -85,13 +90,31 @@ impl Engine {
             .forward(self.experts.as_ref(), cache, tokens, which)
     }
 
-    /// Logits `[n_tokens, n_vocab]` of `tokens` evaluated as one batch from an empty cache.
+    /// Logits `[n_tokens, n_vocab]` of `tokens` from an empty cache, evaluated in batches of
+    /// at most [`UBATCH`] tokens (one batch for shorter inputs).
     pub fn eval(&self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
         let mut cache = self.new_cache(tokens.len());
-        self.forward(&mut cache, tokens, Logits::All)
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(UBATCH) {
+            logits.extend(self.forward(&mut cache, chunk, Logits::All)?);
+        }
+        Ok(logits)
     }
 
-    /// Generates up to `n_predict` tokens after `prompt` (evaluated as one batch)
+    /// Evaluates `tokens` after what `cache` holds in batches of at most [`UBATCH`] tokens;
+    /// the last position's logits.
+    pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let mut logits = None;
+        for chunk in tokens.chunks(UBATCH) {
+            logits = Some(self.forward(cache, chunk, Logits::Last)?);
+        }
+        logits.ok_or(EngineError::EmptyBatch)
+    }
+
+    /// Generates up to `n_predict` tokens after `prompt` (evaluated in batches of [`UBATCH`])
     /// in a context of `n_ctx` positions, calling `on_token` for each; stops early
     /// when `on_token` returns false or the context is full.
     pub fn generate(
@@ -122,7 +145,7 @@ impl Engine {
             return Ok((out, stats));
         }
         let t0 = Instant::now();
-        let mut logits = self.forward(&mut cache, prompt, Logits::Last)?;
+        let mut logits = self.prefill(&mut cache, prompt)?;
         stats.prompt_time = t0.elapsed();
         let t1 = Instant::now();
         loop {

@@ -41,7 +41,7 @@ fn check(model: PathBuf, layer: u32, n_ff: u32, cut: u32) {
     let n_embd = full[0].gate.n_cols;
     let n_tokens = 3;
     let x: Vec<f32> = (0..n_tokens * n_embd)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0))
+        .map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let mut inputs = vec![Activations::quantize(k, full[0].gate.ty, &x, n_embd)];
     if full[0].up.ty.vec_dot_type() != full[0].gate.ty.vec_dot_type() {

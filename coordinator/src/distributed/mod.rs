@@ -267,6 +267,17 @@ impl RemoteExperts {
         inputs: &[Activations],
         work: Vec<NodeWork>,
     ) -> Result<Pending<'_>, EngineError> {
+        let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
+            .min(proto::limits::MAX_DISPATCH_VALUES / self.n_embd.max(1));
+        if let Some(w) = work.iter().find(|w| w.tokens.len() > max_tokens) {
+            return Err(EngineError::Node(format!(
+                "layer {layer}: a dispatch of {} tokens to node {} exceeds the protocol's limit \
+                 of {max_tokens} tokens for n_embd {}: evaluate the prompt in smaller batches",
+                w.tokens.len(),
+                self.nodes[w.node].name,
+                self.n_embd
+            )));
+        }
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let mut expected = Vec::with_capacity(work.len());
