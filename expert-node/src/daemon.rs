@@ -57,6 +57,10 @@ pub struct NodeArgs {
     /// Read every mapped page once before serving.
     #[arg(long)]
     pub prefault: bool,
+    /// Stop (as on SIGTERM) when stdin reaches end of file: a launcher holding the pipe
+    /// makes sure the node does not outlive it.
+    #[arg(long)]
+    pub exit_on_stdin_close: bool,
 }
 
 /// Parses `0-63,70` (inclusive ranges) into the listed numbers.
@@ -185,8 +189,12 @@ pub fn serve(
     let service: Arc<dyn NodeService> = core.clone();
     runtime.block_on(async move {
         let draining = core.clone();
+        let stdin_closed = stdin_eof(args.exit_on_stdin_close);
         let shutdown = async move {
-            wait_for_signal().await;
+            tokio::select! {
+                _ = wait_for_signal() => {}
+                _ = stdin_closed => info!("stdin closed"),
+            }
             info!("shutting down: finishing in-flight dispatches");
             draining.drain();
         };
@@ -235,6 +243,25 @@ pub fn serve(
         info!("stopped");
         Ok(())
     })
+}
+
+/// Resolves when stdin reaches end of file (never, unless `enabled`).
+async fn stdin_eof(enabled: bool) {
+    if !enabled {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = std::io::Read::read(&mut stdin, &mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 async fn wait_for_signal() {

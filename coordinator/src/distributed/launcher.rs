@@ -51,6 +51,9 @@ impl LaunchOptions {
 /// then SIGKILL after 5 s).
 pub struct LocalNodes {
     children: Vec<(String, Child)>,
+    /// The nodes' stdin pipes: closed when this is dropped (or the process dies), which
+    /// stops nodes started with `--exit-on-stdin-close`.
+    stdins: Vec<std::process::ChildStdin>,
     _dir: tempfile::TempDir,
 }
 
@@ -72,6 +75,7 @@ impl LocalNodes {
 
 impl Drop for LocalNodes {
     fn drop(&mut self) {
+        self.stdins.clear();
         for (_, child) in &mut self.children {
             // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
             unsafe {
@@ -138,6 +142,7 @@ pub fn launch(
         return Ok((
             LocalNodes {
                 children: Vec::new(),
+                stdins: Vec::new(),
                 _dir: dir,
             },
             handles,
@@ -149,6 +154,7 @@ pub fn launch(
         .map_err(|e| launch_err(format!("writing the plan: {e}")))?;
     let mut nodes = LocalNodes {
         children: Vec::new(),
+        stdins: Vec::new(),
         _dir: dir,
     };
     let mut started = Vec::with_capacity(n);
@@ -163,7 +169,10 @@ pub fn launch(
             .arg(&plan_path)
             .args(["--node", name, "--threads"])
             .arg(threads.to_string())
-            .stdin(Stdio::null())
+            // A node must not outlive its coordinator, even one killed with SIGKILL: it stops
+            // when its stdin (held by LocalNodes) closes.
+            .arg("--exit-on-stdin-close")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut cert_pem = None;
@@ -182,6 +191,7 @@ pub fn launch(
             ))
         })?;
         let stdout = child.stdout.take();
+        nodes.stdins.extend(child.stdin.take());
         nodes.children.push((name.clone(), child));
         let (tx, rx) = mpsc::channel();
         if let Some(out) = stdout {
