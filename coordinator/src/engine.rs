@@ -17,6 +17,12 @@ use crate::sampler::Sampler;
 /// `proto::limits`).
 pub const UBATCH: usize = 512;
 
+/// One sequence's part of a batched step: `tokens` are appended after what `cache` holds.
+pub struct SeqStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+}
+
 /// A model ready to evaluate, with the executor of its routed experts.
 pub struct Engine {
     model: Model,
@@ -88,6 +94,18 @@ impl Engine {
     ) -> Result<Vec<f32>, EngineError> {
         self.model
             .forward(self.experts.as_ref(), cache, tokens, which)
+    }
+
+    /// One step of several sequences (continuous batching): each sequence's tokens are
+    /// evaluated after what its cache holds; returns each sequence's last-position logits.
+    ///
+    /// A sequence's logits do not depend on which other sequences share the step.
+    pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        // Each sequence on its own for now: batch-invariant by construction; batching the
+        // sequences' rows through every matmul and dispatch is the next step.
+        seqs.iter_mut()
+            .map(|s| self.forward(s.cache, s.tokens, Logits::Last))
+            .collect()
     }
 
     /// Logits `[n_tokens, n_vocab]` of `tokens` from an empty cache, evaluated in batches of
