@@ -12,3 +12,4 @@ pub mod moe;
 pub mod placement;
 pub mod quant;
 pub mod rng;
+pub mod topology;
