@@ -16,6 +16,7 @@ use shared::placement::{ModelShape, Part, Plan, SliceSpec};
 use tracing::{info, warn};
 
 use crate::error::NodeError;
+use crate::pinning::{Pinning, ThreadRole};
 use crate::service::NodeCore;
 use crate::weights::NodeWeights;
 
@@ -61,6 +62,16 @@ pub struct NodeArgs {
     /// makes sure the node does not outlive it.
     #[arg(long)]
     pub exit_on_stdin_close: bool,
+    /// Pin the compute and I/O threads to this NUMA node's cores and bind the weights'
+    /// pages to its memory (reported in the inventory; where binding fails, warn and serve
+    /// unpinned).
+    #[arg(long)]
+    pub numa_node: Option<u32>,
+    /// The topology that says which cores belong to `--numa-node`:
+    /// `synthetic:<hwloc synthetic description>` or `xml:<hwloc XML file>` (default: this
+    /// machine's).
+    #[arg(long, requires = "numa_node")]
+    pub topology: Option<String>,
 }
 
 /// Parses `0-63,70` (inclusive ranges) into the listed numbers.
@@ -156,10 +167,22 @@ fn wanted_slices(args: &NodeArgs) -> Result<Option<Vec<SliceSpec>>, NodeError> {
     })
 }
 
-/// Loads what `args` asks for.
+/// Loads what `args` asks for (with `--numa-node`, pinned: the calling thread too, so that
+/// what it loads lands on the node).
 pub fn load(args: &NodeArgs) -> Result<NodeCore, NodeError> {
+    let pinning = match args.numa_node {
+        Some(node) => {
+            let pinning = Arc::new(Pinning::plan(node, args.topology.as_deref())?);
+            pinning.pin_current_thread(ThreadRole::Main);
+            Some(pinning)
+        }
+        None => None,
+    };
     let wanted = wanted_slices(args)?;
     let weights = NodeWeights::open(&args.model, wanted.as_deref())?;
+    if let Some(pinning) = &pinning {
+        pinning.bind_weights(&weights);
+    }
     if args.prefault {
         let t0 = std::time::Instant::now();
         weights.prefault();
@@ -169,7 +192,10 @@ pub fn load(args: &NodeArgs) -> Result<NodeCore, NodeError> {
         .node
         .clone()
         .unwrap_or_else(|| format!("node@{}", args.listen));
-    NodeCore::new(&name, weights, args.threads, None)
+    match pinning {
+        Some(pinning) => NodeCore::pinned(&name, weights, args.threads, pinning),
+        None => NodeCore::new(&name, weights, args.threads, None),
+    }
 }
 
 /// Serves `core` on `args.listen` until SIGTERM or Ctrl-C; `on_ready` gets the bound
@@ -179,10 +205,16 @@ pub fn serve(
     core: NodeCore,
     on_ready: impl FnOnce(TransportKind, SocketAddr),
 ) -> Result<(), NodeError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(2)
         .thread_name("node-io")
-        .enable_all()
+        .enable_all();
+    if let Some(pinning) = core.pinning() {
+        let pinning = pinning.clone();
+        builder.on_thread_start(move || pinning.pin_current_thread(ThreadRole::Io));
+    }
+    let runtime = builder
         .build()
         .map_err(|e| NodeError::Usage(format!("starting the I/O runtime: {e}")))?;
     let core = Arc::new(core);

@@ -6,13 +6,16 @@
 //! - [`service`]: [`NodeCore`], the transport-independent answers (handshake, dispatch,
 //!   health, stats), every message checked first.
 //! - [`daemon`]: command line, transports (gRPC or QUIC), graceful shutdown.
+//! - [`pinning`]: `--numa-node`: threads on one NUMA node's units, weights on its memory.
 
 pub mod daemon;
 pub mod error;
+pub mod pinning;
 pub mod service;
 pub mod weights;
 
 pub use daemon::NodeArgs;
 pub use error::NodeError;
+pub use pinning::Pinning;
 pub use service::NodeCore;
 pub use weights::NodeWeights;

@@ -7,6 +7,7 @@
 //! per token goes back.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use proto::transport::NodeService;
@@ -20,6 +21,7 @@ use shared::quant::dispatch::Kernels;
 use tracing::{debug, info, warn};
 
 use crate::error::NodeError;
+use crate::pinning::{Pinning, ThreadRole};
 use crate::weights::NodeWeights;
 
 /// Counters since the node started (the `Stats` message).
@@ -44,6 +46,8 @@ pub struct NodeCore {
     inventory: Inventory,
     kernels: &'static Kernels,
     pool: Option<rayon::ThreadPool>,
+    /// `--numa-node`: the pool's threads bind themselves to the node's units.
+    pinning: Option<Arc<Pinning>>,
     started: Instant,
     counters: Counters,
     state: AtomicU8,
@@ -102,6 +106,38 @@ impl NodeCore {
         threads: usize,
         numa_node: Option<u32>,
     ) -> Result<NodeCore, NodeError> {
+        NodeCore::build(name, weights, threads, numa_node, None)
+    }
+
+    /// A node whose compute threads are pinned to `pinning`'s NUMA node (each binds itself
+    /// as it starts), reporting that node in its inventory. With `threads` 0 it gets one
+    /// thread per processing unit of the node.
+    pub fn pinned(
+        name: &str,
+        weights: NodeWeights,
+        threads: usize,
+        pinning: Arc<Pinning>,
+    ) -> Result<NodeCore, NodeError> {
+        let threads = match threads {
+            0 => pinning.pus().len().max(1),
+            n => n,
+        };
+        NodeCore::build(
+            name,
+            weights,
+            threads,
+            Some(pinning.numa_node()),
+            Some(pinning),
+        )
+    }
+
+    fn build(
+        name: &str,
+        weights: NodeWeights,
+        threads: usize,
+        numa_node: Option<u32>,
+        pinning: Option<Arc<Pinning>>,
+    ) -> Result<NodeCore, NodeError> {
         let slices = weights
             .slices()
             .iter()
@@ -121,10 +157,16 @@ impl NodeCore {
             slices,
         )?;
         let pool = if threads > 0 {
+            let mut builder = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("expert-{i}"));
+            if let Some(pinning) = &pinning {
+                let pinning = pinning.clone();
+                builder =
+                    builder.start_handler(move |_| pinning.pin_current_thread(ThreadRole::Compute));
+            }
             Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("expert-{i}"))
+                builder
                     .build()
                     .map_err(|e| NodeError::Usage(format!("starting {threads} threads: {e}")))?,
             )
@@ -137,6 +179,7 @@ impl NodeCore {
             inventory,
             kernels: Kernels::get(),
             pool,
+            pinning,
             started: Instant::now(),
             counters: Counters::default(),
             state: AtomicU8::new(SERVING),
@@ -153,6 +196,11 @@ impl NodeCore {
 
     pub fn weights(&self) -> &NodeWeights {
         &self.weights
+    }
+
+    /// The NUMA pinning, where `--numa-node` asked for one.
+    pub fn pinning(&self) -> Option<&Arc<Pinning>> {
+        self.pinning.as_ref()
     }
 
     /// From now on, dispatches are refused as `UNAVAILABLE` (a coordinator retries

@@ -360,6 +360,17 @@ impl NodeWeights {
             .unwrap_or_default()
     }
 
+    /// The mapped byte ranges, one per mapping (page-aligned starts): what `--numa-node`
+    /// binds to its node's memory.
+    pub fn mapped_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.maps.iter().map(|m| &m[..])
+    }
+
+    /// The bytes read into memory at load (down column slices of a full model file).
+    pub fn copied_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.owned.iter().map(Vec::as_slice)
+    }
+
     /// Reads every mapped page once, so the first dispatches do not pay for page faults.
     pub fn prefault(&self) -> u64 {
         let mut sum = 0u64;
