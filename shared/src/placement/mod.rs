@@ -26,7 +26,9 @@ mod cluster;
 mod error;
 mod ids;
 mod plan;
+pub mod planner;
 mod resolve;
+pub mod routing_stats;
 mod shape;
 pub mod split;
 
