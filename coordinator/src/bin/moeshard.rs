@@ -49,6 +49,16 @@ enum Command {
     Generate(GenerateArgs),
     /// Run an expert-node daemon (the same as `moeshard-expert-node`)
     ExpertNode(expert_node::NodeArgs),
+    /// Describe the machine: packages, NUMA nodes, persistent memory, and the pinning plan
+    Topology {
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+        /// Describe this one instead of this machine: `synthetic:<hwloc synthetic
+        /// description>` (e.g. "synthetic:pack:2 numa:1 core:4 pu:1") or `xml:<hwloc XML file>`
+        #[arg(long)]
+        topology: Option<String>,
+    },
     /// Tokenize text with the model's tokenizer
     Tokenize {
         #[arg(long, short = 'm')]
@@ -329,6 +339,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Topology { json, topology } => {
+            let topology = shared::topology::Topology::from_spec_or_detect(topology.as_deref())?;
+            let plan = topology.node_plan(topology.compute_nodes().len().max(1));
+            if json {
+                let mut value = serde_json::to_value(&topology)?;
+                value["node_plan"] = serde_json::to_value(plan.as_ref().ok())?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", topology.to_text());
+                match plan {
+                    Ok(plan) => print!("{}", plan.to_text()),
+                    Err(e) => println!("plan: none ({e})"),
+                }
+            }
+            Ok(())
+        }
         Command::ExpertNode(args) => {
             let core = expert_node::daemon::load(&args)?;
             expert_node::daemon::serve(&args, core, |transport, addr| {

@@ -56,6 +56,39 @@ impl NodePlan {
     pub fn for_numa_node(&self, numa_node: u32) -> Option<&ExpertNodePin> {
         self.expert_nodes.iter().find(|p| p.numa_node == numa_node)
     }
+
+    /// One line per expert node, then one per coordinator part.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for (i, node) in self.expert_nodes.iter().enumerate() {
+            let pmem: Vec<String> = (node.pmem_mounts.iter())
+                .map(|m| m.display().to_string())
+                .collect();
+            let _ = writeln!(
+                out,
+                "plan: expert node {i} on numa {}: PUs {}, memory node {}{}",
+                node.numa_node,
+                format_list(&node.pus),
+                node.memory_node,
+                if pmem.is_empty() {
+                    String::new()
+                } else {
+                    format!(", shard on {}", pmem.join(" or "))
+                }
+            );
+        }
+        for part in &self.coordinator {
+            let _ = writeln!(
+                out,
+                "plan: coordinator part on numa {}: PUs {}, memory node {}",
+                part.numa_node,
+                format_list(&part.pus),
+                part.memory_node
+            );
+        }
+        out
+    }
 }
 
 impl Topology {

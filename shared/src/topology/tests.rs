@@ -347,6 +347,13 @@ fn topology_pmem_from_a_fake_sysfs() {
     assert_eq!(plan.expert_nodes[0].pmem_mounts, vec![mnt.join("pmem0")]);
     assert_eq!(plan.expert_nodes[1].pmem_mounts, vec![mnt.join("pmem 1")]);
 
+    let text = plan.to_text();
+    for want in [
+        "plan: expert node 0 on numa 0: PUs 0-3, memory node 0, shard on ",
+        "plan: coordinator part on numa 1: PUs 4-7, memory node 1\n",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
     let text = t.to_text();
     for want in [
         "package 1: 4 cores, PUs 4-7, NUMA nodes 1\n",
