@@ -449,3 +449,98 @@ fn topology_binder_on_this_machine() {
     });
     handle.join().unwrap();
 }
+
+/// Two packages, each with a DRAM node (0, 1) and an NVM node (2, 3: a DAX device onlined as
+/// memory), as hwloc describes an Optane box whose PMem is used through `daxctl`.
+fn nvm_machine_xml() -> String {
+    let node = |os: u32, cpuset: &str, nvm: bool| {
+        let nodeset = format!("0x{:08x}", 1u32 << os);
+        let (subtype, info) = if nvm {
+            (
+                " subtype=\"NVM\"",
+                format!(
+                    "\n        <info name=\"DAXDevice\" value=\"dax{}.0\"/>",
+                    os - 2
+                ),
+            )
+        } else {
+            ("", String::new())
+        };
+        format!(
+            "      <object type=\"NUMANode\"{subtype} os_index=\"{os}\" cpuset=\"{cpuset}\" \
+             complete_cpuset=\"{cpuset}\" nodeset=\"{nodeset}\" complete_nodeset=\"{nodeset}\" \
+             gp_index=\"{}\" local_memory=\"{}\">{info}\n      </object>\n",
+            100 + os,
+            if nvm { 1u64 << 40 } else { 1u64 << 36 },
+        )
+    };
+    let package = |os: u32, cpuset: &str, nodeset: &str| {
+        format!(
+            "    <object type=\"Package\" os_index=\"{os}\" cpuset=\"{cpuset}\" \
+             complete_cpuset=\"{cpuset}\" nodeset=\"{nodeset}\" complete_nodeset=\"{nodeset}\" \
+             gp_index=\"{}\">\n{}{}      <object type=\"Core\" os_index=\"0\" cpuset=\"{cpuset}\" \
+             complete_cpuset=\"{cpuset}\" nodeset=\"{nodeset}\" complete_nodeset=\"{nodeset}\" \
+             gp_index=\"{}\">\n        <object type=\"PU\" os_index=\"{os}\" cpuset=\"{cpuset}\" \
+             complete_cpuset=\"{cpuset}\" nodeset=\"{nodeset}\" complete_nodeset=\"{nodeset}\" \
+             gp_index=\"{}\"/>\n      </object>\n    </object>\n",
+            10 + os,
+            node(os, cpuset, false),
+            node(os + 2, cpuset, true),
+            20 + os,
+            30 + os,
+        )
+    };
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<!DOCTYPE topology SYSTEM \"hwloc2.dtd\">\n\
+         <topology version=\"2.0\">\n  <object type=\"Machine\" os_index=\"0\" \
+         cpuset=\"0x00000003\" complete_cpuset=\"0x00000003\" allowed_cpuset=\"0x00000003\" \
+         nodeset=\"0x0000000f\" complete_nodeset=\"0x0000000f\" allowed_nodeset=\"0x0000000f\" \
+         gp_index=\"1\">\n{}{}  </object>\n  <support name=\"discovery.pu\"/>\n  \
+         <support name=\"discovery.numa\"/>\n  <support name=\"discovery.numa_memory\"/>\n\
+         </topology>\n",
+        package(0, "0x00000001", "0x00000005"),
+        package(1, "0x00000002", "0x0000000a"),
+    )
+}
+
+#[test]
+fn topology_nvm_memory_nodes_from_xml() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("optane.xml");
+    fs::write(&xml, nvm_machine_xml()).unwrap();
+    let t = Topology::from_spec(&format!("xml:{}", xml.display())).unwrap();
+    type Facts<'a> = (u32, Option<u32>, String, Option<&'a str>, Vec<u32>);
+    let nodes: Vec<Facts> = (t.numa_nodes.iter())
+        .map(|n| {
+            (
+                n.os_index,
+                n.package,
+                n.kind.to_string(),
+                n.dax_device.as_deref(),
+                n.pus.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![
+            (0, Some(0), "DRAM".into(), None, vec![0]),
+            (1, Some(1), "DRAM".into(), None, vec![1]),
+            (2, Some(0), "NVM".into(), Some("dax0.0"), vec![0]),
+            (3, Some(1), "NVM".into(), Some("dax1.0"), vec![1]),
+        ]
+    );
+    assert_eq!(t.packages[0].numa_nodes, vec![0, 2]);
+    // The NVM nodes are memory, not sockets: one expert node per DRAM node.
+    check_plan(
+        &t,
+        2,
+        &[(0, vec![0], 0), (1, vec![1], 1)],
+        &[(0, vec![0]), (1, vec![1])],
+    );
+    let text = t.to_text();
+    assert!(
+        text.contains("numa 3 (package 1, NVM, dax1.0): 1 cores, PUs 1, 1024.0 GiB\n"),
+        "{text}"
+    );
+}
