@@ -387,13 +387,30 @@ pub fn predict(
     config: &PlannerConfig,
 ) -> Result<Prediction, PlannerError> {
     check_inputs(model, nodes, routing, config)?;
-    for (layer, experts) in placement.layers.iter().enumerate() {
-        let bad = experts
-            .iter()
-            .flatten()
-            .flatten()
-            .any(|s| s.replicas.is_empty() || s.replicas.iter().any(|&n| n >= nodes.len()));
-        if bad || experts.is_some() != model.routed.get(layer).is_some_and(|c| c.is_some()) {
+    if placement.layers.len() != model.routed.len() {
+        return Err(PlannerError::Config(format!(
+            "the placement has {} layers, the model {}",
+            placement.layers.len(),
+            model.routed.len()
+        )));
+    }
+    for (layer, (experts, cost)) in placement.layers.iter().zip(&model.routed).enumerate() {
+        let bad = match (experts, cost) {
+            (None, None) => false,
+            (Some(experts), Some(cost)) => {
+                experts.len() != model.n_expert()
+                    || experts.iter().any(|slices| {
+                        slices.is_empty()
+                            || slices.iter().any(|s| {
+                                s.ff.end > cost.n_ff
+                                    || s.replicas.is_empty()
+                                    || s.replicas.iter().any(|&n| n >= nodes.len())
+                            })
+                    })
+            }
+            _ => true,
+        };
+        if bad {
             return Err(PlannerError::Config(format!(
                 "the placement does not fit the model or the {} nodes at layer {layer}",
                 nodes.len()
@@ -450,9 +467,14 @@ fn check_inputs(
             "the model has no routed experts to place".to_string(),
         ));
     }
-    if routing.n_expert() != model.n_expert() || routing.k() != model.n_expert_used {
+    if routing.n_expert() != model.n_expert()
+        || routing.k() != model.n_expert_used
+        || model
+            .moe_layers()
+            .any(|(l, _)| routing.inclusion(l).is_none())
+    {
         return Err(PlannerError::Config(format!(
-            "the routing distribution picks {} of {} experts, the model {} of {}",
+            "the routing distribution picks {} of {} experts (or lacks a MoE layer), the model {} of {}",
             routing.k(),
             routing.n_expert(),
             model.n_expert_used,

@@ -325,7 +325,7 @@ fn bad_settings_are_refused() {
         &nodes,
         &other,
         PlannerConfig::default(),
-        "picks 3 of 8 experts, the model 2 of 8",
+        "picks 3 of 8 experts (or lacks a MoE layer), the model 2 of 8",
     );
     let dense = toy(2, 2, 8, 2, 512, GgmlType::Q4_K);
     let err = plan(&dense, &nodes, &routing, &PlannerConfig::default()).unwrap_err();
@@ -517,4 +517,38 @@ proptest! {
             Err(e) => prop_assert!(false, "unexpected error {}", e),
         }
     }
+}
+
+#[test]
+fn a_plan_file_predicts_as_its_placement() {
+    let model = toy(3, 1, 8, 2, 768, GgmlType::Q4_K);
+    let routing = RoutingModel::zipf(&model.shape, 2, 1.0, 4);
+    let nodes = PlannerNode::equal(2, 10.0);
+    let expert = model.routed[1].unwrap().expert_bytes();
+    let config = PlannerConfig {
+        replicate_bytes: 2 * expert,
+        batch: 3,
+        samples: 200,
+        ..PlannerConfig::default()
+    };
+    let planned = plan(&model, &nodes, &routing, &config).unwrap();
+    let text = planned.plan.to_toml();
+    let resolved = Plan::from_toml(&text)
+        .unwrap()
+        .resolve(&model.shape)
+        .unwrap();
+    let placement = Placement::from_resolved(&resolved);
+    assert_eq!(placement, planned.placement);
+    let p = predict(&model, &nodes, &placement, &routing, &config).unwrap();
+    assert_eq!(p, planned.summary.prediction);
+
+    // Any plan file: the even plan, which puts experts 0-3 and 4-7 on the two nodes.
+    let even = Plan::even(&["node0".into(), "node1".into()], &model.shape, false);
+    let even = Placement::from_resolved(&even.resolve(&model.shape).unwrap());
+    let p = predict(&model, &nodes, &even, &routing, &config).unwrap();
+    assert!(p.expert_time_s > 0.0);
+    // A placement for another model is refused.
+    let other = toy(2, 1, 8, 2, 768, GgmlType::Q4_K);
+    let err = predict(&other, &nodes, &even, &routing, &config).unwrap_err();
+    assert!(err.to_string().contains("3 layers, the model 2"), "{err}");
 }
