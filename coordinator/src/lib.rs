@@ -9,6 +9,7 @@ pub mod engine;
 pub mod inspect;
 pub mod kv_cache;
 pub mod models;
+pub mod routing_stats;
 pub mod safetensors_out;
 pub mod sampler;
 pub mod synth;

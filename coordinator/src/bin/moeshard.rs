@@ -42,6 +42,9 @@ enum Command {
         /// Output safetensors file with one f32 tensor `logits` [n_tokens, n_vocab]
         #[arg(long)]
         logits_out: PathBuf,
+        /// Write the tokens routed to each expert of each layer to this JSON file (docs/placement.md)
+        #[arg(long, value_name = "FILE")]
+        record_routing: Option<PathBuf>,
         #[command(flatten)]
         dist: DistArgs,
     },
@@ -149,6 +152,54 @@ enum Command {
     },
     /// Write one GGUF per node holding only that node's slices of a model (see docs/placement.md)
     Split(SplitArgs),
+    /// Plan where experts go: compare sliced and whole-expert placements by predicted step time and write the fastest (docs/placement.md)
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// The model (GGUF; for a split model, its first part); only its header is read
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// The cluster file (TOML): nodes with memory_bytes and read_bandwidth_gbs
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Routing statistics (JSON) recorded with --record-routing
+    #[arg(long, value_name = "FILE", conflicts_with = "zipf")]
+    routing_stats: Option<PathBuf>,
+    /// Without statistics: Zipf routing with this exponent over each layer's experts (default: uniform)
+    #[arg(long, value_name = "S")]
+    zipf: Option<f64>,
+    /// Bytes to spend on replicas of hot experts (e.g. 4G, 512MiB)
+    #[arg(long, value_name = "BYTES", default_value = "0")]
+    replicate: String,
+    /// Sequences decoded together
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Write the plan (TOML) here; without it the plan is printed after the summary
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print one JSON object (the summary, and the plan as TOML text)
+    #[arg(long)]
+    json: bool,
+    /// Monte Carlo steps per candidate
+    #[arg(long, default_value_t = shared::placement::planner::DEFAULT_SAMPLES)]
+    samples: usize,
+    /// Seed of the sampled steps (and of the Zipf ranks)
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Cores computing experts on each node (default: compute is not a limit)
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Kernel rate, GB/s of weights per core, for every quant type (default: per family, DESIGN.md)
+    #[arg(long, value_name = "GBS")]
+    kernel_gbs: Option<f64>,
+    /// The coordinator's read bandwidth for the dense part, GB/s
+    #[arg(long, value_name = "GBS", default_value_t = shared::placement::planner::DEFAULT_READ_BANDWIDTH_GBS)]
+    coordinator_gbs: f64,
+    /// The coordinator's cores (default: compute is not a limit)
+    #[arg(long)]
+    coordinator_cores: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +266,9 @@ struct GenerateArgs {
     /// Print one JSON object with `tokens` and `text` instead of streaming text
     #[arg(long)]
     json: bool,
+    /// Write the tokens routed to each expert of each layer to this JSON file (docs/placement.md)
+    #[arg(long, value_name = "FILE")]
+    record_routing: Option<PathBuf>,
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -318,10 +372,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             tokens,
             logits_out,
+            record_routing,
             dist,
         } => {
             let engine = open_engine_dist(&model, &dist)?;
             let logits = engine.eval(&tokens).context("evaluating tokens")?;
+            if let Some(path) = &record_routing {
+                save_routing(&engine, path)?;
+            }
             let n_vocab = engine.model().hparams().n_vocab;
             coordinator::safetensors_out::write_f32(
                 &logits_out,
@@ -491,6 +549,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Plan(args) => plan(args),
         Command::Split(args) => {
             use shared::placement::{split, ModelShape, Plan};
             let model = open_gguf(&args.model)?;
@@ -695,6 +754,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             ignore_eos || !tokenizer.as_ref().is_some_and(|t| t.is_eog(tok))
         })
         .context("generating")?;
+    if let Some(path) = &args.record_routing {
+        save_routing(&engine, path)?;
+    }
     if let (Some(dec), false) = (decoder.as_mut(), json) {
         print!("{}", dec.finish());
         println!();
@@ -722,6 +784,103 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         stats.n_generated,
         stats.generation_tps()
     );
+    Ok(())
+}
+
+/// Writes the routing statistics of everything `engine` evaluated to `path`.
+fn save_routing(engine: &Engine, path: &Path) -> anyhow::Result<()> {
+    let identity = shared::gguf::model_identity(engine.model().file());
+    let stats = engine.model().routing_counts().snapshot(Some(&identity));
+    coordinator::routing_stats::save(&stats, path)
+        .with_context(|| format!("writing routing statistics to {}", path.display()))?;
+    let tokens = stats.layers.first().map_or(0, |l| l.n_tokens);
+    eprintln!(
+        "wrote routing statistics ({} MoE layers, {tokens} tokens) to {}",
+        stats.layers.len(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// `moeshard plan`: the planner over a model's header and a cluster file.
+fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    use shared::placement::planner::{self, KernelRates, PlannerConfig, PlannerNode};
+    use shared::placement::routing_stats::RoutingModel;
+    use shared::placement::{identity_hex, Cluster};
+    let file = open_gguf(&args.model)?;
+    let rates = args
+        .kernel_gbs
+        .map_or_else(KernelRates::default, KernelRates::uniform);
+    let model = planner::ModelCost::from_gguf(&file, &rates)
+        .with_context(|| format!("reading the expert sizes of {}", args.model.display()))?;
+    let cluster = Cluster::load(&args.cluster)?;
+    let nodes = PlannerNode::from_cluster(&cluster, args.cores);
+    let replicate_bytes = planner::parse_byte_size(&args.replicate)
+        .map_err(|e| anyhow::anyhow!("--replicate {e}"))?;
+    let k = model.n_expert_used;
+    let mut notes = Vec::new();
+    let routing = match (&args.routing_stats, args.zipf) {
+        (Some(path), _) => {
+            let stats = coordinator::routing_stats::load(path)?;
+            if let (Some(recorded), Some(id)) = (&stats.model_identity, &model.model_identity) {
+                if !recorded.eq_ignore_ascii_case(&identity_hex(id)) {
+                    notes.push(format!(
+                        "{} was recorded with another model file ({recorded}); used as this model's routing",
+                        path.display()
+                    ));
+                }
+            }
+            stats.check_model(&model.shape, k).with_context(|| {
+                format!("{} does not fit {}", path.display(), args.model.display())
+            })?;
+            RoutingModel::from_stats(&model.shape, &stats)?
+        }
+        (None, Some(s)) => {
+            if !(s.is_finite() && s >= 0.0) {
+                bail!("--zipf {s}: the exponent must be a number >= 0");
+            }
+            RoutingModel::zipf(&model.shape, k, s, args.seed)
+        }
+        (None, None) => RoutingModel::uniform(&model.shape, k),
+    };
+    let config = PlannerConfig {
+        batch: args.batch,
+        replicate_bytes,
+        samples: args.samples,
+        seed: args.seed,
+        kernel_rates: rates,
+        coordinator_bandwidth_gbs: args.coordinator_gbs,
+        coordinator_cores: args.coordinator_cores,
+        ..PlannerConfig::default()
+    };
+    let mut planned = planner::plan(&model, &nodes, &routing, &config).with_context(|| {
+        format!(
+            "planning {} over {}",
+            args.model.display(),
+            args.cluster.display()
+        )
+    })?;
+    planned.summary.notes.extend(notes);
+    if let Some(out) = &args.out {
+        planned.plan.save(out)?;
+    }
+    let plan_text = planned.plan.to_toml();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "summary": planned.summary,
+                "plan": plan_text,
+                "out": args.out,
+            }))?
+        );
+    } else {
+        print!("{}", planned.summary.render_text());
+        match &args.out {
+            Some(out) => println!("wrote the plan to {}", out.display()),
+            None => print!("\n{plan_text}"),
+        }
+    }
     Ok(())
 }
 

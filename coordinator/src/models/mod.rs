@@ -143,6 +143,8 @@ pub struct Model {
     layers: Vec<Layer>,
     rope: Rope,
     kq_scale: f32,
+    /// Tokens routed to each expert of each MoE layer by every forward pass so far.
+    routing: crate::routing_stats::RoutingCounter,
 }
 
 impl Model {
@@ -197,6 +199,7 @@ impl Model {
             kernels = kernels.isa(),
             "model loaded"
         );
+        let routing = crate::routing_stats::RoutingCounter::new(&hp);
         Ok(Model {
             file,
             hp,
@@ -207,6 +210,7 @@ impl Model {
             layers,
             rope,
             kq_scale,
+            routing,
         })
     }
 
@@ -236,6 +240,11 @@ impl Model {
             }
         }
         std::hint::black_box(sink);
+    }
+
+    /// The tokens routed to each expert so far (`--record-routing`).
+    pub fn routing_counts(&self) -> &crate::routing_stats::RoutingCounter {
+        &self.routing
     }
 
     /// Hyperparameters.
@@ -611,6 +620,7 @@ impl Model {
         }
         let assignments: Vec<Assignment> =
             routing::route(&self.hp, &logits, m.exp_probs_b.as_deref(), n);
+        self.routing.record(il, n, &assignments);
         let inputs: Vec<Activations> = m
             .input_types
             .iter()

@@ -4,6 +4,7 @@
 mod cli;
 mod distributed;
 mod fixtures;
+mod plan;
 mod smollm2;
 mod support;
 mod synth;

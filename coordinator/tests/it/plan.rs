@@ -1,0 +1,186 @@
+//! `moeshard plan` and `--record-routing` as a user runs them: statistics
+//! recorded by `eval` and `generate` (single process and over in-process
+//! nodes), a plan written for a fixture over a 2-node cluster that resolves and
+//! generates the same tokens as the single-process engine, and the refusals.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use shared::gguf::{model_identity, GgufFile};
+use shared::placement::routing_stats::RoutingStats;
+use shared::placement::{ModelShape, Plan};
+
+use crate::support::fixtures;
+
+fn moeshard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moeshard"))
+        .args(args)
+        .output()
+        .expect("running moeshard")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "moeshard failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn cluster(dir: &Path, memory: u64) -> String {
+    let path = dir.join("cluster.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[node]]\nname = \"a\"\naddress = \"127.0.0.1:7001\"\ntransport = \"grpc\"\nmemory_bytes = {memory}\nread_bandwidth_gbs = 20.0\n\n\
+             [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7002\"\ntransport = \"grpc\"\nmemory_bytes = {memory}\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn load_stats(path: &Path) -> RoutingStats {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn plan_writes_a_plan_that_resolves_and_generates_the_same_tokens() {
+    let model = fixtures().join("qwen3moe/model-q4_k_m.gguf");
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster(dir.path(), 1 << 30);
+
+    // Routing recorded by eval: every token in every MoE layer, k picks each.
+    let stats_path = dir.path().join("routing.json");
+    let logits = dir.path().join("logits.safetensors");
+    ok(&moeshard(&[
+        "eval",
+        "-m",
+        m,
+        "--tokens",
+        "1,2,3,4,5,6,7,8,9,10",
+        "--logits-out",
+        logits.to_str().unwrap(),
+        "--record-routing",
+        stats_path.to_str().unwrap(),
+    ]));
+    let stats = load_stats(&stats_path);
+    stats.validate().unwrap();
+    let file = GgufFile::open(&model).unwrap();
+    let identity = shared::placement::identity_hex(&model_identity(&file));
+    assert_eq!(stats.model_identity.as_deref(), Some(identity.as_str()));
+    assert_eq!((stats.n_expert, stats.n_expert_used), (8, 2));
+    assert_eq!(stats.layers.len(), 2);
+    for l in &stats.layers {
+        assert_eq!(l.n_tokens, 10);
+        assert_eq!(l.counts.iter().sum::<u64>(), 20);
+    }
+
+    let plan_path = dir.path().join("plan.toml");
+    let text = ok(&moeshard(&[
+        "plan",
+        "-m",
+        m,
+        "--cluster",
+        &cluster,
+        "--routing-stats",
+        stats_path.to_str().unwrap(),
+        "--out",
+        plan_path.to_str().unwrap(),
+    ]));
+    print!("{text}");
+    assert!(text.contains("mode "), "{text}");
+    assert!(text.contains("recorded routing statistics"), "{text}");
+    assert!(text.contains("no read_bandwidth_gbs for b"), "{text}");
+    let plan = Plan::load(&plan_path).unwrap();
+    plan.check_identity(&model_identity(&file)).unwrap();
+    assert_eq!(plan.nodes, ["a", "b"]);
+    plan.resolve(&ModelShape::from_gguf(&file).unwrap())
+        .unwrap();
+
+    // The plan runs: greedy tokens as in one process.
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "-m", m, "--tokens", "1,2,3", "-n", "6", "--temp", "0", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&ok(&moeshard(&args))).unwrap();
+        v["tokens"].clone()
+    };
+    let recorded = dir.path().join("routing-dist.json");
+    let single = gen(&[]);
+    let planned = gen(&[
+        "--plan",
+        plan_path.to_str().unwrap(),
+        "--transport",
+        "inproc",
+        "--record-routing",
+        recorded.to_str().unwrap(),
+    ]);
+    assert_eq!(single, planned);
+    // 3 prompt tokens, then 5 decode steps of one token (the 6th is sampled, not
+    // evaluated); the prompt's last layer routes only the row whose logits are wanted.
+    let stats = load_stats(&recorded);
+    let tokens: Vec<u64> = stats.layers.iter().map(|l| l.n_tokens).collect();
+    assert_eq!(tokens, [3 + 5, 1 + 5]);
+
+    // JSON form.
+    let v: serde_json::Value = serde_json::from_str(&ok(&moeshard(&[
+        "plan",
+        "-m",
+        m,
+        "--cluster",
+        &cluster,
+        "--zipf",
+        "1.0",
+        "--batch",
+        "4",
+        "--json",
+    ])))
+    .unwrap();
+    assert!(v["summary"]["prediction"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["summary"]["config"]["batch"], 4);
+    assert!(Plan::from_toml(v["plan"].as_str().unwrap()).is_ok());
+    assert_eq!(v["summary"]["candidates"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn plan_refuses_what_does_not_fit_and_bad_statistics() {
+    let model = fixtures().join("qwen3moe/model-q4_k_m.gguf");
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let small = cluster(dir.path(), 100_000);
+    let out = moeshard(&["plan", "-m", m, "--cluster", &small]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not fit") && err.contains("short"),
+        "{err}"
+    );
+
+    let cluster = cluster(dir.path(), 1 << 30);
+    let stats = dir.path().join("bad.json");
+    std::fs::write(
+        &stats,
+        r#"{"version": 1, "n_expert": 4, "n_expert_used": 2, "layers": []}"#,
+    )
+    .unwrap();
+    let out = moeshard(&[
+        "plan",
+        "-m",
+        m,
+        "--cluster",
+        &cluster,
+        "--routing-stats",
+        stats.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the model routes to 2 of 8"), "{err}");
+
+    let out = moeshard(&["plan", "-m", m, "--cluster", &cluster, "--replicate", "3X"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
+}
