@@ -534,30 +534,37 @@ fn explain(candidates: &[Candidate], best: usize, config: &PlannerConfig) -> Str
     let chosen = &candidates[best];
     let p = chosen.prediction.as_ref().expect("chosen has a prediction");
     let mut why = format!(
-        "{} predicts the shortest step: {:.3} ms ({:.1} tokens/s at batch {})",
+        "{} predicts the shortest step: {} ({:.1} tokens/s at batch {})",
         mode_label(chosen.mode),
-        p.step_time_s * 1e3,
+        fmt_time(p.step_time_s),
         p.tokens_per_s,
         config.batch
     );
-    let others: Vec<String> = candidates
+    let others: Vec<(String, f64)> = candidates
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != best)
         .filter_map(|(_, c)| {
             let q = c.prediction.as_ref()?;
-            Some(format!(
-                "{} {:.3} ms ({:.2}x)",
-                mode_label(c.mode),
-                q.step_time_s * 1e3,
-                q.step_time_s / p.step_time_s
+            let ratio = q.step_time_s / p.step_time_s;
+            Some((
+                format!(
+                    "{} {} ({ratio:.2}x)",
+                    mode_label(c.mode),
+                    fmt_time(q.step_time_s)
+                ),
+                ratio,
             ))
         })
         .collect();
     if !others.is_empty() {
-        let _ = write!(why, "; {}", others.join(", "));
+        let list: Vec<&str> = others.iter().map(|(t, _)| t.as_str()).collect();
+        let _ = write!(why, "; {}", list.join(", "));
     }
     why.push('.');
+    if others.iter().any(|&(_, r)| r < 1.01) {
+        why.push_str(" Candidates within 1% of each other are a tie for practical purposes.");
+    }
     if let Some(w) = candidates
         .iter()
         .find(|c| c.mode == Mode::Whole)
@@ -566,14 +573,38 @@ fn explain(candidates: &[Candidate], best: usize, config: &PlannerConfig) -> Str
         if chosen.mode == Mode::Sliced && w.expert_time_s > p.expert_time_s * 1.001 {
             let _ = write!(
                 why,
-                " Whole experts are balanced in expectation (max over nodes of the expected expert time {:.3} ms per step) but not step by step: a step's tokens pick unevenly, and E[max over nodes] is {:.3} ms, against {:.3} ms sliced.",
-                w.max_of_expected_s * 1e3,
-                w.expert_time_s * 1e3,
-                p.expert_time_s * 1e3
+                " Whole experts are balanced in expectation (max over nodes of the expected expert time: {} per step) but not step by step: a step's tokens pick unevenly, and E[max over nodes] is {}, against {} sliced.",
+                fmt_time(w.max_of_expected_s),
+                fmt_time(w.expert_time_s),
+                fmt_time(p.expert_time_s)
             );
         }
     }
     why
+}
+
+/// Seconds with a unit that keeps three or four significant digits.
+fn fmt_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.2} µs", s * 1e6)
+    }
+}
+
+/// Bytes in B, kB, MB or GB (powers of 1000).
+fn fmt_bytes(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.3} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.3} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.2} kB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
 }
 
 fn notes(
@@ -618,9 +649,9 @@ fn notes(
     if let Some(c) = candidates.iter().find(|c| c.mode == Mode::WholeReplicated) {
         if let (Some(p), Some(ll)) = (&c.prediction, &c.least_loaded) {
             notes.push(format!(
-                "replicas: the coordinator serves layer L from replicas[L % n], so a replica moves a layer's load instead of sharing it ({:.3} ms); with a least-loaded replica choice per step (proposed, not implemented) the same plan would take {:.3} ms",
-                p.step_time_s * 1e3,
-                ll.step_time_s * 1e3
+                "replicas: the coordinator serves layer L from replicas[L % n], so a replica moves a layer's load instead of sharing it ({}); with a least-loaded replica choice per step (proposed, not implemented) the same plan would take {}",
+                fmt_time(p.step_time_s),
+                fmt_time(ll.step_time_s)
             ));
         }
     }
@@ -646,12 +677,12 @@ impl PlanSummary {
         );
         let _ = writeln!(
             out,
-            "step time        {:.3} ms = experts {:.3} ms (± {:.3}) + coordinator dense {:.3} ms ({:.2} GB at {} GB/s)",
-            p.step_time_s * 1e3,
-            p.expert_time_s * 1e3,
-            p.expert_time_stderr_s * 1e3,
-            p.dense_time_s * 1e3,
-            gb(self.dense_bytes),
+            "step time        {} = experts {} (± {}) + coordinator dense {} ({} at {} GB/s)",
+            fmt_time(p.step_time_s),
+            fmt_time(p.expert_time_s),
+            fmt_time(p.expert_time_stderr_s),
+            fmt_time(p.dense_time_s),
+            fmt_bytes(self.dense_bytes as f64),
             self.config.coordinator_bandwidth_gbs
         );
         let _ = writeln!(
@@ -667,30 +698,31 @@ impl PlanSummary {
         );
         let _ = writeln!(
             out,
-            "routed experts   {:.3} GB (without replicas)",
-            gb(self.routed_bytes)
+            "routed experts   {} (without replicas)",
+            fmt_bytes(self.routed_bytes as f64)
         );
         let _ = writeln!(out, "nodes:");
         let _ = writeln!(
             out,
-            "  {:<16} {:>12} {:>12} {:>10} {:>14} {:>12} {:>8}",
-            "name", "holds GB", "memory GB", "GB/s", "MB read/step", "ms/step", "slowest"
+            "  {:<16} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
+            "name", "holds", "memory", "GB/s", "reads/step", "busy/step", "slowest"
         );
         for (n, np) in self.nodes.iter().zip(&p.nodes) {
+            let bw = format!(
+                "{}{}",
+                n.read_bandwidth_gbs,
+                if n.bandwidth_declared { "" } else { "*" }
+            );
             let _ = writeln!(
                 out,
-                "  {:<16} {:>12.3} {:>12} {:>10} {:>14.3} {:>12.3} {:>7.0}%",
+                "  {:<16} {:>12} {:>12} {:>8} {:>12} {:>12} {:>7.0}%",
                 n.name,
-                gb(np.held_bytes),
+                fmt_bytes(np.held_bytes as f64),
                 n.memory_bytes
-                    .map_or("-".to_string(), |m| format!("{:.3}", gb(m))),
-                format!(
-                    "{}{}",
-                    n.read_bandwidth_gbs,
-                    if n.bandwidth_declared { "" } else { "*" }
-                ),
-                np.bytes_per_step / 1e6,
-                np.time_per_step_s * 1e3,
+                    .map_or("-".to_string(), |m| fmt_bytes(m as f64)),
+                bw,
+                fmt_bytes(np.bytes_per_step),
+                fmt_time(np.time_per_step_s),
                 np.slowest_share * 100.0
             );
         }
@@ -700,11 +732,11 @@ impl PlanSummary {
                 Some(q) => {
                     let _ = writeln!(
                         out,
-                        "  {:<26} step {:>10.3} ms  experts {:>10.3} ms (max of expected {:.3} ms)  {:>9.2} tok/s{}",
+                        "  {:<26} step {:>11}  experts {:>11} (max of expected {:>11})  {:>10.2} tok/s{}",
                         mode_label(c.mode),
-                        q.step_time_s * 1e3,
-                        q.expert_time_s * 1e3,
-                        q.max_of_expected_s * 1e3,
+                        fmt_time(q.step_time_s),
+                        fmt_time(q.expert_time_s),
+                        fmt_time(q.max_of_expected_s),
                         q.tokens_per_s,
                         if c.mode == self.mode { "  <- chosen" } else { "" }
                     );
