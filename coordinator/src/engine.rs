@@ -99,13 +99,17 @@ impl Engine {
     /// One step of several sequences (continuous batching): each sequence's tokens are
     /// evaluated after what its cache holds; returns each sequence's last-position logits.
     ///
-    /// A sequence's logits do not depend on which other sequences share the step.
+    /// The sequences' rows go through every matmul and expert dispatch together (weights
+    /// streamed once per step), each computed in the float order it gets alone: a sequence's
+    /// logits do not depend on which other sequences share the step.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        // Each sequence on its own for now: batch-invariant by construction; batching the
-        // sequences' rows through every matmul and dispatch is the next step.
-        seqs.iter_mut()
-            .map(|s| self.forward(s.cache, s.tokens, Logits::Last))
-            .collect()
+        let mut batch: Vec<(&mut KvCache, &[u32])> =
+            seqs.iter_mut().map(|s| (&mut *s.cache, s.tokens)).collect();
+        let logits = self
+            .model
+            .forward_batch(self.experts.as_ref(), &mut batch, Logits::Last)?;
+        let n_vocab = self.model.hparams().n_vocab;
+        Ok(logits.chunks_exact(n_vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// Logits `[n_tokens, n_vocab]` of `tokens` from an empty cache, evaluated in batches of

@@ -15,7 +15,7 @@ use proto::{
     wire, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply, Inventory,
     Message, Partials, ProtoError, RemoteError,
 };
-use shared::moe::{compute_dense, compute_routed, ExpertSource, FfnMatrices};
+use shared::moe::{compute_dense_segments, compute_routed_segments, ExpertSource, FfnMatrices};
 use shared::placement::Part;
 use shared::quant::dispatch::Kernels;
 use tracing::{debug, info, warn};
@@ -266,17 +266,19 @@ impl NodeCore {
         let n_tokens = req.n_tokens();
         let t0 = Instant::now();
         let mut out = vec![0.0f32; n_tokens * facts.n_embd];
+        let segments = (!req.segments.is_empty()).then_some(req.segments.as_slice());
         let mut run = || match req.part {
             FfnPart::Routed => {
                 let source = LayerSource {
                     weights: &self.weights,
                     layer: req.layer,
                 };
-                compute_routed(
+                compute_routed_segments(
                     self.kernels,
                     &source,
                     &req.inputs,
                     &req.assignments,
+                    segments,
                     &mut out,
                 )
             }
@@ -284,7 +286,7 @@ impl NodeCore {
                 let slices = self
                     .weights
                     .expert(req.layer, placement_part(FfnPart::Dense), 0);
-                compute_dense(self.kernels, &slices, &req.inputs, &mut out)
+                compute_dense_segments(self.kernels, &slices, &req.inputs, segments, &mut out)
             }
         };
         let result = match &self.pool {

@@ -383,6 +383,9 @@ pub struct DispatchRequest {
     pub part: FfnPart,
     pub inputs: Vec<Activations>,
     pub assignments: Vec<Assignment>,
+    /// Lengths of the runs of rows that belong to one sequence (empty: one sequence);
+    /// checked: non-zero, adding up to the row count.
+    pub segments: Vec<usize>,
 }
 
 impl DispatchRequest {
@@ -526,12 +529,31 @@ impl DispatchRequest {
                 weight: a.weight,
             });
         }
+        let segments: Vec<usize> = m.segments.iter().map(|&l| l as usize).collect();
+        if !segments.is_empty() {
+            limit("dispatch.segments", segments.len(), MAX_DISPATCH_TOKENS)?;
+            if segments.contains(&0) {
+                return Err(ProtoError::Zero {
+                    field: "a dispatch.segments length",
+                    got: 0,
+                });
+            }
+            let total: usize = segments.iter().sum();
+            if total != n_tokens {
+                return Err(ProtoError::Mismatch {
+                    field: "dispatch.segments sum",
+                    got: total,
+                    want: n_tokens,
+                });
+            }
+        }
         Ok(DispatchRequest {
             step_id: m.step_id,
             layer: m.layer,
             part,
             inputs,
             assignments,
+            segments,
         })
     }
 }
@@ -564,6 +586,7 @@ impl From<DispatchRequest> for wire::Dispatch {
                 })
                 .collect(),
             part: wire::FfnPart::from(d.part).into(),
+            segments: d.segments.iter().map(|&l| l as u32).collect(),
         }
     }
 }

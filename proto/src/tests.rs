@@ -84,6 +84,7 @@ fn good_dispatch() -> wire::Dispatch {
                 weight: 1.0,
             },
         ],
+        segments: vec![2, 1],
     };
     req.into()
 }
@@ -939,4 +940,27 @@ proptest! {
         }
         crate::fuzz::check_coordinator_message(&bytes);
     }
+}
+
+#[test]
+fn dispatch_segments_must_cover_the_rows() {
+    let inv = inventory();
+    let ok = DispatchRequest::from_wire(good_dispatch(), &ctx(Some(&inv))).unwrap();
+    assert_eq!(ok.segments, vec![2, 1]);
+    for (segments, what) in [
+        (vec![2, 2], "segments sum"),
+        (vec![3, 0], "segments length"),
+        (vec![1], "segments sum"),
+    ] {
+        let mut m = good_dispatch();
+        m.segments = segments.clone();
+        let err = DispatchRequest::from_wire(m, &ctx(Some(&inv))).unwrap_err();
+        assert!(err.to_string().contains(what), "{segments:?}: {err}");
+    }
+    let mut m = good_dispatch();
+    m.segments.clear();
+    assert!(DispatchRequest::from_wire(m, &ctx(Some(&inv)))
+        .unwrap()
+        .segments
+        .is_empty());
 }

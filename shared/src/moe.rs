@@ -17,7 +17,9 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::quant::dispatch::Kernels;
-use crate::quant::matmul::{matmul, matmul_vec_dot, Activations, WeightMatrix};
+use crate::quant::matmul::{
+    matmul_segments, matmul_vec_dot_segments, Activations, Segments, WeightMatrix,
+};
 use crate::quant::GgmlType;
 
 /// One 3-D expert tensor (`ffn_{gate,up,down}_exps`): `n_expert` matrices of
@@ -287,8 +289,54 @@ pub fn compute_routed(
     assignments: &[Assignment],
     out: &mut [f32],
 ) -> Result<(), MoeError> {
+    compute_routed_segments(kernels, source, inputs, assignments, None, out)
+}
+
+/// The sequence of each token, from [`Segments`] (runs of consecutive tokens).
+fn sequence_of_tokens(n_tokens: usize, segments: Segments<'_>) -> Result<Vec<u32>, MoeError> {
+    let Some(lengths) = segments else {
+        return Ok(vec![0; n_tokens]);
+    };
+    if lengths.contains(&0) || lengths.iter().sum::<usize>() != n_tokens {
+        return Err(MoeError::Shape(format!(
+            "segments {lengths:?} for {n_tokens} tokens"
+        )));
+    }
+    Ok(lengths
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &len)| std::iter::repeat_n(s as u32, len))
+        .collect())
+}
+
+/// Runs of equal values in `seq` (the segments of an expert's tokens).
+fn runs(seq: impl Iterator<Item = u32>) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    let mut last = None;
+    for s in seq {
+        match out.last_mut() {
+            Some(n) if last == Some(s) => *n += 1,
+            _ => out.push(1),
+        }
+        last = Some(s);
+    }
+    out
+}
+
+/// [`compute_routed`] for a batch of several sequences' tokens (runs given by `segments`):
+/// each sequence's tokens get exactly the result they get alone, while each expert's
+/// weights are streamed once for the whole batch.
+pub fn compute_routed_segments(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    inputs: &[Activations],
+    assignments: &[Assignment],
+    segments: Segments<'_>,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
     let n_embd = source.n_embd();
     let n_tokens = check_io(inputs, n_embd, out)?;
+    let seq_of = sequence_of_tokens(n_tokens, segments)?;
 
     // Group assignment slots by expert; experts in ascending order, tokens in slot order.
     let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -321,6 +369,7 @@ pub fn compute_routed(
                 .iter()
                 .map(|&s| assignments[s].token as usize)
                 .collect();
+            let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
             let slices = source.expert(expert);
             if slices.is_empty() {
                 return Err(MoeError::NotHeld { expert });
@@ -330,7 +379,7 @@ pub fn compute_routed(
                 m.validate(n_embd)?;
                 let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
                 let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
-                let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens);
+                let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens, &expert_segments);
                 match &mut sum {
                     None => sum = Some(rows),
                     Some(s) => s.iter_mut().zip(&rows).for_each(|(a, b)| *a += b),
@@ -368,25 +417,37 @@ pub fn compute_dense(
     inputs: &[Activations],
     out: &mut [f32],
 ) -> Result<(), MoeError> {
+    compute_dense_segments(kernels, slices, inputs, None, out)
+}
+
+/// [`compute_dense`] for a batch of several sequences' tokens (see [`Segments`]).
+pub fn compute_dense_segments(
+    kernels: &Kernels,
+    slices: &[FfnMatrices<'_>],
+    inputs: &[Activations],
+    segments: Segments<'_>,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
     let first = slices.first().ok_or(MoeError::NotHeld { expert: 0 })?;
     let n_embd = first.gate.n_cols;
     let n_tokens = check_io(inputs, n_embd, out)?;
+    sequence_of_tokens(n_tokens, segments)?;
     for (i, m) in slices.iter().enumerate() {
         m.validate(n_embd)?;
         let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
         let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
         let n_ff = m.n_ff();
         let mut gate = vec![0.0f32; n_tokens * n_ff];
-        matmul(kernels, &m.gate, x_gate, &mut gate);
+        matmul_segments(kernels, &m.gate, x_gate, segments, &mut gate);
         let mut up = vec![0.0f32; n_tokens * n_ff];
-        matmul(kernels, &m.up, x_up, &mut up);
+        matmul_segments(kernels, &m.up, x_up, segments, &mut up);
         crate::ggml_math::swiglu_in_place(&mut gate, &up);
         let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
         if i == 0 {
-            matmul(kernels, &m.down, &hidden, out);
+            matmul_segments(kernels, &m.down, &hidden, segments, out);
         } else {
             let mut part = vec![0.0f32; n_tokens * n_embd];
-            matmul(kernels, &m.down, &hidden, &mut part);
+            matmul_segments(kernels, &m.down, &hidden, segments, &mut part);
             out.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
         }
     }
@@ -404,22 +465,24 @@ fn expert_ffn(
     x_gate: &Activations,
     x_up: &Activations,
     tokens: &[usize],
+    segments: &[usize],
 ) -> Vec<f32> {
     let n = tokens.len();
     let n_ff = m.n_ff();
+    let seg = Some(segments);
     let xg = x_gate.gather(tokens);
     let mut gate = vec![0.0f32; n * n_ff];
-    matmul_vec_dot(kernels, &m.gate, &xg, &mut gate);
+    matmul_vec_dot_segments(kernels, &m.gate, &xg, seg, &mut gate);
     let mut up = vec![0.0f32; n * n_ff];
     if std::ptr::eq(x_gate, x_up) {
-        matmul_vec_dot(kernels, &m.up, &xg, &mut up);
+        matmul_vec_dot_segments(kernels, &m.up, &xg, seg, &mut up);
     } else {
-        matmul_vec_dot(kernels, &m.up, &x_up.gather(tokens), &mut up);
+        matmul_vec_dot_segments(kernels, &m.up, &x_up.gather(tokens), seg, &mut up);
     }
     crate::ggml_math::swiglu_in_place(&mut gate, &up);
     let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
     let mut down = vec![0.0f32; n * m.down.n_rows];
-    matmul_vec_dot(kernels, &m.down, &hidden, &mut down);
+    matmul_vec_dot_segments(kernels, &m.down, &hidden, seg, &mut down);
     down
 }
 

@@ -23,7 +23,7 @@ use proto::{
 };
 use shared::moe::Assignment;
 use shared::placement::{Part, ResolvedPlan};
-use shared::quant::matmul::Activations;
+use shared::quant::matmul::{Activations, Segments};
 use tracing::{debug, info};
 
 use crate::models::{EngineError, ExpertExecutor, Pending};
@@ -84,6 +84,35 @@ struct NodeWork {
     /// Global token index of each local row, ascending.
     tokens: Vec<usize>,
     assignments: Vec<Assignment>,
+}
+
+/// The runs of `tokens` (ascending batch rows) that belong to one sequence, given the
+/// batch's segments; empty for a batch of one sequence.
+fn local_segments(tokens: &[usize], segments: Segments<'_>) -> Vec<usize> {
+    let Some(lengths) = segments else {
+        return Vec::new();
+    };
+    let mut ends = lengths.iter().scan(0, |end, &l| {
+        *end += l;
+        Some(*end)
+    });
+    let mut out = Vec::new();
+    let mut end = ends.next().unwrap_or(0);
+    let mut run = 0;
+    for &t in tokens {
+        while t >= end {
+            if run > 0 {
+                out.push(run);
+                run = 0;
+            }
+            end = ends.next().unwrap_or(usize::MAX);
+        }
+        run += 1;
+    }
+    if run > 0 {
+        out.push(run);
+    }
+    out
 }
 
 impl RemoteExperts {
@@ -266,6 +295,7 @@ impl RemoteExperts {
         n_tokens: usize,
         inputs: &[Activations],
         work: Vec<NodeWork>,
+        segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
             .min(proto::limits::MAX_DISPATCH_VALUES / self.n_embd.max(1));
@@ -296,6 +326,7 @@ impl RemoteExperts {
                         part,
                         inputs: rows,
                         assignments: w.assignments,
+                        segments: local_segments(&w.tokens, segments),
                     }
                     .into(),
                 )),
@@ -434,10 +465,11 @@ impl ExpertExecutor for RemoteExperts {
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
+        segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
         let work = self.route(layer, n_tokens, assignments)?;
-        self.send(layer, FfnPart::Routed, n_tokens, inputs, work)
+        self.send(layer, FfnPart::Routed, n_tokens, inputs, work, segments)
     }
 
     fn node_stats(&self) -> Vec<(String, Result<wire::Stats, EngineError>)> {
@@ -479,6 +511,7 @@ impl ExpertExecutor for RemoteExperts {
         &self,
         layer: usize,
         inputs: &[Activations],
+        segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
         let slices = self.plan.slices(layer, Part::Dense, 0).ok_or_else(|| {
@@ -498,6 +531,23 @@ impl ExpertExecutor for RemoteExperts {
                 assignments: Vec::new(),
             })
             .collect();
-        self.send(layer, FfnPart::Dense, n_tokens, inputs, work)
+        self.send(layer, FfnPart::Dense, n_tokens, inputs, work, segments)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_segments;
+
+    #[test]
+    fn local_segments_follow_the_sequences() {
+        assert_eq!(local_segments(&[0, 1, 2], None), Vec::<usize>::new());
+        // Sequences of 3, 2 and 4 rows; the node gets rows 1, 2 (seq 0), 7, 8 (seq 2).
+        assert_eq!(local_segments(&[1, 2, 7, 8], Some(&[3, 2, 4])), vec![2, 2]);
+        assert_eq!(
+            local_segments(&[0, 3, 4, 5], Some(&[3, 2, 4])),
+            vec![1, 2, 1]
+        );
+        assert_eq!(local_segments(&[], Some(&[3])), Vec::<usize>::new());
     }
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use shared::gguf::GgufFile;
 use shared::models::{HParams, ModelError};
-use shared::moe::{compute_experts, Assignment, ExpertLayer, ExpertTensor};
+use shared::moe::{compute_routed_segments, Assignment, ExpertLayer, ExpertTensor};
 use shared::quant::dispatch::Kernels;
-use shared::quant::matmul::Activations;
+use shared::quant::matmul::{Activations, Segments};
 use shared::quant::GgmlType;
 
 use super::EngineError;
@@ -22,11 +22,14 @@ use super::EngineError;
 pub trait ExpertExecutor: Send + Sync {
     /// Starts Σ w·FFN_e(x) per token of MoE layer `layer`. `inputs` are the tokens'
     /// normalized hidden rows, quantized to each type the layer's gate/up kernels consume.
+    /// `segments`: the runs of rows that belong to one sequence of a batched step (`None`:
+    /// one sequence); each sequence's rows must come out as they would alone.
     fn start(
         &self,
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
+        segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError>;
 
     /// Whether layer `layer`'s dense part (its dense FFN, or its shared expert) is computed
@@ -41,6 +44,7 @@ pub trait ExpertExecutor: Send + Sync {
         &self,
         layer: usize,
         _inputs: &[Activations],
+        _segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         Err(EngineError::Node(format!(
             "layer {layer}'s dense part is not placed on expert nodes"
@@ -62,7 +66,7 @@ pub trait ExpertExecutor: Send + Sync {
         assignments: &[Assignment],
         out: &mut [f32],
     ) -> Result<(), EngineError> {
-        self.start(layer, inputs, assignments)?.wait(out)
+        self.start(layer, inputs, assignments, None)?.wait(out)
     }
 }
 
@@ -175,6 +179,7 @@ impl ExpertExecutor for InprocExperts {
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
+        segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let names = self
             .layers
@@ -184,7 +189,15 @@ impl ExpertExecutor for InprocExperts {
         let view = self.layer_view(names)?;
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
         let mut result = vec![0.0f32; n_tokens * self.n_embd];
-        compute_experts(self.kernels, &view, inputs, assignments, &mut result)?;
+        view.validate()?;
+        compute_routed_segments(
+            self.kernels,
+            &view,
+            inputs,
+            assignments,
+            segments,
+            &mut result,
+        )?;
         Ok(Pending::new(move |out| {
             if out.len() != result.len() {
                 return Err(EngineError::Node(format!(

@@ -17,13 +17,16 @@ use shared::gguf::{GgufError, GgufFile, TensorInfo};
 use shared::models::{Arch, HParams, ModelError};
 use shared::moe::{Assignment, MoeError};
 use shared::quant::dispatch::Kernels;
-use shared::quant::matmul::{matmul, matmul_unrepacked, Activations, WeightMatrix};
+use shared::quant::matmul::{
+    matmul_segments, matmul_unrepacked_segments, Activations, Segments, WeightMatrix,
+};
 use shared::quant::GgmlType;
 use thiserror::Error;
 
 pub use experts::{ExpertExecutor, InprocExperts, Pending};
 
 use crate::kv_cache::KvCache;
+use crate::routing_stats::RoutingCounter;
 use blocks::{add_bias, attend_head, rms_norm, Rope};
 
 /// Why loading or running a model failed.
@@ -143,8 +146,8 @@ pub struct Model {
     layers: Vec<Layer>,
     rope: Rope,
     kq_scale: f32,
-    /// Tokens routed to each expert of each MoE layer by every forward pass so far.
-    routing: crate::routing_stats::RoutingCounter,
+    /// Tokens routed per (layer, expert) by every forward pass (`--record-routing`).
+    routing: RoutingCounter,
 }
 
 impl Model {
@@ -199,7 +202,7 @@ impl Model {
             kernels = kernels.isa(),
             "model loaded"
         );
-        let routing = crate::routing_stats::RoutingCounter::new(&hp);
+        let routing = RoutingCounter::new(&hp);
         Ok(Model {
             file,
             hp,
@@ -212,6 +215,11 @@ impl Model {
             kq_scale,
             routing,
         })
+    }
+
+    /// Tokens routed per (layer, expert) since the model was loaded.
+    pub fn routing_counts(&self) -> &RoutingCounter {
+        &self.routing
     }
 
     /// Reads one byte of every page of the dense tensors (everything but routed
@@ -240,11 +248,6 @@ impl Model {
             }
         }
         std::hint::black_box(sink);
-    }
-
-    /// The tokens routed to each expert so far (`--record-routing`).
-    pub fn routing_counts(&self) -> &crate::routing_stats::RoutingCounter {
-        &self.routing
     }
 
     /// Hyperparameters.
@@ -283,22 +286,48 @@ impl Model {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<f32>, EngineError> {
-        let n = tokens.len();
-        if n == 0 {
+        self.forward_batch(experts, &mut [(cache, tokens)], which)
+    }
+
+    /// Evaluates several sequences' tokens in one batch, each after what its cache holds,
+    /// and returns logits of every row of every sequence (`Logits::All`), or of each
+    /// sequence's last row (`Logits::Last`), in sequence order.
+    ///
+    /// Every matmul and expert dispatch streams its weights once for the whole batch, while
+    /// each sequence's rows are computed in the float order they would get alone
+    /// ([`Segments`]): a sequence's logits do not depend on what else is in the batch.
+    pub fn forward_batch(
+        &self,
+        experts: &dyn ExpertExecutor,
+        seqs: &mut [(&mut KvCache, &[u32])],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        if seqs.is_empty() {
             return Err(EngineError::EmptyBatch);
         }
-        if cache.n_past() + n > cache.n_ctx() {
-            return Err(EngineError::ContextFull {
-                n_past: cache.n_past(),
-                n_new: n,
-                n_ctx: cache.n_ctx(),
-            });
+        for (cache, tokens) in seqs.iter() {
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyBatch);
+            }
+            if cache.n_past() + tokens.len() > cache.n_ctx() {
+                return Err(EngineError::ContextFull {
+                    n_past: cache.n_past(),
+                    n_new: tokens.len(),
+                    n_ctx: cache.n_ctx(),
+                });
+            }
         }
         let n_embd = self.hp.n_embd;
-        let pos0 = cache.n_past();
+        let lengths: Vec<usize> = seqs.iter().map(|(_, t)| t.len()).collect();
+        let n: usize = lengths.iter().sum();
+        // One sequence keeps the plain path (the same order, by construction).
+        let seg: Segments<'_> = (seqs.len() > 1).then_some(lengths.as_slice());
+        let ones = vec![1usize; seqs.len()];
+        let seg_last: Segments<'_> = (seqs.len() > 1).then_some(ones.as_slice());
 
         let mut x = vec![0.0f32; n * n_embd];
-        for (row, &tok) in x.chunks_exact_mut(n_embd).zip(tokens) {
+        let all_tokens = seqs.iter().flat_map(|(_, t)| t.iter());
+        for (row, &tok) in x.chunks_exact_mut(n_embd).zip(all_tokens) {
             if tok as usize >= self.hp.n_vocab {
                 return Err(EngineError::BadToken {
                     token: tok,
@@ -307,48 +336,62 @@ impl Model {
             }
             self.embed(tok, row);
         }
+        let mut rows: Vec<SeqRows<'_>> = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for (cache, tokens) in seqs.iter_mut() {
+            let pos0 = cache.n_past();
+            rows.push(SeqRows {
+                cache,
+                pos0,
+                start,
+                n: tokens.len(),
+            });
+            start += tokens.len();
+        }
+        // The last row of each sequence.
+        let last_rows: Vec<usize> = rows.iter().map(|r| r.start + r.n - 1).collect();
 
         for (il, layer) in self.layers.iter().enumerate() {
             let mut cur = x.clone();
             rms_norm(&mut cur, n_embd, &layer.attn_norm, self.hp.rms_eps);
             let attn_out = match &layer.attn {
-                Attention::Gqa(a) => self.gqa(il, a, &cur, n, cache, pos0),
-                Attention::Mla(a) => self.mla(il, a, &cur, n, cache, pos0),
+                Attention::Gqa(a) => self.gqa(il, a, &cur, &mut rows, seg),
+                Attention::Mla(a) => self.mla(il, a, &cur, &mut rows, seg),
             };
             // The last layer only needs the rows whose logits are wanted.
-            let keep = if il + 1 == self.layers.len() && which == Logits::Last {
-                n - 1..n
+            let last_layer = il + 1 == self.layers.len() && which == Logits::Last;
+            let (keep, ffn_seg): (Vec<usize>, Segments<'_>) = if last_layer {
+                (last_rows.clone(), seg_last)
             } else {
-                0..n
+                ((0..n).collect(), seg)
             };
-            let rows = keep.len();
-            let mut ffn_inp: Vec<f32> = attn_out[keep.start * n_embd..keep.end * n_embd]
-                .iter()
-                .zip(&x[keep.start * n_embd..keep.end * n_embd])
-                .map(|(a, b)| a + b)
-                .collect();
+            let n_rows = keep.len();
+            let mut ffn_inp = Vec::with_capacity(n_rows * n_embd);
+            for &r in &keep {
+                let a = &attn_out[r * n_embd..(r + 1) * n_embd];
+                let b = &x[r * n_embd..(r + 1) * n_embd];
+                ffn_inp.extend(a.iter().zip(b).map(|(a, b)| a + b));
+            }
             let mut cur = ffn_inp.clone();
             rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
             let ffn_out = match &layer.ffn {
                 Ffn::Dense(f) => self
-                    .start_dense_ffn(il, f, &cur, experts)?
-                    .finish(rows * n_embd)?,
-                Ffn::Moe(m) => self.moe_ffn(il, m, &cur, rows, experts)?,
+                    .start_dense_ffn(il, f, &cur, experts, ffn_seg)?
+                    .finish(n_rows * n_embd)?,
+                Ffn::Moe(m) => self.moe_ffn(il, m, &cur, n_rows, experts, ffn_seg)?,
             };
             for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
                 *o += f;
             }
             x = ffn_inp;
         }
-        cache.advance(n);
+        for r in &mut rows {
+            r.cache.advance(r.n);
+        }
 
-        let n_out = x.len() / n_embd;
         rms_norm(&mut x, n_embd, &self.output_norm, self.hp.rms_eps);
-        let rows = match which {
-            Logits::All => x,
-            Logits::Last => x[(n_out - 1) * n_embd..].to_vec(),
-        };
-        Ok(self.linear(&self.output, &rows))
+        let out_seg = if which == Logits::Last { seg_last } else { seg };
+        Ok(self.linear(&self.output, &x, out_seg))
     }
 
     /// Token embedding row (dequantized).
@@ -362,7 +405,7 @@ impl Model {
 
     /// `W·x` for each row of `x`: activations quantized to the weight's
     /// `vec_dot_type`, then the kernels' matmul.
-    fn linear(&self, w: &Weight, x: &[f32]) -> Vec<f32> {
+    fn linear(&self, w: &Weight, x: &[f32], seg: Segments<'_>) -> Vec<f32> {
         let data = self.file.tensor_data(&w.info);
         let n_rows = w.n_rows();
         let n_cols = w.n_cols();
@@ -374,11 +417,11 @@ impl Model {
             n_cols,
             data,
         };
-        self.apply(&m, x, n_cols, true)
+        self.apply(&m, x, n_cols, true, seg)
     }
 
     /// Head `h`'s matrix of a 3-D per-head weight (`attn_k_b`, `attn_v_b`) times rows of `x`.
-    fn linear_head(&self, w: &Weight, h: usize, x: &[f32]) -> Vec<f32> {
+    fn linear_head(&self, w: &Weight, h: usize, x: &[f32], seg: Segments<'_>) -> Vec<f32> {
         let data = self.file.tensor_data(&w.info);
         let n_rows = w.n_rows();
         let n_cols = w.n_cols();
@@ -391,17 +434,24 @@ impl Model {
         };
         // ggml repacks only 2-D weights of MUL_MAT: a 3-D one keeps vec_dot's order, or the
         // tiled matmul's for a K-quant from 8 tokens (src1->ne[1] is the token count).
-        self.apply(&m, x, n_cols, false)
+        self.apply(&m, x, n_cols, false, seg)
     }
 
-    fn apply(&self, m: &WeightMatrix<'_>, x: &[f32], n_cols: usize, two_d: bool) -> Vec<f32> {
+    fn apply(
+        &self,
+        m: &WeightMatrix<'_>,
+        x: &[f32],
+        n_cols: usize,
+        two_d: bool,
+        seg: Segments<'_>,
+    ) -> Vec<f32> {
         let n_tokens = x.len() / n_cols;
         let act = Activations::quantize(self.kernels, m.ty, x, n_cols);
         let mut out = vec![0.0f32; n_tokens * m.n_rows];
         if two_d {
-            matmul(self.kernels, m, &act, &mut out);
+            matmul_segments(self.kernels, m, &act, seg, &mut out);
         } else {
-            matmul_unrepacked(self.kernels, m, &act, &mut out);
+            matmul_unrepacked_segments(self.kernels, m, &act, seg, &mut out);
         }
         out
     }
@@ -411,15 +461,14 @@ impl Model {
         il: usize,
         a: &GqaAttention,
         cur: &[f32],
-        n: usize,
-        cache: &mut KvCache,
-        pos0: usize,
+        seqs: &mut [SeqRows<'_>],
+        seg: Segments<'_>,
     ) -> Vec<f32> {
         let hp = &self.hp;
         let (hd_k, hd_v) = (hp.n_embd_head_k, hp.n_embd_head_v);
-        let mut q = self.linear(&a.wq, cur);
-        let mut k = self.linear(&a.wk, cur);
-        let mut v = self.linear(&a.wv, cur);
+        let mut q = self.linear(&a.wq, cur, seg);
+        let mut k = self.linear(&a.wk, cur, seg);
+        let mut v = self.linear(&a.wv, cur, seg);
         if let Some(b) = &a.bq {
             add_bias(&mut q, b);
         }
@@ -438,37 +487,43 @@ impl Model {
         let q_width = hp.n_head * hd_k;
         let k_width = hp.n_head_kv * hd_k;
         let v_width = hp.n_head_kv * hd_v;
-        for i in 0..n {
-            self.rope
-                .apply(&mut q[i * q_width..(i + 1) * q_width], hd_k, pos0 + i);
-            self.rope
-                .apply(&mut k[i * k_width..(i + 1) * k_width], hd_k, pos0 + i);
-            cache.store(
-                il,
-                pos0 + i,
-                &k[i * k_width..(i + 1) * k_width],
-                &v[i * v_width..(i + 1) * v_width],
-            );
+        for s in seqs.iter_mut() {
+            for i in 0..s.n {
+                let t = s.start + i;
+                self.rope
+                    .apply(&mut q[t * q_width..(t + 1) * q_width], hd_k, s.pos0 + i);
+                self.rope
+                    .apply(&mut k[t * k_width..(t + 1) * k_width], hd_k, s.pos0 + i);
+                s.cache.store(
+                    il,
+                    s.pos0 + i,
+                    &k[t * k_width..(t + 1) * k_width],
+                    &v[t * v_width..(t + 1) * v_width],
+                );
+            }
         }
         let group = hp.n_head / hp.n_head_kv;
         let out_width = hp.n_head * hd_v;
+        let n: usize = seqs.iter().map(|s| s.n).sum();
+        let rows = token_rows(seqs);
         let mut out = vec![0.0f32; n * out_width];
-        let cache = &*cache;
         out.chunks_exact_mut(hd_v).enumerate().for_each(|(idx, o)| {
-            let (i, h) = (idx / hp.n_head, idx % hp.n_head);
+            let (t, h) = (idx / hp.n_head, idx % hp.n_head);
+            let (s, i) = rows[t];
+            let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
             let kvh = h / group;
-            let qh = &q[i * q_width + h * hd_k..i * q_width + (h + 1) * hd_k];
+            let qh = &q[t * q_width + h * hd_k..t * q_width + (h + 1) * hd_k];
             attend_head(
                 qh,
                 pos0 + i + 1,
                 |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
                 |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
                 self.kq_scale,
-                n,
+                n_seq,
                 o,
             );
         });
-        self.linear(&a.wo, &out)
+        self.linear(&a.wo, &out, seg)
     }
 
     fn mla(
@@ -476,10 +531,10 @@ impl Model {
         il: usize,
         a: &MlaAttention,
         cur: &[f32],
-        n: usize,
-        cache: &mut KvCache,
-        pos0: usize,
+        seqs: &mut [SeqRows<'_>],
+        seg: Segments<'_>,
     ) -> Vec<f32> {
+        let n: usize = seqs.iter().map(|s| s.n).sum();
         let hp = &self.hp;
         let Some(m) = &hp.mla else {
             unreachable!("MLA layers exist only with MLA hyperparameters")
@@ -489,27 +544,30 @@ impl Model {
         let n_head = hp.n_head;
         let mut q = match &a.wq_a {
             Some((wq_a, norm)) => {
-                let mut qa = self.linear(wq_a, cur);
+                let mut qa = self.linear(wq_a, cur, seg);
                 rms_norm(&mut qa, wq_a.n_rows(), norm, hp.rms_eps);
-                self.linear(&a.wq_b, &qa)
+                self.linear(&a.wq_b, &qa, seg)
             }
-            None => self.linear(&a.wq_b, cur),
+            None => self.linear(&a.wq_b, cur, seg),
         };
-        let mut kv = self.linear(&a.wkv_a_mqa, cur);
+        let mut kv = self.linear(&a.wkv_a_mqa, cur, seg);
         let kv_width = lora + rope_d;
-        for i in 0..n {
-            let qi = &mut q[i * n_head * head_k..(i + 1) * n_head * head_k];
-            for h in 0..n_head {
-                self.rope.apply(
-                    &mut qi[h * head_k + nope..(h + 1) * head_k],
-                    rope_d,
-                    pos0 + i,
-                );
+        for s in seqs.iter_mut() {
+            for i in 0..s.n {
+                let t = s.start + i;
+                let qi = &mut q[t * n_head * head_k..(t + 1) * n_head * head_k];
+                for h in 0..n_head {
+                    self.rope.apply(
+                        &mut qi[h * head_k + nope..(h + 1) * head_k],
+                        rope_d,
+                        s.pos0 + i,
+                    );
+                }
+                let row = &mut kv[t * kv_width..(t + 1) * kv_width];
+                self.rope.apply(&mut row[lora..], rope_d, s.pos0 + i);
+                rms_norm(&mut row[..lora], lora, &a.kv_a_norm, hp.rms_eps);
+                s.cache.store(il, s.pos0 + i, row, &[]);
             }
-            let row = &mut kv[i * kv_width..(i + 1) * kv_width];
-            self.rope.apply(&mut row[lora..], rope_d, pos0 + i);
-            rms_norm(&mut row[..lora], lora, &a.kv_a_norm, hp.rms_eps);
-            cache.store(il, pos0 + i, row, &[]);
         }
         // Absorb k_b into the query: q_abs[h] = k_b[h]·q_nope[h], for all tokens of head h at once.
         let mut q_full = vec![0.0f32; n * n_head * kv_width];
@@ -520,7 +578,7 @@ impl Model {
                     q[base..base + nope].iter().copied()
                 })
                 .collect();
-            let q_abs = self.linear_head(&a.wk_b, h, &q_nope);
+            let q_abs = self.linear_head(&a.wk_b, h, &q_nope, seg);
             for i in 0..n {
                 let dst = &mut q_full[(i * n_head + h) * kv_width..(i * n_head + h + 1) * kv_width];
                 dst[..lora].copy_from_slice(&q_abs[i * lora..(i + 1) * lora]);
@@ -531,19 +589,20 @@ impl Model {
         // Attention over the latent cache: one shared K head, V = the latent part of K.
         let mut latent = vec![0.0f32; n * n_head * lora];
         {
-            let cache = &*cache;
+            let rows = token_rows(seqs);
             latent
                 .chunks_exact_mut(lora)
                 .enumerate()
                 .for_each(|(idx, o)| {
-                    let i = idx / n_head;
+                    let (s, i) = rows[idx / n_head];
+                    let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
                     attend_head(
                         &q_full[idx * kv_width..(idx + 1) * kv_width],
                         pos0 + i + 1,
                         |j| cache.k(il, j),
                         |j| &cache.k(il, j)[..lora],
                         self.kq_scale,
-                        n,
+                        n_seq,
                         o,
                     );
                 });
@@ -559,13 +618,13 @@ impl Model {
                         .copied()
                 })
                 .collect();
-            let vh = self.linear_head(&a.wv_b, h, &lat_h);
+            let vh = self.linear_head(&a.wv_b, h, &lat_h, seg);
             for i in 0..n {
                 out[(i * n_head + h) * v_head..(i * n_head + h + 1) * v_head]
                     .copy_from_slice(&vh[i * v_head..(i + 1) * v_head]);
             }
         }
-        self.linear(&a.wo, &out)
+        self.linear(&a.wo, &out, seg)
     }
 
     /// A dense FFN (dense layer or shared expert): started on the nodes where the plan
@@ -576,9 +635,10 @@ impl Model {
         f: &DenseFfn,
         cur: &[f32],
         experts: &'e dyn ExpertExecutor,
+        seg: Segments<'_>,
     ) -> Result<DenseResult<'e>, EngineError> {
         if !experts.places_dense(il) {
-            return Ok(DenseResult::Local(self.dense_ffn(f, cur)));
+            return Ok(DenseResult::Local(self.dense_ffn(f, cur, seg)));
         }
         let n_embd = self.hp.n_embd;
         let (g, u) = (f.gate.info.ty.vec_dot_type(), f.up.info.ty.vec_dot_type());
@@ -596,14 +656,14 @@ impl Model {
                 n_embd,
             ));
         }
-        Ok(DenseResult::Remote(experts.start_dense(il, &inputs)?))
+        Ok(DenseResult::Remote(experts.start_dense(il, &inputs, seg)?))
     }
 
-    fn dense_ffn(&self, f: &DenseFfn, cur: &[f32]) -> Vec<f32> {
-        let mut g = self.linear(&f.gate, cur);
-        let u = self.linear(&f.up, cur);
+    fn dense_ffn(&self, f: &DenseFfn, cur: &[f32], seg: Segments<'_>) -> Vec<f32> {
+        let mut g = self.linear(&f.gate, cur, seg);
+        let u = self.linear(&f.up, cur, seg);
         shared::ggml_math::swiglu_in_place(&mut g, &u);
-        self.linear(&f.down, &g)
+        self.linear(&f.down, &g, seg)
     }
 
     fn moe_ffn(
@@ -613,8 +673,9 @@ impl Model {
         cur: &[f32],
         n: usize,
         experts: &dyn ExpertExecutor,
+        seg: Segments<'_>,
     ) -> Result<Vec<f32>, EngineError> {
-        let mut logits = self.linear(&m.gate_inp, cur);
+        let mut logits = self.linear(&m.gate_inp, cur, seg);
         if let Some(b) = &m.gate_inp_bias {
             add_bias(&mut logits, b);
         }
@@ -626,10 +687,10 @@ impl Model {
             .iter()
             .map(|&ty| Activations::quantize(self.kernels, ty, cur, self.hp.n_embd))
             .collect();
-        let pending = experts.start(il, &inputs, &assignments)?;
+        let pending = experts.start(il, &inputs, &assignments, seg)?;
         // The shared expert is computed (here or on nodes) while the routed experts run.
         let shared = match &m.shared {
-            Some(f) => Some(self.start_dense_ffn(il, f, cur, experts)?),
+            Some(f) => Some(self.start_dense_ffn(il, f, cur, experts, seg)?),
             None => None,
         };
         let mut out = vec![0.0f32; n * self.hp.n_embd];
@@ -637,7 +698,7 @@ impl Model {
         if let Some(shared) = shared {
             let mut sh = shared.finish(n * self.hp.n_embd)?;
             if let Some(gate) = &m.shared_gate {
-                let g = self.linear(gate, cur);
+                let g = self.linear(gate, cur, seg);
                 for (row, &gv) in sh.chunks_exact_mut(self.hp.n_embd).zip(&g) {
                     let s = blocks::sigmoid(gv);
                     row.iter_mut().for_each(|v| *v *= s);
@@ -649,6 +710,22 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// One sequence of a batch: its cache, its first position, and where its rows are.
+struct SeqRows<'c> {
+    cache: &'c mut KvCache,
+    pos0: usize,
+    start: usize,
+    n: usize,
+}
+
+/// (sequence, index within it) of every row of the batch.
+fn token_rows(seqs: &[SeqRows<'_>]) -> Vec<(usize, usize)> {
+    seqs.iter()
+        .enumerate()
+        .flat_map(|(s, r)| (0..r.n).map(move |i| (s, i)))
+        .collect()
 }
 
 /// A dense FFN's output: computed here, or still running on nodes.

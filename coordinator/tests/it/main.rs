@@ -1,6 +1,7 @@
 //! Integration tests of the coordinator: the engine against llama.cpp's and
 //! transformers' references, and the `moeshard` command line as a user runs it.
 
+mod batching;
 mod cli;
 mod distributed;
 mod fixtures;

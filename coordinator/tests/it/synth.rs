@@ -101,12 +101,13 @@ impl ExpertExecutor for Recording {
         layer: usize,
         inputs: &[Activations],
         assignments: &[Assignment],
+        segments: Option<&[usize]>,
     ) -> Result<Pending<'_>, EngineError> {
         self.seen
             .lock()
             .unwrap()
             .extend(assignments.iter().map(|a| (layer, a.expert)));
-        self.inner.start(layer, inputs, assignments)
+        self.inner.start(layer, inputs, assignments, segments)
     }
 }
 
@@ -126,8 +127,9 @@ fn eval_and_route(path: &Path) -> (Vec<f32>, BTreeSet<(usize, u32)>) {
             layer: usize,
             inputs: &[Activations],
             assignments: &[Assignment],
+            segments: Option<&[usize]>,
         ) -> Result<Pending<'_>, EngineError> {
-            self.0.start(layer, inputs, assignments)
+            self.0.start(layer, inputs, assignments, segments)
         }
     }
     let engine = Engine::with_executor(model, Box::new(Shared(rec.clone())));

@@ -136,6 +136,7 @@ fn dispatch(step_id: u64, seed: u32, n_tokens: u32, n_embd: u32) -> wire::Coordi
                 weight: 0.5,
             }],
             part: 0,
+            segments: vec![],
         })),
     }
 }

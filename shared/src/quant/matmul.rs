@@ -382,11 +382,50 @@ pub fn matmul(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mu
     matmul_rows(kernels, w, 0..w.n_rows, x, out);
 }
 
+/// Consecutive runs of a batch's token rows that belong to different sequences: each run is
+/// computed in the float order it would get alone (ggml picks the order by batch size), while
+/// the weights are still streamed once for the whole batch. `None` means one run.
+pub type Segments<'a> = Option<&'a [usize]>;
+
+/// [`matmul`] of a batch of several sequences' rows: every run of [`Segments`] gets exactly
+/// the result [`matmul`] gives for it alone.
+pub fn matmul_segments(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    x: &Activations,
+    segments: Segments<'_>,
+    out: &mut [f32],
+) {
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, true, true, segments);
+}
+
+/// [`matmul_vec_dot`] by [`Segments`] (an expert's tokens from several sequences).
+pub fn matmul_vec_dot_segments(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    x: &Activations,
+    segments: Segments<'_>,
+    out: &mut [f32],
+) {
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false, true, segments);
+}
+
+/// [`matmul_unrepacked`] by [`Segments`].
+pub fn matmul_unrepacked_segments(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    x: &Activations,
+    segments: Segments<'_>,
+    out: &mut [f32],
+) {
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, true, false, segments);
+}
+
 /// [`matmul`] for one expert of ggml's `MUL_MAT_ID` (`x` = the tokens routed to it), which
 /// never goes through tinyBLAS: `vec_dot`'s order, CPU_REPACK's GEMV order for repacked Q4_K,
 /// or the tiled matmul's for other K-quants when 8 tokens or more are routed to the expert.
 pub fn matmul_vec_dot(kernels: &Kernels, w: &WeightMatrix<'_>, x: &Activations, out: &mut [f32]) {
-    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false, true);
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, false, true, None);
 }
 
 /// [`matmul`] for a weight that ggml's CPU_REPACK never takes: a plane of a 3-D tensor under
@@ -399,7 +438,7 @@ pub fn matmul_unrepacked(
     x: &Activations,
     out: &mut [f32],
 ) {
-    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, true, false);
+    matmul_rows_in(kernels, w, 0..w.n_rows, x, out, true, false, None);
 }
 
 /// [`matmul`] over the rows `rows` only (an expert slice):
@@ -413,13 +452,17 @@ pub fn matmul_rows(
     x: &Activations,
     out: &mut [f32],
 ) {
-    matmul_rows_in(kernels, w, rows, x, out, true, true);
+    matmul_rows_in(kernels, w, rows, x, out, true, true, None);
 }
 
 /// [`matmul_rows`], in tinyBLAS's order for batches of two tokens or more when `gemm`, in
 /// CPU_REPACK's order for the types ggml repacks when `may_repack`, and in the tiled matmul's
 /// for the other K-quants from [`TILED_MIN_TOKENS`] tokens (a `MUL_MAT`'s `src1->ne[1]`, or a
-/// `MUL_MAT_ID` expert's routed rows: `x` is the whole batch in both cases).
+/// `MUL_MAT_ID` expert's routed rows: `x` is the whole batch in both cases). With
+/// `segments`, each run of tokens is ordered as if it were the whole batch.
+///
+/// Panics if `segments` do not add up to the batch or one of them is empty.
+#[allow(clippy::too_many_arguments)]
 fn matmul_rows_in(
     kernels: &Kernels,
     w: &WeightMatrix<'_>,
@@ -428,6 +471,7 @@ fn matmul_rows_in(
     out: &mut [f32],
     gemm: bool,
     may_repack: bool,
+    segments: Segments<'_>,
 ) {
     w.assert_valid();
     assert!(
@@ -469,44 +513,54 @@ fn matmul_rows_in(
     let x_row = x.row_bytes();
     // ggml's CPU_REPACK takes Q4_K matrices whose row count (per expert) is a multiple of 8.
     let repacked = may_repack && ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
-    let n_gemm = n_tokens - n_tokens % 4;
-    // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.
-    let tiled = !repacked && Kernels::has_tiled_order(ty) && n_tokens >= TILED_MIN_TOKENS;
+    let whole = [n_tokens];
+    let lengths = segments.unwrap_or(&whole);
+    assert!(
+        lengths.iter().all(|&l| l > 0) && lengths.iter().sum::<usize>() == n_tokens,
+        "matmul: segments {lengths:?} for a batch of {n_tokens}"
+    );
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
-        let mut t0 = 0;
-        while t0 < n_tokens {
-            let t1 = (t0 + TOKEN_GROUP).min(n_tokens);
-            let xs = &x.data[t0 * x_row..t1 * x_row];
-            for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
-                if repacked {
-                    // A 2-D MUL_MAT takes its tokens four at a time through the GEMM
-                    // kernel and the rest one at a time through GEMV; MUL_MAT_ID uses GEMV.
-                    let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
-                    let x_split = (split - t0) * x_row;
+        let mut seg_start = 0;
+        for &seg_len in lengths {
+            let seg_end = seg_start + seg_len;
+            // ggml picks the float order by the (segment's) batch size.
+            let n_gemm = seg_start + seg_len - seg_len % 4;
+            // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.
+            let tiled = !repacked && Kernels::has_tiled_order(ty) && seg_len >= TILED_MIN_TOKENS;
+            let mut t0 = seg_start;
+            while t0 < seg_end {
+                let t1 = (t0 + TOKEN_GROUP).min(seg_end);
+                let xs = &x.data[t0 * x_row..t1 * x_row];
+                for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
                     let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
-                    let (out_gemm, out_gemv) = row_out.split_at_mut(split - t0);
-                    kernels.repack_dot_batch(ty, n, w_row, &xs[..x_split], out_gemm, true);
-                    kernels.repack_dot_batch(ty, n, w_row, &xs[x_split..], out_gemv, false);
-                    continue;
+                    if repacked {
+                        // A 2-D MUL_MAT takes its tokens four at a time through the GEMM
+                        // kernel and the rest one at a time through GEMV; MUL_MAT_ID uses GEMV.
+                        let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
+                        let x_split = (split - t0) * x_row;
+                        let (out_gemm, out_gemv) = row_out.split_at_mut(split - t0);
+                        kernels.repack_dot_batch(ty, n, w_row, &xs[..x_split], out_gemm, true);
+                        kernels.repack_dot_batch(ty, n, w_row, &xs[x_split..], out_gemv, false);
+                        continue;
+                    }
+                    if tiled {
+                        kernels.tiled_dot_batch(ty, n, w_row, xs, row_out);
+                        continue;
+                    }
+                    kernels.gemm_dot_batch(
+                        ty,
+                        n,
+                        w_row,
+                        xs,
+                        row_out,
+                        if gemm { seg_len } else { 1 },
+                    );
                 }
-                if tiled {
-                    let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
-                    kernels.tiled_dot_batch(ty, n, w_row, xs, row_out);
-                    continue;
-                }
-                // ggml picks the float order by the whole batch's size.
-                kernels.gemm_dot_batch(
-                    ty,
-                    n,
-                    w_row,
-                    xs,
-                    &mut dst[r * n_tokens + t0..r * n_tokens + t1],
-                    if gemm { n_tokens } else { 1 },
-                );
+                t0 = t1;
             }
-            t0 = t1;
+            seg_start = seg_end;
         }
     };
 

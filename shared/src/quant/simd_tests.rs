@@ -13,7 +13,8 @@ use proptest::prelude::*;
 
 use super::dispatch::{Isa, Kernels, TILED_MIN_TOKENS};
 use super::matmul::{
-    matmul, matmul_rows, matmul_unrepacked, matmul_vec_dot, Activations, WeightMatrix,
+    matmul, matmul_rows, matmul_segments, matmul_unrepacked, matmul_unrepacked_segments,
+    matmul_vec_dot, matmul_vec_dot_segments, Activations, WeightMatrix,
 };
 use super::{reference, GgmlType};
 
@@ -339,6 +340,46 @@ proptest! {
             let mut got = vec![0xAAu8; bytes];
             kernels.quantize_row(ty, &values, &mut got);
             prop_assert!(got == want, "{} quantize {ty}: bytes differ from the reference", kernels.isa());
+        }
+    }
+
+    #[test]
+    fn segments_match_each_sequence_alone(
+        ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
+        n_rows in prop::sample::select(vec![5usize, 8, 16]),
+        lengths in prop::collection::vec(1usize..=12, 1..=4),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let n_cols = 2 * ty.block_elems().max(32);
+        let data: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n_cols)).collect();
+        let w = WeightMatrix::new(ty, n_rows, n_cols, &data).expect("valid matrix");
+        let n_tokens: usize = lengths.iter().sum();
+        let x: Vec<f32> = (0..n_cols * n_tokens).map(|_| rng.activation()).collect();
+        let kernels = Kernels::get();
+        let act = Activations::quantize(kernels, ty, &x, n_cols);
+        type Whole = fn(&Kernels, &WeightMatrix<'_>, &Activations, &mut [f32]);
+        type Segmented = fn(&Kernels, &WeightMatrix<'_>, &Activations, Option<&[usize]>, &mut [f32]);
+        let pairs: [(&str, Whole, Segmented); 3] = [
+            ("matmul", matmul, matmul_segments),
+            ("matmul_vec_dot", matmul_vec_dot, matmul_vec_dot_segments),
+            ("matmul_unrepacked", matmul_unrepacked, matmul_unrepacked_segments),
+        ];
+        for (name, whole, segmented) in pairs {
+            let mut got = vec![f32::NAN; n_tokens * n_rows];
+            segmented(kernels, &w, &act, Some(&lengths), &mut got);
+            let mut t0 = 0;
+            for &len in &lengths {
+                let tokens: Vec<usize> = (t0..t0 + len).collect();
+                let mut want = vec![f32::NAN; len * n_rows];
+                whole(kernels, &w, &act.gather(&tokens), &mut want);
+                let got_seg = &got[t0 * n_rows..(t0 + len) * n_rows];
+                prop_assert!(
+                    got_seg.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {ty}: segment at {t0} of {lengths:?} differs from the sequence alone"
+                );
+                t0 += len;
+            }
         }
     }
 
