@@ -152,6 +152,8 @@ enum Command {
     },
     /// Write one GGUF per node holding only that node's slices of a model (see docs/placement.md)
     Split(SplitArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat and text completions, streaming, /health, /metrics)
+    Serve(ServeArgs),
     /// Plan where experts go: compare sliced and whole-expert placements by predicted step time and write the fastest (docs/placement.md)
     Plan(PlanArgs),
 }
@@ -273,6 +275,35 @@ struct GenerateArgs {
     dist: DistArgs,
 }
 
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed once the model is loaded)
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Positions per sequence (default: 4096, or the model's training context if smaller)
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+    /// Sequences generated at once (each with its own KV cache)
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// The most prompt tokens a sequence evaluates per step
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+    /// The model's name in /v1/models (default: the file name without .gguf)
+    #[arg(long)]
+    alias: Option<String>,
+    #[command(flatten)]
+    dist: DistArgs,
+}
+
 /// Where the routed experts run (default: in this process).
 #[derive(Args, Debug, Clone)]
 struct DistArgs {
@@ -295,6 +326,22 @@ struct DistArgs {
     /// Seconds a node may take to answer one dispatch before the step fails naming it
     #[arg(long, default_value_t = coordinator::distributed::DEFAULT_DISPATCH_TIMEOUT.as_secs_f64())]
     dispatch_timeout: f64,
+    /// In the even plan, slice every routed expert over all nodes (at quant-block
+    /// boundaries) instead of placing whole experts
+    #[arg(long)]
+    slice_experts: bool,
+    /// `auto`: one expert node per NUMA node, pinned to its cores and memory, every expert
+    /// sliced over them (the dual-socket setup in one command)
+    #[arg(long, value_parser = ["auto", "off"], default_value = "off")]
+    numa: String,
+    /// The topology --numa auto plans for: `synthetic:<hwloc description>` or `xml:<file>`
+    /// (default: this machine)
+    #[arg(long)]
+    topology: Option<String>,
+    /// With --numa auto: one model file per NUMA node, in node order (`moeshard split` files,
+    /// each on its socket's memory), comma-separated
+    #[arg(long, value_delimiter = ',')]
+    model_per_node: Vec<PathBuf>,
 }
 
 impl DistArgs {
@@ -310,6 +357,10 @@ impl DistArgs {
             split_dense: self.split_dense,
             dispatch_timeout: std::time::Duration::from_secs_f64(self.dispatch_timeout),
             launch: None,
+            slice_experts: self.slice_experts,
+            numa_auto: self.numa == "auto",
+            topology: self.topology.clone(),
+            model_per_node: self.model_per_node.clone(),
         })
     }
 }
@@ -397,6 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
         Command::Topology { json, topology } => {
             let topology = shared::topology::Topology::from_spec_or_detect(topology.as_deref())?;
             let plan = topology.node_plan(topology.compute_nodes().len().max(1));
@@ -882,6 +934,72 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use coordinator::server::{LoadedModel, ServeConfig};
+    let model_name = args.alias.clone().unwrap_or_else(|| {
+        let name = args
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.strip_suffix(".gguf").unwrap_or(&name).to_owned()
+    });
+    let config = ServeConfig {
+        model_name,
+        api_key: args.api_key.clone(),
+        n_parallel: args.parallel,
+        n_ctx: args.ctx_size,
+        prefill_chunk: args.prefill_chunk,
+        ..ServeConfig::default()
+    };
+    config.validate()?;
+    args.dist.options()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("moeshard-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let (model, dist) = (args.model.clone(), args.dist.clone());
+    let load = move || {
+        open_engine_dist(&model, &dist)
+            .map(|l| LoadedModel {
+                engine: l.engine,
+                nodes: l._nodes,
+            })
+            .map_err(|e| format!("{e:#}"))
+    };
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let on_ready = |addr: std::net::SocketAddr| {
+            // The one line on stdout: scripts and tests read the bound address from it.
+            println!("moeshard serve listening on http://{addr}");
+        };
+        coordinator::server::serve(listener, config, load, on_ready, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    eprintln!("moeshard serve: stopping (finishing the requests in flight)");
 }
 
 fn open_gguf(path: &Path) -> anyhow::Result<std::sync::Arc<GgufFile>> {

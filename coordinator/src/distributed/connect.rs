@@ -9,9 +9,10 @@ use std::time::Duration;
 use proto::transport::{grpc, quic, NodeLink, TransportKind};
 use shared::gguf::{model_identity, GgufFile};
 use shared::placement::{Cluster, ModelShape, Plan};
+use shared::topology::Topology;
 use tracing::{info, warn};
 
-use super::launcher::{launch, LaunchOptions, LocalNodes};
+use super::launcher::{launch, LaunchOptions, LocalNodes, NodeNuma};
 use super::{DistributedError, NodeHandle, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
 use crate::engine::Engine;
 use crate::models::Model;
@@ -30,12 +31,22 @@ pub struct DistOptions {
     pub split_dense: bool,
     pub dispatch_timeout: Duration,
     pub launch: Option<LaunchOptions>,
+    /// In an even plan, slice every routed expert over all nodes instead of placing whole
+    /// experts (balanced at any batch size; DESIGN.md "Placement").
+    pub slice_experts: bool,
+    /// One node per NUMA node of the topology, pinned there, with a sliced even plan.
+    pub numa_auto: bool,
+    /// The topology for `numa_auto` (`synthetic:…` or `xml:…`); default: this machine.
+    pub topology: Option<String>,
+    /// With `numa_auto`: one file per node (`moeshard split` output on each socket's
+    /// namespace), in node order.
+    pub model_per_node: Vec<PathBuf>,
 }
 
 impl DistOptions {
     /// Whether anything but the single-process engine was asked for.
     pub fn is_distributed(&self) -> bool {
-        self.nodes.is_some() || self.cluster.is_some() || self.plan.is_some()
+        self.nodes.is_some() || self.cluster.is_some() || self.plan.is_some() || self.numa_auto
     }
 }
 
@@ -49,6 +60,10 @@ impl Default for DistOptions {
             split_dense: false,
             dispatch_timeout: DEFAULT_DISPATCH_TIMEOUT,
             launch: None,
+            slice_experts: false,
+            numa_auto: false,
+            topology: None,
+            model_per_node: Vec::new(),
         }
     }
 }
@@ -80,28 +95,80 @@ pub fn open_distributed(
         Some(path) => Some(Cluster::load(path)?),
         None => None,
     };
-    let plan = match (&opts.plan, &cluster, opts.nodes) {
+    let mut launch_opts = match &opts.launch {
+        Some(o) => o.clone(),
+        None => LaunchOptions::this_executable()?,
+    };
+    let mut nodes = opts.nodes;
+    let mut slice_experts = opts.slice_experts;
+    if opts.numa_auto {
+        if cluster.is_some() {
+            return Err(DistributedError::Launch(
+                "--numa auto starts the nodes of this machine; it does not go with --cluster"
+                    .into(),
+            )
+            .into());
+        }
+        let pins = numa_pins(opts)?;
+        if let Some(n) = nodes.filter(|&n| n != pins.len()) {
+            return Err(DistributedError::Launch(format!(
+                "--nodes {n} but --numa auto finds {} NUMA nodes with cores",
+                pins.len()
+            ))
+            .into());
+        }
+        nodes = Some(pins.len());
+        slice_experts = true;
+        launch_opts.numa = pins;
+        if opts.model_per_node.is_empty() {
+            if launch_opts.numa.len() > 1 {
+                warn!(
+                    "--numa auto with one model file: every node reads it wherever its pages \
+                     are, so reads cross sockets; give --model-per-node with `moeshard split` \
+                     files, one on each socket's memory"
+                );
+            }
+        } else if opts.model_per_node.len() != launch_opts.numa.len() {
+            return Err(DistributedError::Launch(format!(
+                "--model-per-node gives {} files for {} NUMA nodes",
+                opts.model_per_node.len(),
+                launch_opts.numa.len()
+            ))
+            .into());
+        }
+    }
+    if !opts.model_per_node.is_empty() {
+        launch_opts.model_per_node = opts.model_per_node.clone();
+    }
+    let even = |names: &[String]| {
+        if slice_experts {
+            Plan::even_sliced(names, &shape, split_dense)
+        } else {
+            Plan::even(names, &shape, split_dense)
+        }
+    };
+    let plan = match (&opts.plan, &cluster, nodes) {
         (Some(path), _, _) => Plan::load(path)?,
         (None, Some(c), _) => {
             let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
-            Plan::even(&names, &shape, split_dense)
+            even(&names)
         }
         (None, None, Some(n)) => {
             if n == 0 {
                 return Err(DistributedError::Launch("--nodes must be at least 1".into()).into());
             }
-            Plan::even(&node_names(n), &shape, split_dense)
+            even(&node_names(n))
         }
         (None, None, None) => {
             return Err(DistributedError::Launch(
-                "give --nodes N, --cluster FILE or --plan FILE".into(),
+                "give --nodes N, --numa auto, --cluster FILE or --plan FILE".into(),
             )
             .into())
         }
     };
     plan.check_identity(&identity)?;
     let resolved = plan.resolve(&shape)?;
-    if let (Some(n), None) = (opts.nodes, &cluster) {
+    if let (Some(n), None) = (nodes, &cluster) {
         if n != resolved.nodes().len() {
             return Err(DistributedError::Launch(format!(
                 "--nodes {n} but the plan has {} nodes",
@@ -122,10 +189,6 @@ pub fn open_distributed(
     let (local_nodes, handles) = match &cluster {
         Some(c) => (None, connect_cluster(&runtime, c, resolved.nodes())?),
         None => {
-            let launch_opts = match &opts.launch {
-                Some(o) => o.clone(),
-                None => LaunchOptions::this_executable()?,
-            };
             let (nodes, handles) = launch(
                 &runtime,
                 model_path,
@@ -151,6 +214,26 @@ pub fn open_distributed(
         engine: Engine::with_executor(model, Box::new(remote)),
         local_nodes,
     })
+}
+
+/// One node per NUMA node with cores, pinned there with that node's processing units.
+fn numa_pins(opts: &DistOptions) -> Result<Vec<NodeNuma>, DistributedError> {
+    let topology = Topology::from_spec_or_detect(opts.topology.as_deref())
+        .map_err(|e| DistributedError::Launch(format!("--numa auto: {e}")))?;
+    let n = topology.compute_nodes().len();
+    let plan = topology
+        .node_plan(n)
+        .map_err(|e| DistributedError::Launch(format!("--numa auto: {e}")))?;
+    info!(nodes = n, plan = %plan.to_text(), "--numa auto");
+    Ok(plan
+        .expert_nodes
+        .iter()
+        .map(|p| NodeNuma {
+            numa_node: p.numa_node,
+            threads: p.pus.len(),
+            topology: opts.topology.clone(),
+        })
+        .collect())
 }
 
 /// Links to the running daemons named by the plan, in plan order.

@@ -31,6 +31,21 @@ pub struct LaunchOptions {
     /// Compute threads per node (0: the cores divided by the node count).
     pub threads_per_node: usize,
     pub start_timeout: Duration,
+    /// Per node (plan order), where set: its NUMA pinning (`--numa auto`).
+    pub numa: Vec<NodeNuma>,
+    /// Per node (plan order), where set: the file it serves instead of the model (a
+    /// `moeshard split` file on its socket's namespace).
+    pub model_per_node: Vec<PathBuf>,
+}
+
+/// How one node process is pinned.
+#[derive(Clone, Debug)]
+pub struct NodeNuma {
+    pub numa_node: u32,
+    /// Compute threads (the node's processing units).
+    pub threads: usize,
+    /// The topology the pinning plan came from (`synthetic:…`), passed on to the node.
+    pub topology: Option<String>,
 }
 
 impl LaunchOptions {
@@ -43,6 +58,8 @@ impl LaunchOptions {
             program_args: vec!["expert-node".into()],
             threads_per_node: 0,
             start_timeout: DEFAULT_START_TIMEOUT,
+            numa: Vec::new(),
+            model_per_node: Vec::new(),
         })
     }
 }
@@ -158,17 +175,30 @@ pub fn launch(
         _dir: dir,
     };
     let mut started = Vec::with_capacity(n);
-    for name in resolved.nodes() {
+    for (i, name) in resolved.nodes().iter().enumerate() {
+        let numa = options.numa.get(i);
+        let node_model = options
+            .model_per_node
+            .get(i)
+            .map_or(model, PathBuf::as_path);
+        let node_threads = numa.map_or(threads, |p| p.threads.max(1));
         let mut cmd = Command::new(&options.program);
         cmd.args(&options.program_args)
             .arg("--model")
-            .arg(model)
+            .arg(node_model)
             .args(["--listen", "127.0.0.1:0", "--transport"])
             .arg(transport.to_string())
             .arg("--plan")
             .arg(&plan_path)
             .args(["--node", name, "--threads"])
-            .arg(threads.to_string())
+            .arg(node_threads.to_string());
+        if let Some(p) = numa {
+            cmd.arg("--numa-node").arg(p.numa_node.to_string());
+            if let Some(t) = &p.topology {
+                cmd.arg("--topology").arg(t);
+            }
+        }
+        cmd
             // A node must not outlive its coordinator, even one killed with SIGKILL: it stops
             // when its stdin (held by LocalNodes) closes.
             .arg("--exit-on-stdin-close")

@@ -36,6 +36,7 @@ fn launch_options() -> LaunchOptions {
         program_args: vec!["expert-node".into()],
         threads_per_node: 1,
         start_timeout: Duration::from_secs(60),
+        ..LaunchOptions::this_executable().unwrap()
     }
 }
 
@@ -131,6 +132,31 @@ fn matrix(arch: &str) {
                     "{arch} {variant} {name}: max |Δ| {diff} > {PLAN_TOLERANCE}"
                 );
             }
+            assert_eq!(
+                greedy(&d.engine, &prompt, N_GREEDY),
+                want_greedy,
+                "{arch} {variant} {name}: greedy tokens"
+            );
+        }
+
+        // Every routed expert sliced over the nodes (--slice-experts, and --numa auto on a
+        // synthetic 2-package topology, which also pins each node): down's partial sums
+        // regroup as below, so greedy tokens must match and logits stay close.
+        let mut sliced = options(2, TransportKind::Inproc);
+        sliced.slice_experts = true;
+        let numa = DistOptions {
+            nodes: None,
+            numa_auto: true,
+            topology: Some("synthetic:pack:2 numa:1 core:2 pu:1".into()),
+            ..options(2, TransportKind::Grpc)
+        };
+        for (name, opts) in [("sliced x2", sliced), ("numa auto (2 packages)", numa)] {
+            let d = open(&model, &opts);
+            let got = d.engine.eval(&prompt).unwrap();
+            eprintln!(
+                "{arch} {variant} {name}: max |Δ| vs single process = {:.2e}",
+                max_abs(&got, &want)
+            );
             assert_eq!(
                 greedy(&d.engine, &prompt, N_GREEDY),
                 want_greedy,
@@ -367,7 +393,8 @@ fn smaps_mapped(pid: u32, file: &Path) -> u64 {
 }
 
 /// Nodes serving from `moeshard split` files give the same logits as nodes serving the
-/// same plan from the full file, and each maps only its share (checked in smaps).
+/// same plan (every expert and dense part sliced over both) from the full file, and each
+/// maps only its share (checked in smaps).
 #[test]
 fn split_files_serve_the_same_results_and_map_only_their_share() {
     let model = fixtures().join("deepseek2/model-q4_k_m.gguf");
@@ -377,10 +404,10 @@ fn split_files_serve_the_same_results_and_map_only_their_share() {
     let out = tmp.path().join("split");
     let moeshard = env!("CARGO_BIN_EXE_moeshard");
 
-    // The even plan of 2 nodes with the dense parts sliced too, as a file.
+    // The sliced even plan of 2 nodes with the dense parts sliced too, as a file.
     let shape = ModelShape::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
     let names = vec!["node0".to_owned(), "node1".to_owned()];
-    shared::placement::Plan::even(&names, &shape, true)
+    shared::placement::Plan::even_sliced(&names, &shape, true)
         .save(&plan)
         .unwrap();
     let status = Command::new(moeshard)

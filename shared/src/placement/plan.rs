@@ -257,6 +257,25 @@ impl Plan {
     /// `model_identity`; set it from the model file. With no nodes the plan is
     /// empty (and fails [`Plan::validate`]).
     pub fn even(nodes: &[String], shape: &ModelShape, split_dense: bool) -> Plan {
+        Plan::even_placement(nodes, shape, split_dense, false)
+    }
+
+    /// The sliced even plan: every routed expert's intermediate dimension is cut over all
+    /// nodes at `ffn_down` block boundaries (as [`Plan::even`] cuts dense parts), so every
+    /// node has a share of every expert and the work of a step is balanced by construction
+    /// (DESIGN.md, "Placement"). Where the blocks do not divide evenly, the larger shares
+    /// go to different nodes from one expert (and layer) to the next. Dense parts as in
+    /// [`Plan::even`].
+    pub fn even_sliced(nodes: &[String], shape: &ModelShape, split_dense: bool) -> Plan {
+        Plan::even_placement(nodes, shape, split_dense, true)
+    }
+
+    fn even_placement(
+        nodes: &[String],
+        shape: &ModelShape,
+        split_dense: bool,
+        slice_routed: bool,
+    ) -> Plan {
         let n_nodes = nodes.len();
         // Slices that differ only in their layer share one entry.
         struct Group {
@@ -285,7 +304,28 @@ impl Plan {
         if n_nodes > 0 {
             let n_expert = shape.n_expert;
             for (layer, ls) in shape.layers.iter().enumerate() {
-                if ls.routed.is_some() {
+                if let (Some(routed), true) = (ls.routed, slice_routed) {
+                    // (node, ff) → the experts that get that share in this layer.
+                    let mut shares: Vec<(usize, Range<usize>, Vec<usize>)> = Vec::new();
+                    for expert in 0..n_expert {
+                        let cut = even_shares(routed.n_ff, routed.block, n_nodes, layer + expert);
+                        for (node, ff) in cut.into_iter().enumerate() {
+                            if ff.is_empty() {
+                                continue;
+                            }
+                            match shares.iter_mut().find(|(n, f, _)| *n == node && *f == ff) {
+                                Some((_, _, experts)) => experts.push(expert),
+                                None => shares.push((node, ff, vec![expert])),
+                            }
+                        }
+                    }
+                    for (node, ff, experts) in shares {
+                        let ff = (ff != (0..routed.n_ff)).then_some(ff);
+                        if let Some(experts) = IdList::from_ids(experts) {
+                            add(Part::Routed, experts, ff, node, layer);
+                        }
+                    }
+                } else if ls.routed.is_some() {
                     for node in 0..n_nodes {
                         let start = n_expert * node / n_nodes;
                         let end = n_expert * (node + 1) / n_nodes;

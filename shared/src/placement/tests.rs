@@ -1366,3 +1366,40 @@ fn doc_examples_parse_and_resolve() {
         Some(Path::new("/etc/moeshard/certs/s0.pem"))
     );
 }
+
+#[test]
+fn sliced_even_plans_give_every_node_a_share_of_every_expert() {
+    let shape = moe_shape();
+    for n_nodes in 1..=3 {
+        let nodes = names(n_nodes);
+        let plan = Plan::even_sliced(&nodes, &shape, true);
+        let resolved = plan
+            .resolve(&shape)
+            .unwrap_or_else(|e| panic!("{n_nodes} nodes: {e}\n{}", plan.to_toml()));
+        assert_eq!(Plan::from_toml(&plan.to_toml()).unwrap(), plan);
+        // 768 rows = 3 blocks of 256.
+        let mut larger = vec![0usize; n_nodes];
+        for layer in 1..4 {
+            for expert in 0..8 {
+                let slices = resolved.slices(layer, Part::Routed, expert).unwrap();
+                let holders: Vec<usize> = slices.iter().map(|s| s.replicas[0]).collect();
+                assert_eq!(
+                    holders,
+                    (0..n_nodes).collect::<Vec<_>>(),
+                    "layer {layer} expert {expert}"
+                );
+                let sizes: Vec<usize> = slices.iter().map(|s| s.ff.len()).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), 768);
+                assert!(sizes.iter().all(|&s| s % 256 == 0 && s >= 256));
+                let max = *sizes.iter().max().unwrap();
+                for (node, &s) in sizes.iter().enumerate() {
+                    larger[node] += usize::from(s == max && n_nodes == 2);
+                }
+            }
+        }
+        if n_nodes == 2 {
+            // 3 blocks over 2 nodes: the larger share alternates, so both get it half the time.
+            assert_eq!(larger, vec![12, 12], "larger shares per node");
+        }
+    }
+}
