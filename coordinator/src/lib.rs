@@ -12,5 +12,6 @@ pub mod models;
 pub mod routing_stats;
 pub mod safetensors_out;
 pub mod sampler;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;
