@@ -6,6 +6,7 @@ mod cli;
 mod distributed;
 mod fixtures;
 mod plan;
+mod server;
 mod smollm2;
 mod support;
 mod synth;
