@@ -13,7 +13,10 @@ use shared::topology::Topology;
 use tracing::{info, warn};
 
 use super::launcher::{launch, LaunchOptions, LocalNodes, NodeNuma};
-use super::{DistributedError, NodeHandle, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
+use super::{
+    reconnect_grpc, reconnect_quic, DistributedError, NodeHandle, Reconnect, RemoteExperts,
+    DEFAULT_DISPATCH_TIMEOUT,
+};
 use crate::engine::Engine;
 use crate::models::Model;
 
@@ -209,7 +212,7 @@ pub fn open_distributed(
         n_embd,
         opts.dispatch_timeout,
     )?;
-    info!(nodes = remote.nodes().len(), "experts placed on nodes");
+    info!(nodes = remote.node_names().len(), "experts placed on nodes");
     Ok(DistributedEngine {
         engine: Engine::with_executor(model, Box::new(remote)),
         local_nodes,
@@ -266,7 +269,7 @@ pub fn connect_cluster(
             peer: node.address.clone(),
             source,
         };
-        let link: Arc<dyn NodeLink> = match node.transport.as_str() {
+        let (link, reconnect): (Arc<dyn NodeLink>, Reconnect) = match node.transport.as_str() {
             "quic" => {
                 let cert = node
                     .cert
@@ -281,21 +284,27 @@ pub fn connect_cluster(
                     peer: node.address.clone(),
                     detail: format!("reading {}: {e}", cert.display()),
                 })?;
-                Arc::new(
-                    runtime
-                        .block_on(quic::connect(addr, &node.server_name, &pem))
-                        .map_err(transport_err)?,
+                let link = runtime
+                    .block_on(quic::connect(addr, &node.server_name, &pem))
+                    .map_err(transport_err)?;
+                (
+                    Arc::new(link),
+                    reconnect_quic(addr, node.server_name.clone(), pem),
                 )
             }
-            _ => Arc::new(
-                runtime
-                    .block_on(grpc::connect(addr))
-                    .map_err(transport_err)?,
+            _ => (
+                Arc::new(
+                    runtime
+                        .block_on(grpc::connect(addr))
+                        .map_err(transport_err)?,
+                ),
+                reconnect_grpc(addr),
             ),
         };
         handles.push(NodeHandle {
             name: name.clone(),
             link,
+            reconnect: Some(reconnect),
         });
     }
     Ok(handles)

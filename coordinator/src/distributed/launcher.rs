@@ -17,7 +17,7 @@ use proto::transport::{grpc, quic, InprocLink, NodeLink, TlsIdentity, TransportK
 use shared::placement::{Plan, ResolvedPlan};
 use tracing::{info, warn};
 
-use super::{DistributedError, NodeHandle};
+use super::{reconnect_grpc, reconnect_quic, DistributedError, NodeHandle, Reconnect};
 
 /// How long a node process may take to load its weights and listen.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -153,6 +153,7 @@ pub fn launch(
             handles.push(NodeHandle {
                 name: name.clone(),
                 link,
+                reconnect: None,
             });
         }
         info!(nodes = n, threads, "in-process nodes ready");
@@ -269,21 +270,28 @@ pub fn launch(
                 "node {name} printed \"{line}\" instead of its address"
             ))
         })?;
-        let link: Arc<dyn NodeLink> = match (transport, &cert_pem) {
-            (TransportKind::Quic, Some(pem)) => Arc::new(
-                runtime
-                    .block_on(quic::connect(addr, "localhost", pem))
-                    .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+        let (link, reconnect): (Arc<dyn NodeLink>, Reconnect) = match (transport, cert_pem) {
+            (TransportKind::Quic, Some(pem)) => (
+                Arc::new(
+                    runtime
+                        .block_on(quic::connect(addr, "localhost", &pem))
+                        .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+                ),
+                reconnect_quic(addr, "localhost".into(), pem),
             ),
-            _ => Arc::new(
-                runtime
-                    .block_on(grpc::connect(addr))
-                    .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+            _ => (
+                Arc::new(
+                    runtime
+                        .block_on(grpc::connect(addr))
+                        .map_err(|e| launch_err(format!("node {name}: {e}")))?,
+                ),
+                reconnect_grpc(addr),
             ),
         };
         handles.push(NodeHandle {
             name: name.clone(),
             link,
+            reconnect: Some(reconnect),
         });
     }
     info!(nodes = n, threads, %transport, "node processes ready");

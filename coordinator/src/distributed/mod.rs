@@ -7,14 +7,21 @@
 //! once, and adds the partial sums in the plan's node order, so results are deterministic:
 //! with one node they are bit-identical to the single-process engine.
 //!
+//! Failover: a node that misses the dispatch deadline, drops or refuses is marked down; its
+//! part of the step is re-sent to live replicas of the same slices and the step completes
+//! (the partial sums regroup); later steps route around it. A down node is probed in the
+//! background, re-verified (model identity, the slices the plan gives it) and reused.
+//!
 //! - [`launcher`]: loopback mode (N node processes on 127.0.0.1, or in-process nodes).
 //! - [`connect`]: links to daemons already running, from a cluster file.
 
 pub mod connect;
 pub mod launcher;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock, Weak};
 use std::time::Duration;
 
 use proto::transport::{NodeLink, TransportError};
@@ -22,9 +29,9 @@ use proto::{
     wire, DispatchRequest, DispatchResponse, FfnPart, Hello, HelloReply, Partials, ProtoError,
 };
 use shared::moe::Assignment;
-use shared::placement::{Part, ResolvedPlan};
+use shared::placement::{Part, ResolvedPlan, SliceSpec};
 use shared::quant::matmul::{Activations, Segments};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::models::{EngineError, ExpertExecutor, Pending};
 
@@ -32,10 +39,48 @@ use crate::models::{EngineError, ExpertExecutor, Pending};
 /// (`--dispatch-timeout`): a missed deadline fails the step with the node's name.
 pub const DEFAULT_DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often down nodes are probed for a rejoin.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Opens a fresh link to a node (after it went down): reconnects to the same address.
+pub type Reconnect = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn NodeLink>, TransportError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Reconnects to a gRPC node at `addr`.
+pub fn reconnect_grpc(addr: std::net::SocketAddr) -> Reconnect {
+    Arc::new(move || {
+        Box::pin(async move {
+            let link: Arc<dyn NodeLink> = Arc::new(proto::transport::grpc::connect(addr).await?);
+            Ok(link)
+        })
+    })
+}
+
+/// Reconnects to a QUIC node at `addr` that presents `cert_pem` for `server_name`.
+pub fn reconnect_quic(
+    addr: std::net::SocketAddr,
+    server_name: String,
+    cert_pem: String,
+) -> Reconnect {
+    Arc::new(move || {
+        let (name, pem) = (server_name.clone(), cert_pem.clone());
+        Box::pin(async move {
+            let link: Arc<dyn NodeLink> =
+                Arc::new(proto::transport::quic::connect(addr, &name, &pem).await?);
+            Ok(link)
+        })
+    })
+}
+
 /// A node as the coordinator sees it.
 pub struct NodeHandle {
     pub name: String,
     pub link: Arc<dyn NodeLink>,
+    /// How to reach it again once it went down (`None`: it cannot come back, e.g. inproc).
+    pub reconnect: Option<Reconnect>,
 }
 
 /// Why connecting to the nodes failed.
@@ -67,18 +112,57 @@ pub enum DistributedError {
     Launch(String),
 }
 
+/// One node's link and state, shared with the prober.
+struct NodeSlot {
+    name: String,
+    link: RwLock<Arc<dyn NodeLink>>,
+    up: AtomicBool,
+    reconnect: Option<Reconnect>,
+    /// What the plan places on it (checked again when it rejoins).
+    expected: Vec<SliceSpec>,
+}
+
+impl NodeSlot {
+    fn link(&self) -> Arc<dyn NodeLink> {
+        match self.link.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_link(&self, link: Arc<dyn NodeLink>) {
+        match self.link.write() {
+            Ok(mut l) => *l = link,
+            Err(poisoned) => *poisoned.into_inner() = link,
+        }
+    }
+}
+
+/// The nodes, in the plan's order.
+struct NodeTable {
+    nodes: Vec<NodeSlot>,
+    identity: [u8; 32],
+    timeout: Duration,
+}
+
 /// The routed experts computed by expert nodes.
 pub struct RemoteExperts {
     runtime: Arc<tokio::runtime::Runtime>,
-    /// In the plan's node order.
-    nodes: Vec<NodeHandle>,
+    table: Arc<NodeTable>,
     plan: ResolvedPlan,
     n_embd: usize,
     timeout: Duration,
     next_step: AtomicU64,
+    prober: tokio::task::JoinHandle<()>,
 }
 
-/// What one node is asked for in one step: its token rows and assignments.
+impl Drop for RemoteExperts {
+    fn drop(&mut self) {
+        self.prober.abort();
+    }
+}
+
+/// What one node is asked for in one round of a step: its token rows and assignments.
 struct NodeWork {
     node: usize,
     /// Global token index of each local row, ascending.
@@ -115,6 +199,98 @@ fn local_segments(tokens: &[usize], segments: Segments<'_>) -> Vec<usize> {
     out
 }
 
+/// The first message of a link.
+fn hello_message(identity: [u8; 32]) -> wire::CoordinatorMessage {
+    wire::CoordinatorMessage {
+        body: Some(wire::coordinator_message::Body::Hello(
+            Hello {
+                model_identity: identity,
+                coordinator_name: format!("moeshard-{}", std::process::id()),
+            }
+            .into(),
+        )),
+    }
+}
+
+/// Greets a node and checks its answer: version, model identity, and that it holds every
+/// slice in `expected`. Returns its inventory's slice count and weight bytes.
+async fn handshake(
+    link: &dyn NodeLink,
+    identity: [u8; 32],
+    expected: &[SliceSpec],
+    timeout: Duration,
+) -> Result<(usize, u64), String> {
+    let answer = tokio::time::timeout(timeout, link.call(hello_message(identity)))
+        .await
+        .map_err(|_| format!("no answer to the handshake within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    let reply = match answer.body {
+        Some(wire::node_message::Body::Hello(h)) => {
+            HelloReply::try_from(h).map_err(|e| format!("bad handshake answer: {e}"))?
+        }
+        other => return Err(format!("answered the handshake with {other:?}")),
+    };
+    if let Some(e) = reply.error {
+        return Err(format!("refused us: {}", e.message));
+    }
+    if reply.model_identity != identity {
+        return Err(ProtoError::ModelMismatch {
+            got: hex(&reply.model_identity),
+            want: hex(&identity),
+        }
+        .to_string());
+    }
+    for s in expected {
+        let held = reply.inventory.slices().iter().any(|h| {
+            (h.layer, h.expert, h.ff_start, h.ff_len) == (s.layer, s.expert, s.ff_start, s.ff_len)
+                && h.part == part_to_wire(s.part)
+        });
+        if !held {
+            return Err(format!(
+                "does not hold layer {} {:?} expert {} rows {}..{}, which the plan places on it",
+                s.layer,
+                s.part,
+                s.expert,
+                s.ff_start,
+                s.ff_start + s.ff_len
+            ));
+        }
+    }
+    Ok((reply.inventory.slices().len(), reply.inventory.weight_bytes))
+}
+
+/// Probes down nodes every [`PROBE_INTERVAL`] until the table is dropped.
+async fn probe_down_nodes(table: Weak<NodeTable>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(table) = table.upgrade() else { return };
+        for slot in &table.nodes {
+            if slot.up.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Some(reconnect) = &slot.reconnect else {
+                continue;
+            };
+            let link = match tokio::time::timeout(table.timeout, reconnect()).await {
+                Ok(Ok(link)) => link,
+                Ok(Err(e)) => {
+                    debug!(node = %slot.name, error = %e, "node still down");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            match handshake(link.as_ref(), table.identity, &slot.expected, table.timeout).await {
+                Ok(_) => {
+                    slot.set_link(link);
+                    slot.up.store(true, Ordering::SeqCst);
+                    info!(node = %slot.name, "node rejoined: identity and slices verified");
+                }
+                Err(e) => warn!(node = %slot.name, error = %e, "node answered but was refused"),
+            }
+        }
+    }
+}
+
 impl RemoteExperts {
     /// Greets every node (protocol version, model identity) and checks that each holds what
     /// `plan` places on it. `nodes` must be in the plan's node order.
@@ -132,110 +308,92 @@ impl RemoteExperts {
             }
         }
         check_slice_replicas(&plan)?;
-        let hello = wire::CoordinatorMessage {
-            body: Some(wire::coordinator_message::Body::Hello(
-                Hello {
-                    model_identity,
-                    coordinator_name: format!("moeshard-{}", std::process::id()),
-                }
-                .into(),
-            )),
-        };
         // All handshakes at once.
         let calls: Vec<_> = nodes
             .iter()
-            .map(|n| {
+            .enumerate()
+            .map(|(i, n)| {
                 let link = n.link.clone();
-                let msg = hello.clone();
-                runtime.spawn(async move { tokio::time::timeout(timeout, link.call(msg)).await })
+                let expected = plan.node_slices(i);
+                runtime.spawn(async move {
+                    handshake(link.as_ref(), model_identity, &expected, timeout).await
+                })
             })
             .collect();
-        for ((i, n), call) in nodes.iter().enumerate().zip(calls) {
+        for (n, call) in nodes.iter().zip(calls) {
             let peer = n.link.peer().to_owned();
             let refused = |detail: String| DistributedError::Refused {
                 node: n.name.clone(),
                 peer: peer.clone(),
                 detail,
             };
-            let answer = runtime
+            let (slices, weight_bytes) = runtime
                 .block_on(call)
                 .map_err(|e| refused(format!("handshake task failed: {e}")))?
-                .map_err(|_| DistributedError::Timeout {
-                    node: n.name.clone(),
-                    peer: peer.clone(),
-                    timeout,
-                })?
-                .map_err(|source| DistributedError::Transport {
-                    node: n.name.clone(),
-                    peer: peer.clone(),
-                    source,
-                })?;
-            let reply = match answer.body {
-                Some(wire::node_message::Body::Hello(h)) => HelloReply::try_from(h)
-                    .map_err(|e| refused(format!("bad handshake answer: {e}")))?,
-                other => return Err(refused(format!("answered the handshake with {other:?}"))),
-            };
-            if let Some(e) = reply.error {
-                return Err(refused(format!("refused us: {}", e.message)));
-            }
-            if reply.model_identity != model_identity {
-                return Err(refused(
-                    ProtoError::ModelMismatch {
-                        got: hex(&reply.model_identity),
-                        want: hex(&model_identity),
-                    }
-                    .to_string(),
-                ));
-            }
-            for s in plan.node_slices(i) {
-                let held = reply.inventory.slices().iter().any(|h| {
-                    (h.layer, h.expert, h.ff_start, h.ff_len)
-                        == (s.layer, s.expert, s.ff_start, s.ff_len)
-                        && h.part == part_to_wire(s.part)
-                });
-                if !held {
-                    return Err(refused(format!(
-                        "does not hold layer {} {:?} expert {} rows {}..{}, which the plan \
-                         places on it",
-                        s.layer,
-                        s.part,
-                        s.expert,
-                        s.ff_start,
-                        s.ff_start + s.ff_len
-                    )));
-                }
-            }
-            info!(
-                node = %n.name,
-                peer = %peer,
-                slices = reply.inventory.slices().len(),
-                weight_bytes = reply.inventory.weight_bytes,
-                "node ready"
-            );
+                .map_err(refused)?;
+            info!(node = %n.name, peer = %peer, slices, weight_bytes, "node ready");
         }
+        let table = Arc::new(NodeTable {
+            nodes: nodes
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| NodeSlot {
+                    name: n.name,
+                    link: RwLock::new(n.link),
+                    up: AtomicBool::new(true),
+                    reconnect: n.reconnect,
+                    expected: plan.node_slices(i),
+                })
+                .collect(),
+            identity: model_identity,
+            timeout,
+        });
+        let prober = runtime.spawn(probe_down_nodes(Arc::downgrade(&table)));
         Ok(RemoteExperts {
             runtime,
-            nodes,
+            table,
             plan,
             n_embd,
             timeout,
             next_step: AtomicU64::new(1),
+            prober,
         })
     }
 
-    pub fn nodes(&self) -> &[NodeHandle] {
-        &self.nodes
+    /// The nodes' names, in plan order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.table.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
-    /// Groups `assignments` by node: each (slice of an) expert goes to one replica.
+    fn live(&self) -> Vec<bool> {
+        self.table
+            .nodes
+            .iter()
+            .map(|n| n.up.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    fn mark_down(&self, node: usize, why: &str) {
+        let slot = &self.table.nodes[node];
+        if slot.up.swap(false, Ordering::SeqCst) {
+            warn!(node = %slot.name, peer = %slot.link().peer(), reason = why, "node marked down");
+        }
+    }
+
+    /// Groups `assignments` by node: each slice of an expert whose replicas pass `keep`
+    /// goes to one live replica; a node holding several slices of the expert gets the
+    /// assignment once (it computes all of them).
     fn route(
         &self,
         layer: usize,
         n_tokens: usize,
         assignments: &[Assignment],
+        live: &[bool],
+        keep: &dyn Fn(&[usize]) -> bool,
     ) -> Result<Vec<NodeWork>, EngineError> {
-        let n_nodes = self.nodes.len();
+        let n_nodes = self.table.nodes.len();
         let mut per_node: Vec<Vec<Assignment>> = vec![Vec::new(); n_nodes];
+        let mut nodes: Vec<usize> = Vec::new();
         for a in assignments {
             let slices = self
                 .plan
@@ -246,14 +404,16 @@ impl RemoteExperts {
                         a.expert
                     ))
                 })?;
-            // A node holding several slices of the expert gets the assignment once.
-            let mut nodes: Vec<usize> = slices
-                .iter()
-                .map(|s| pick_replica(&s.replicas, layer))
-                .collect();
+            nodes.clear();
+            for s in slices.iter().filter(|s| keep(&s.replicas)) {
+                let node = pick_live(&s.replicas, layer, live).ok_or_else(|| {
+                    self.no_live_replica(layer, "expert", a.expert, &s.ff, &s.replicas)
+                })?;
+                nodes.push(node);
+            }
             nodes.sort_unstable();
             nodes.dedup();
-            for node in nodes {
+            for &node in &nodes {
                 per_node[node].push(*a);
             }
         }
@@ -287,33 +447,70 @@ impl RemoteExperts {
             .collect())
     }
 
-    /// Sends each node its dispatch; the returned [`Pending`] gathers the answers.
-    fn send(
+    /// The dense part's slices whose replicas pass `keep`, each on one live replica.
+    fn route_dense(
         &self,
+        layer: usize,
+        n_tokens: usize,
+        live: &[bool],
+        keep: &dyn Fn(&[usize]) -> bool,
+    ) -> Result<Vec<NodeWork>, EngineError> {
+        let slices = self.plan.slices(layer, Part::Dense, 0).ok_or_else(|| {
+            EngineError::Node(format!("layer {layer}'s dense part is not placed"))
+        })?;
+        let mut nodes = Vec::new();
+        for s in slices.iter().filter(|s| keep(&s.replicas)) {
+            let node = pick_live(&s.replicas, layer, live)
+                .ok_or_else(|| self.no_live_replica(layer, "dense part", 0, &s.ff, &s.replicas))?;
+            nodes.push(node);
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        Ok(nodes
+            .into_iter()
+            .map(|node| NodeWork {
+                node,
+                tokens: (0..n_tokens).collect(),
+                assignments: Vec::new(),
+            })
+            .collect())
+    }
+
+    fn no_live_replica(
+        &self,
+        layer: usize,
+        what: &str,
+        expert: u32,
+        ff: &std::ops::Range<usize>,
+        replicas: &[usize],
+    ) -> EngineError {
+        let names: Vec<&str> = replicas
+            .iter()
+            .map(|&r| self.table.nodes[r].name.as_str())
+            .collect();
+        EngineError::Node(format!(
+            "layer {layer} {what} {expert} rows {}..{} has no live replica (held by {}, all down)",
+            ff.start,
+            ff.end,
+            names.join(", ")
+        ))
+    }
+
+    /// Starts one round of dispatches; each answer arrives on `tx` as (node, outcome).
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_round(
+        &self,
+        step_id: u64,
         layer: usize,
         part: FfnPart,
         n_tokens: usize,
         inputs: &[Activations],
-        work: Vec<NodeWork>,
+        work: &[NodeWork],
         segments: Segments<'_>,
-    ) -> Result<Pending<'_>, EngineError> {
-        let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
-            .min(proto::limits::MAX_DISPATCH_VALUES / self.n_embd.max(1));
-        if let Some(w) = work.iter().find(|w| w.tokens.len() > max_tokens) {
-            return Err(EngineError::Node(format!(
-                "layer {layer}: a dispatch of {} tokens to node {} exceeds the protocol's limit \
-                 of {max_tokens} tokens for n_embd {}: evaluate the prompt in smaller batches",
-                w.tokens.len(),
-                self.nodes[w.node].name,
-                self.n_embd
-            )));
-        }
-        let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        let mut expected = Vec::with_capacity(work.len());
+        tx: &mpsc::Sender<(usize, Result<Partials, String>)>,
+    ) {
         for w in work {
-            let all = w.tokens.len() == n_tokens;
-            let rows: Vec<Activations> = if all {
+            let rows: Vec<Activations> = if w.tokens.len() == n_tokens {
                 inputs.to_vec()
             } else {
                 inputs.iter().map(|x| x.gather(&w.tokens)).collect()
@@ -325,24 +522,61 @@ impl RemoteExperts {
                         layer: layer as u32,
                         part,
                         inputs: rows,
-                        assignments: w.assignments,
+                        assignments: w.assignments.clone(),
                         segments: local_segments(&w.tokens, segments),
                     }
                     .into(),
                 )),
             };
-            let link = self.nodes[w.node].link.clone();
+            let link = self.table.nodes[w.node].link();
             let tx = tx.clone();
             let timeout = self.timeout;
-            let node = w.node;
+            let (node, n_rows, n_embd) = (w.node, w.tokens.len(), self.n_embd);
             self.runtime.spawn(async move {
-                let answer = tokio::time::timeout(timeout, link.call(msg)).await;
+                let outcome = match tokio::time::timeout(timeout, link.call(msg)).await {
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(answer)) => check_answer(answer, step_id, layer, n_rows, n_embd),
+                };
                 // The receiver is gone only if the step was abandoned.
-                let _ = tx.send((node, answer));
+                let _ = tx.send((node, outcome));
             });
-            expected.push((w.node, w.tokens));
         }
-        drop(tx);
+    }
+
+    /// Sends the step's work, re-sends the part of nodes that fail to live replicas, and
+    /// returns the [`Pending`] that gathers everything.
+    fn run_step(
+        &self,
+        layer: usize,
+        part: FfnPart,
+        inputs: &[Activations],
+        assignments: &[Assignment],
+        segments: Segments<'_>,
+    ) -> Result<Pending<'_>, EngineError> {
+        let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
+        let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
+            .min(proto::limits::MAX_DISPATCH_VALUES / self.n_embd.max(1));
+        if n_tokens > max_tokens {
+            return Err(EngineError::Node(format!(
+                "layer {layer}: a dispatch of {n_tokens} tokens exceeds the protocol's limit of \
+                 {max_tokens} tokens for n_embd {}: evaluate the prompt in smaller batches",
+                self.n_embd
+            )));
+        }
+        let live = self.live();
+        let all = |_: &[usize]| true;
+        let work = match part {
+            FfnPart::Routed => self.route(layer, n_tokens, assignments, &live, &all)?,
+            FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &all)?,
+        };
+        let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.spawn_round(step_id, layer, part, n_tokens, inputs, &work, segments, &tx);
+        // What a retry needs once the caller's borrows are gone.
+        let inputs = inputs.to_vec();
+        let assignments = assignments.to_vec();
+        let segments: Option<Vec<usize>> = segments.map(<[usize]>::to_vec);
         let n_embd = self.n_embd;
         Ok(Pending::new(move |out: &mut [f32]| {
             if out.len() != n_tokens * n_embd {
@@ -351,45 +585,81 @@ impl RemoteExperts {
                     out.len()
                 )));
             }
-            let mut partials: Vec<Option<Partials>> = vec![None; self.nodes.len()];
-            for _ in 0..expected.len() {
-                let (node, answer) = rx.recv().map_err(|_| {
-                    EngineError::Node(format!("layer {layer}: a dispatch task was lost"))
-                })?;
-                let n = &self.nodes[node];
-                let n_rows = expected
-                    .iter()
-                    .find(|(i, _)| *i == node)
-                    .map_or(0, |(_, t)| t.len());
-                let fail = |detail: String| {
-                    EngineError::Node(format!(
-                        "node {} ({}), layer {layer}: {detail}",
-                        n.name,
-                        n.link.peer()
-                    ))
-                };
-                let answer = answer
-                    .map_err(|_| fail(format!("no answer within {:?}", self.timeout)))?
-                    .map_err(|e| fail(e.to_string()))?;
-                let result = match answer.body {
-                    Some(wire::node_message::Body::DispatchResult(r)) => {
-                        DispatchResponse::try_from(r).map_err(|e| fail(e.to_string()))?
+            let mut live = live;
+            let mut work = work;
+            // (node, its rows, its partial sums) in the order they are added.
+            let mut done: Vec<(usize, Vec<usize>, Partials)> = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            loop {
+                let mut results: Vec<(usize, Result<Partials, String>)> = Vec::new();
+                for _ in 0..work.len() {
+                    results.push(rx.recv().map_err(|_| {
+                        EngineError::Node(format!("layer {layer}: a dispatch task was lost"))
+                    })?);
+                }
+                results.sort_by_key(|(node, _)| *node);
+                let mut failed: Vec<usize> = Vec::new();
+                for (node, outcome) in results {
+                    let tokens = work
+                        .iter()
+                        .find(|w| w.node == node)
+                        .map(|w| w.tokens.clone())
+                        .unwrap_or_default();
+                    match outcome {
+                        Ok(p) => done.push((node, tokens, p)),
+                        Err(e) => {
+                            let slot = &self.table.nodes[node];
+                            let msg = format!(
+                                "node {} ({}), layer {layer}: {e}",
+                                slot.name,
+                                slot.link().peer()
+                            );
+                            self.mark_down(node, &msg);
+                            errors.push(msg);
+                            failed.push(node);
+                        }
                     }
-                    other => return Err(fail(format!("answered a dispatch with {other:?}"))),
+                }
+                if failed.is_empty() {
+                    break;
+                }
+                // Re-send what the failed nodes held to live replicas of the same slices.
+                let before = live.clone();
+                for &f in &failed {
+                    live[f] = false;
+                }
+                let was_failed = |replicas: &[usize]| {
+                    pick_live(replicas, layer, &before).is_some_and(|n| failed.contains(&n))
                 };
-                result
-                    .check_answers(step_id, layer as u32, n_rows, n_embd)
-                    .map_err(|e| fail(e.to_string()))?;
-                let p = result
-                    .outcome
-                    .map_err(|e| fail(format!("{:?}: {}", e.code, e.message)))?;
-                partials[node] = Some(p);
+                let retry = match part {
+                    FfnPart::Routed => {
+                        self.route(layer, n_tokens, &assignments, &live, &was_failed)
+                    }
+                    FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &was_failed),
+                };
+                work =
+                    retry.map_err(|e| EngineError::Node(format!("{}; {e}", errors.join("; "))))?;
+                info!(
+                    layer,
+                    nodes = ?work.iter().map(|w| self.table.nodes[w.node].name.as_str()).collect::<Vec<_>>(),
+                    "re-sending a failed node's work to replicas"
+                );
+                self.spawn_round(
+                    step_id,
+                    layer,
+                    part,
+                    n_tokens,
+                    &inputs,
+                    &work,
+                    segments.as_deref(),
+                    &tx,
+                );
             }
-            // Add in the plan's node order: a token's first partial is copied, the next added.
+            // Add in the plan's node order (then retries): a token's first partial is
+            // copied, the next added.
             out.fill(0.0);
             let mut seen = vec![false; n_tokens];
-            for (node, tokens) in plan_order(&expected) {
-                let Some(p) = &partials[node] else { continue };
+            for (_, tokens, p) in &done {
                 for (row, &t) in p.data().chunks_exact(n_embd).zip(tokens) {
                     let dst = &mut out[t * n_embd..(t + 1) * n_embd];
                     if seen[t] {
@@ -400,10 +670,32 @@ impl RemoteExperts {
                     }
                 }
             }
-            debug!(step_id, layer, nodes = expected.len(), "gathered");
+            debug!(step_id, layer, answers = done.len(), "gathered");
             Ok(())
         }))
     }
+}
+
+/// Checks a node's answer to a dispatch of `n_rows` rows.
+fn check_answer(
+    answer: wire::NodeMessage,
+    step_id: u64,
+    layer: usize,
+    n_rows: usize,
+    n_embd: usize,
+) -> Result<Partials, String> {
+    let result = match answer.body {
+        Some(wire::node_message::Body::DispatchResult(r)) => {
+            DispatchResponse::try_from(r).map_err(|e| e.to_string())?
+        }
+        other => return Err(format!("answered a dispatch with {other:?}")),
+    };
+    result
+        .check_answers(step_id, layer as u32, n_rows, n_embd)
+        .map_err(|e| e.to_string())?;
+    result
+        .outcome
+        .map_err(|e| format!("{:?}: {}", e.code, e.message))
 }
 
 /// A node computes every slice it holds of an expert it gets tokens for, so a node holding
@@ -435,17 +727,15 @@ fn check_slice_replicas(plan: &ResolvedPlan) -> Result<(), DistributedError> {
     Ok(())
 }
 
-/// `expected` sorted by node index (the plan's order).
-fn plan_order(expected: &[(usize, Vec<usize>)]) -> Vec<(usize, &[usize])> {
-    let mut v: Vec<(usize, &[usize])> = expected.iter().map(|(n, t)| (*n, t.as_slice())).collect();
-    v.sort_by_key(|(n, _)| *n);
-    v
-}
-
-/// The replica serving a slice in layer `layer`: they take turns from layer to layer, so
-/// replicas share the work while each expert's tokens of a step stay on one node.
-fn pick_replica(replicas: &[usize], layer: usize) -> usize {
-    replicas[layer % replicas.len()]
+/// The replica serving a slice in layer `layer`: replicas take turns from layer to layer
+/// (so they share the work while each expert's tokens of a step stay on one node), skipping
+/// nodes that are down. The choice depends only on the layer and the live nodes, never on
+/// the batch, so a sequence's results do not depend on what else is in the step.
+fn pick_live(replicas: &[usize], layer: usize, live: &[bool]) -> Option<usize> {
+    let n = replicas.len();
+    (0..n)
+        .map(|i| replicas[(layer + i) % n])
+        .find(|&r| live.get(r).copied().unwrap_or(false))
 }
 
 fn part_to_wire(p: Part) -> FfnPart {
@@ -467,9 +757,7 @@ impl ExpertExecutor for RemoteExperts {
         assignments: &[Assignment],
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
-        let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
-        let work = self.route(layer, n_tokens, assignments)?;
-        self.send(layer, FfnPart::Routed, n_tokens, inputs, work, segments)
+        self.run_step(layer, FfnPart::Routed, inputs, assignments, segments)
     }
 
     fn node_stats(&self) -> Vec<(String, Result<wire::Stats, EngineError>)> {
@@ -478,10 +766,12 @@ impl ExpertExecutor for RemoteExperts {
                 wire::StatsRequest {},
             )),
         };
-        self.nodes
+        self.table
+            .nodes
             .iter()
             .map(|n| {
-                let link = n.link.clone();
+                let link = n.link();
+                let peer = link.peer().to_owned();
                 let msg = ask.clone();
                 let timeout = self.timeout;
                 let answer = self
@@ -496,11 +786,50 @@ impl ExpertExecutor for RemoteExperts {
                     Err(_) => Err(format!("no answer within {timeout:?}")),
                 };
                 let stats = stats.map_err(|detail| {
-                    EngineError::Node(format!("node {} ({}): {detail}", n.name, n.link.peer()))
+                    EngineError::Node(format!("node {} ({peer}): {detail}", n.name))
                 });
                 (n.name.clone(), stats)
             })
             .collect()
+    }
+
+    fn node_health(&self) -> Vec<(String, bool)> {
+        self.table
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.up.load(Ordering::SeqCst)))
+            .collect()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let live = self.live();
+        for (layer, ls) in self.plan.shape().layers.iter().enumerate() {
+            for part in [Part::Routed, Part::Dense] {
+                let n_expert = match (part, ls.routed, ls.dense) {
+                    (Part::Routed, Some(_), _) => self.plan.shape().n_expert,
+                    (Part::Dense, _, Some(_)) => 1,
+                    _ => 0,
+                };
+                for expert in 0..n_expert {
+                    let Some(slices) = self.plan.slices(layer, part, expert) else {
+                        continue;
+                    };
+                    for s in slices {
+                        if pick_live(&s.replicas, layer, &live).is_none() {
+                            return Err(format!(
+                                "layer {layer} {} {expert} has no live node",
+                                if part == Part::Routed {
+                                    "expert"
+                                } else {
+                                    "dense part"
+                                }
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn places_dense(&self, layer: usize) -> bool {
@@ -513,25 +842,7 @@ impl ExpertExecutor for RemoteExperts {
         inputs: &[Activations],
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
-        let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
-        let slices = self.plan.slices(layer, Part::Dense, 0).ok_or_else(|| {
-            EngineError::Node(format!("layer {layer}'s dense part is not placed"))
-        })?;
-        let mut nodes: Vec<usize> = slices
-            .iter()
-            .map(|s| pick_replica(&s.replicas, layer))
-            .collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        let work = nodes
-            .into_iter()
-            .map(|node| NodeWork {
-                node,
-                tokens: (0..n_tokens).collect(),
-                assignments: Vec::new(),
-            })
-            .collect();
-        self.send(layer, FfnPart::Dense, n_tokens, inputs, work, segments)
+        self.run_step(layer, FfnPart::Dense, inputs, &[], segments)
     }
 }
 

@@ -57,6 +57,16 @@ pub trait ExpertExecutor: Send + Sync {
         Vec::new()
     }
 
+    /// Each node's name and whether it is up; empty when the experts run in this process.
+    fn node_health(&self) -> Vec<(String, bool)> {
+        Vec::new()
+    }
+
+    /// Whether every expert (and placed dense part) has a live node; why not otherwise.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Writes Σ w·FFN_e(x) per token of MoE layer `layer` into `out`
     /// (`n_tokens × n_embd`): [`ExpertExecutor::start`] then wait.
     fn run(

@@ -339,7 +339,7 @@ fn node_without_the_planned_expert_is_refused() {
 
 /// Starts `moeshard expert-node ARGS --listen 127.0.0.1:0 --transport grpc` and reads
 /// the address it listens on.
-fn spawn_node(args: &[&str]) -> (Child, String) {
+pub(crate) fn spawn_node(args: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
         .arg("expert-node")
         .args(args)
@@ -367,7 +367,7 @@ fn spawn_node(args: &[&str]) -> (Child, String) {
     (child, addr)
 }
 
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     // SAFETY: SIGTERM to a process this test started and has not reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let status = child.wait().unwrap();
