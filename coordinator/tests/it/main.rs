@@ -4,6 +4,7 @@
 mod batching;
 mod cli;
 mod distributed;
+mod failover;
 mod fixtures;
 mod plan;
 mod server;
