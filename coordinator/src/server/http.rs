@@ -253,7 +253,13 @@ async fn metrics(State(shared): State<AppState>) -> Response {
         Some(m) if m.distributed => node_stats(m).await,
         _ => Vec::new(),
     };
-    let text = shared.metrics.render(Instant::now(), &nodes);
+    let routing = shared
+        .model
+        .get()
+        .map(|m| m.engine.model().routing_counts().snapshot(None));
+    let text = shared
+        .metrics
+        .render(Instant::now(), &nodes, routing.as_ref());
     (
         [(
             header::CONTENT_TYPE,

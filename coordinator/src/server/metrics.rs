@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use shared::placement::routing_stats::RoutingStats;
+
 /// How far back the tokens-per-second gauges look.
 pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -127,8 +129,14 @@ impl Metrics {
         self.running.store(running as u64, Ordering::Relaxed);
     }
 
-    /// The text exposition of every metric at `now`, with the nodes' counters.
-    pub(crate) fn render(&self, now: Instant, nodes: &NodeStats) -> String {
+    /// The text exposition of every metric at `now`, with the nodes' counters and the
+    /// router's token counts per (layer, expert).
+    pub(crate) fn render(
+        &self,
+        now: Instant,
+        nodes: &NodeStats,
+        routing: Option<&RoutingStats>,
+    ) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
             write_metric(&mut out, name, kind, help, samples)
@@ -237,6 +245,39 @@ impl Metrics {
         let _ = writeln!(out, "moeshard_step_seconds_count {}", s.count);
         drop(s);
 
+        if let Some(r) = routing.filter(|r| !r.layers.is_empty()) {
+            let layers: Vec<(String, f64)> = r
+                .layers
+                .iter()
+                .map(|l| (format!("{{layer=\"{}\"}}", l.layer), l.n_tokens as f64))
+                .collect();
+            write_metric(
+                &mut out,
+                "moeshard_layer_routed_tokens_total",
+                "counter",
+                "Tokens routed by each MoE layer's router.",
+                &layers,
+            );
+            let experts: Vec<(String, f64)> = r
+                .layers
+                .iter()
+                .flat_map(|l| {
+                    l.counts.iter().enumerate().map(move |(e, &n)| {
+                        (
+                            format!("{{layer=\"{}\",expert=\"{e}\"}}", l.layer),
+                            n as f64,
+                        )
+                    })
+                })
+                .collect();
+            write_metric(
+                &mut out,
+                "moeshard_expert_routed_tokens_total",
+                "counter",
+                "Tokens routed to each expert of each MoE layer.",
+                &experts,
+            );
+        }
         if !nodes.is_empty() {
             let per_node = |f: &dyn Fn(&proto::wire::Stats) -> f64| -> Vec<(String, f64)> {
                 nodes

@@ -174,7 +174,18 @@ fn metrics_text_has_every_family_once() {
         ),
         ("node1".to_string(), Err("down".to_string())),
     ];
-    let text = m.render(now, &nodes);
+    let routing = shared::placement::routing_stats::RoutingStats {
+        version: shared::placement::routing_stats::ROUTING_STATS_VERSION,
+        model_identity: None,
+        n_expert: 2,
+        n_expert_used: 1,
+        layers: vec![shared::placement::routing_stats::LayerRouting {
+            layer: 3,
+            n_tokens: 10,
+            counts: vec![7, 3],
+        }],
+    };
+    let text = m.render(now, &nodes, Some(&routing));
     for line in [
         "moeshard_prompt_tokens_total 100",
         "moeshard_generated_tokens_total 2",
@@ -188,6 +199,8 @@ fn metrics_text_has_every_family_once() {
         "moeshard_node_up{node=\"node0\"} 1",
         "moeshard_node_up{node=\"node1\"} 0",
         "moeshard_node_dispatches_total{node=\"node0\"} 5",
+        "moeshard_layer_routed_tokens_total{layer=\"3\"} 10",
+        "moeshard_expert_routed_tokens_total{layer=\"3\",expert=\"1\"} 3",
     ] {
         assert!(
             text.lines().any(|l| l == line),

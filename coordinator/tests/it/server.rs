@@ -23,7 +23,7 @@ use hyper::body::Bytes;
 use proto::transport::TransportKind;
 use serde_json::{json, Value};
 
-use crate::support::smollm2_model;
+use crate::support::{fixtures, smollm2_model};
 
 // ---------------------------------------------------------------------------------------
 // A server in this process, and a small HTTP client.
@@ -1068,6 +1068,114 @@ fn server_with_experts_on_two_grpc_nodes() {
     assert!(started.elapsed() < Duration::from_secs(20));
     drop(server);
     drop(nodes);
+}
+
+/// An MoE fixture with its experts on 2 gRPC nodes and 8 concurrent streaming clients:
+/// every answer equals the answer alone, and a node gets at most one dispatch per MoE layer
+/// per step (the whole batch's tokens at once, not a dispatch per request).
+#[test]
+fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
+    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let opts = DistOptions {
+        nodes: Some(2),
+        transport: TransportKind::Grpc,
+        launch: Some(launch_options()),
+        ..DistOptions::default()
+    };
+    let dist = open_distributed(&path, &opts).unwrap();
+    let hp = dist.engine.model().hparams();
+    let n_moe_layers = (0..hp.n_layer).filter(|&il| hp.is_moe_layer(il)).count();
+    assert!(n_moe_layers > 0);
+    let _nodes = dist.local_nodes;
+    let server = TestServer::start(
+        dist.engine,
+        ServeConfig {
+            n_parallel: 8,
+            prefill_chunk: 4,
+            ..config("qwen3moe")
+        },
+    );
+    let prompts = [
+        "hello world",
+        "the cat sat on the mat",
+        "one two three four five six seven",
+        "a",
+        "MoE models route tokens to experts",
+        "lorem ipsum dolor sit amet",
+        "0 1 2 3",
+        "why is the sky blue?",
+    ];
+    let body = |i: usize| {
+        json!({
+            "prompt": prompts[i],
+            "max_tokens": 6 + i,
+            "temperature": 0,
+            "stream": true,
+        })
+        .to_string()
+    };
+    let text_of = |(status, text): (u16, String)| {
+        assert_eq!(status, 200, "{text}");
+        parse_stream(&sse_data(&text), false)
+    };
+    let alone: Vec<Streamed> = (0..prompts.len())
+        .map(|i| text_of(server.post_raw("/v1/completions", &body(i), &[])))
+        .collect();
+    let dispatches = |node: &str| {
+        server.metric(&format!(
+            "moeshard_node_dispatches_total{{node=\"{node}\"}}"
+        ))
+    };
+    let steps_before = server.metric("moeshard_step_seconds_count");
+    let seqs_before = server.metric("moeshard_step_sequences_total");
+    let before = [dispatches("node0"), dispatches("node1")];
+    let addr = server.addr;
+    let together: Vec<Streamed> = server.runtime.block_on(async {
+        let calls: Vec<_> = (0..prompts.len())
+            .map(|i| {
+                let b = body(i);
+                tokio::spawn(
+                    async move { http(addr, "POST", "/v1/completions", &[], Some(b)).await },
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            let (status, text, _) = c.await.unwrap();
+            out.push(text_of((status, text)));
+        }
+        out
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            (&a.text, &a.finish_reason),
+            (&t.text, &t.finish_reason),
+            "prompt {i} alone vs together"
+        );
+    }
+    let steps = server.metric("moeshard_step_seconds_count") - steps_before;
+    let seqs = server.metric("moeshard_step_sequences_total") - seqs_before;
+    assert!(seqs / steps > 2.0, "{seqs} sequences in {steps} steps");
+    for (i, node) in ["node0", "node1"].iter().enumerate() {
+        let d = dispatches(node) - before[i];
+        eprintln!("{node}: {d} dispatches for {steps} steps of {seqs} sequences");
+        assert!(d > 0.0, "{node} got no dispatch");
+        assert!(
+            d <= (n_moe_layers as f64) * steps,
+            "{node}: {d} dispatches in {steps} steps of {n_moe_layers} MoE layers: not one \
+             per layer per step"
+        );
+    }
+    // The router's counts: every MoE layer routed tokens.
+    let metrics = server.get("/metrics").1;
+    let routed: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("moeshard_layer_routed_tokens_total{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(routed.len(), n_moe_layers, "{metrics}");
+    assert!(routed.iter().all(|&n| n > 0.0), "{routed:?}");
+    check_prometheus_text(&metrics);
 }
 
 /// Checks the Prometheus text format line by line: `# HELP`/`# TYPE` before each family's
