@@ -37,6 +37,9 @@ pub struct SynthConfig {
     pub vocab: Option<usize>,
     /// Routed experts per layer instead of the model's (tests; not a CLI flag).
     pub experts: Option<usize>,
+    /// Hidden size instead of the model's (tests; not a CLI flag): small models with a
+    /// real model's expert count and routing.
+    pub hidden: Option<usize>,
     pub seed: u64,
     /// Worker threads; `None` is rayon's default (all cores).
     pub threads: Option<usize>,
@@ -161,6 +164,14 @@ pub fn plan(cfg: &SynthConfig) -> Result<SynthPlan, SynthError> {
     let mut shape = shape.truncated(cfg.layers, cfg.vocab);
     if let Some(n) = cfg.experts {
         shape = shape.with_experts(n).map_err(SynthError::BadValue)?;
+    }
+    if let Some(h) = cfg.hidden {
+        if h == 0 || h % 256 != 0 {
+            return Err(SynthError::BadValue(format!(
+                "hidden size {h}: a multiple of 256 (whole K-quant blocks) is needed"
+            )));
+        }
+        shape.n_embd = h;
     }
 
     let mut tensors = shape.tensors(&TypeRecipe::uniform(GgmlType::F32));

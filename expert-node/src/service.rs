@@ -34,6 +34,7 @@ struct Counters {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     compute_ns: AtomicU64,
+    weight_bytes_read: AtomicU64,
 }
 
 const SERVING: u8 = 0;
@@ -298,6 +299,8 @@ impl NodeCore {
             message: format!("layer {}: {e}", req.layer),
         })?;
         let c = &self.counters;
+        c.weight_bytes_read
+            .fetch_add(self.bytes_read(&req), Ordering::Relaxed);
         c.compute_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.dispatches.fetch_add(1, Ordering::Relaxed);
@@ -318,6 +321,28 @@ impl NodeCore {
         })
     }
 
+    /// Weight bytes a dispatch reads: each expert (slice) used, once.
+    fn bytes_read(&self, req: &DispatchRequest) -> u64 {
+        let bytes = |slices: Vec<FfnMatrices<'_>>| -> u64 {
+            slices
+                .iter()
+                .map(|m| (m.gate.data.len() + m.up.data.len() + m.down.data.len()) as u64)
+                .sum()
+        };
+        match req.part {
+            FfnPart::Routed => {
+                let mut experts: Vec<u32> = req.assignments.iter().map(|a| a.expert).collect();
+                experts.sort_unstable();
+                experts.dedup();
+                experts
+                    .into_iter()
+                    .map(|e| bytes(self.weights.expert(req.layer, Part::Routed, e)))
+                    .sum()
+            }
+            FfnPart::Dense => bytes(self.weights.expert(req.layer, Part::Dense, 0)),
+        }
+    }
+
     /// The `Stats` message.
     pub fn stats(&self) -> wire::Stats {
         let c = &self.counters;
@@ -331,6 +356,7 @@ impl NodeCore {
             bytes_out: get(&c.bytes_out),
             compute_ns: get(&c.compute_ns),
             mapped_bytes: self.weights.mapped_bytes(),
+            weight_bytes_read: get(&c.weight_bytes_read),
         }
     }
 

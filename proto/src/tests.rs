@@ -718,6 +718,7 @@ fn health_and_stats_round_trip_in_envelopes() {
                 bytes_out: 6,
                 compute_ns: 7,
                 mapped_bytes: 8,
+                weight_bytes_read: 9,
             })),
         },
         wire::NodeMessage {

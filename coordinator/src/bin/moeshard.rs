@@ -570,6 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 layers,
                 vocab,
                 experts: None,
+                hidden: None,
                 seed,
                 threads,
                 out: out.clone(),

@@ -9,6 +9,7 @@ fn cfg(shape: &str, quant: &str) -> SynthConfig {
         layers: None,
         vocab: None,
         experts: None,
+        hidden: None,
         seed: 0,
         threads: None,
         out: PathBuf::from("unused.gguf"),

@@ -7,6 +7,7 @@ mod distributed;
 mod failover;
 mod fixtures;
 mod plan;
+mod predict;
 mod server;
 mod smollm2;
 mod support;

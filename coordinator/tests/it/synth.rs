@@ -30,6 +30,7 @@ fn config(shape: &str, quant: &str, experts: Option<usize>, out: &Path) -> Synth
         layers: Some(2),
         vocab: Some(512),
         experts,
+        hidden: None,
         seed: 1,
         threads: None,
         out: out.to_path_buf(),
