@@ -104,7 +104,7 @@ fn predicted_bytes_per_node_match_the_bytes_nodes_read() {
     // Run 2: other prompts on 2 loopback nodes; count decode steps only.
     let d = open_distributed(&path, &options(2, TransportKind::Grpc)).unwrap();
     let engine = &d.engine;
-    let mut read = vec![0u64; 2];
+    let mut read = [0u64; 2];
     let mut steps = 0u64;
     for p in prompts(2, 6, 8, n_vocab) {
         let mut cache = engine.new_cache(64);
