@@ -817,3 +817,36 @@ impl From<DispatchResponse> for wire::DispatchResult {
         }
     }
 }
+
+/// The partial sums of a node's answer to dispatch (`step_id`, `layer`) of `n_rows` rows
+/// of `n_embd`: the message must be a dispatch result for that dispatch, well-formed, of
+/// that shape and finite; a node's error answer becomes `Err` with its code and message.
+pub fn partials_from_reply(
+    answer: wire::NodeMessage,
+    step_id: u64,
+    layer: u32,
+    n_rows: usize,
+    n_embd: usize,
+) -> Result<Partials, String> {
+    let result = match answer.body {
+        Some(wire::node_message::Body::DispatchResult(r)) => {
+            DispatchResponse::try_from(r).map_err(|e| e.to_string())?
+        }
+        Some(other) => {
+            let kind = match other {
+                wire::node_message::Body::Hello(_) => "a handshake reply",
+                wire::node_message::Body::Health(_) => "a health report",
+                wire::node_message::Body::Stats(_) => "stats",
+                wire::node_message::Body::DispatchResult(_) => "a dispatch result",
+            };
+            return Err(format!("answered a dispatch with {kind}"));
+        }
+        None => return Err("answered a dispatch with an empty message".into()),
+    };
+    result
+        .check_answers(step_id, layer, n_rows, n_embd)
+        .map_err(|e| e.to_string())?;
+    result
+        .outcome
+        .map_err(|e| format!("{:?}: {}", e.code, e.message))
+}

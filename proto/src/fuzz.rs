@@ -1,8 +1,13 @@
-//! The body of the cargo-fuzz target in `proto/fuzz`: a node's handling of untrusted bytes.
+//! The bodies of the cargo-fuzz targets in `proto/fuzz`: a node's handling of untrusted
+//! bytes (`node_message`) and the coordinator's handling of a node's replies
+//! (`coordinator_reply`).
 
 use prost::Message;
 
-use crate::convert::{DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, Inventory};
+use crate::convert::{
+    partials_from_reply, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply,
+    Inventory,
+};
 use crate::wire;
 
 /// Decodes `data` as a coordinator message and checks it as a node serving experts 0..4
@@ -56,5 +61,22 @@ pub fn check_coordinator_message(data: &[u8]) {
             }
         }
         _ => {}
+    }
+}
+
+/// Decodes `data` as a node's reply and checks it as the coordinator does: a handshake
+/// answer, or the answer to dispatch (step 7, layer 1) of 3 rows of 256. Must never panic,
+/// and accepted partial sums have exactly the asked shape and finite values.
+pub fn check_node_reply(data: &[u8]) {
+    let Ok(msg) = wire::NodeMessage::decode(data) else {
+        return;
+    };
+    if let Some(wire::node_message::Body::Hello(h)) = msg.body {
+        let _ = HelloReply::try_from(h);
+        return;
+    }
+    if let Ok(p) = partials_from_reply(msg, 7, 1, 3, 256) {
+        assert_eq!((p.n_tokens(), p.n_embd(), p.data().len()), (3, 256, 768));
+        assert!(p.data().iter().all(|v| v.is_finite()));
     }
 }

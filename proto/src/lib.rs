@@ -34,6 +34,7 @@ pub mod wire {
 }
 
 pub use convert::{
+    partials_from_reply,
     DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, FfnPart, Hello, HelloReply,
     Inventory, Partials, RemoteError, MODEL_IDENTITY_BYTES,
 };

@@ -965,3 +965,45 @@ fn dispatch_segments_must_cover_the_rows() {
         .segments
         .is_empty());
 }
+
+#[test]
+fn replies_are_checked_as_the_coordinator_uses_them() {
+    let values: Vec<f32> = (0..2 * N_EMBD).map(|i| i as f32 * 0.25).collect();
+    let reply = |outcome| wire::NodeMessage {
+        body: Some(wire::node_message::Body::DispatchResult(
+            DispatchResponse {
+                step_id: 5,
+                layer: 1,
+                outcome,
+            }
+            .into(),
+        )),
+    };
+    let ok = reply(Ok(Partials::new(2, N_EMBD, values.clone()).unwrap()));
+    let p = crate::partials_from_reply(ok.clone(), 5, 1, 2, N_EMBD).unwrap();
+    assert_eq!(p.data(), values.as_slice());
+    for (step, rows, what) in [(6, 2, "step"), (5, 3, "n_tokens")] {
+        let err = crate::partials_from_reply(ok.clone(), step, 1, rows, N_EMBD).unwrap_err();
+        assert!(err.contains(what), "{what}: {err}");
+    }
+    let refused = reply(Err(RemoteError {
+        code: wire::ErrorCode::NotServed,
+        message: "expert 9 is not held here".into(),
+    }));
+    let err = crate::partials_from_reply(refused, 5, 1, 2, N_EMBD).unwrap_err();
+    assert!(
+        err.contains("NotServed") && err.contains("expert 9"),
+        "{err}"
+    );
+    let stats = wire::NodeMessage {
+        body: Some(wire::node_message::Body::Stats(wire::Stats::default())),
+    };
+    let err = crate::partials_from_reply(stats, 5, 1, 2, N_EMBD).unwrap_err();
+    assert!(err.contains("stats"), "{err}");
+    let empty = wire::NodeMessage { body: None };
+    assert!(crate::partials_from_reply(empty, 5, 1, 2, N_EMBD).is_err());
+    // The fuzz body on a few inputs, including the good reply's bytes.
+    for data in [ok.encode_to_vec(), vec![], vec![0xff; 64]] {
+        crate::fuzz::check_node_reply(&data);
+    }
+}

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use proto::transport::{NodeLink, TransportError};
 use proto::{
-    wire, DispatchRequest, DispatchResponse, FfnPart, Hello, HelloReply, Partials, ProtoError,
+    partials_from_reply, wire, DispatchRequest, FfnPart, Hello, HelloReply, Partials, ProtoError,
 };
 use shared::moe::Assignment;
 use shared::placement::{Part, ResolvedPlan, SliceSpec};
@@ -536,7 +536,9 @@ impl RemoteExperts {
                 let outcome = match tokio::time::timeout(timeout, link.call(msg)).await {
                     Err(_) => Err(format!("no answer within {timeout:?}")),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Ok(Ok(answer)) => check_answer(answer, step_id, layer, n_rows, n_embd),
+                    Ok(Ok(answer)) => {
+                        partials_from_reply(answer, step_id, layer as u32, n_rows, n_embd)
+                    }
                 };
                 // The receiver is gone only if the step was abandoned.
                 let _ = tx.send((node, outcome));
@@ -674,28 +676,6 @@ impl RemoteExperts {
             Ok(())
         }))
     }
-}
-
-/// Checks a node's answer to a dispatch of `n_rows` rows.
-fn check_answer(
-    answer: wire::NodeMessage,
-    step_id: u64,
-    layer: usize,
-    n_rows: usize,
-    n_embd: usize,
-) -> Result<Partials, String> {
-    let result = match answer.body {
-        Some(wire::node_message::Body::DispatchResult(r)) => {
-            DispatchResponse::try_from(r).map_err(|e| e.to_string())?
-        }
-        other => return Err(format!("answered a dispatch with {other:?}")),
-    };
-    result
-        .check_answers(step_id, layer as u32, n_rows, n_embd)
-        .map_err(|e| e.to_string())?;
-    result
-        .outcome
-        .map_err(|e| format!("{:?}: {}", e.code, e.message))
 }
 
 /// A node computes every slice it holds of an expert it gets tokens for, so a node holding
