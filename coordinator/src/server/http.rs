@@ -209,48 +209,66 @@ async fn health(State(shared): State<AppState>) -> Response {
     if !model.distributed {
         return Json(json!({"status": "ok"})).into_response();
     }
-    let nodes = node_stats(&model).await;
+    let (nodes, ready) = node_stats(&model).await;
     let down: Vec<Value> = nodes
         .iter()
         .filter_map(|(name, s)| s.as_ref().err().map(|e| json!({"node": name, "error": e})))
         .collect();
-    if down.is_empty() {
+    if down.is_empty() && ready.is_ok() {
         Json(json!({"status": "ok", "nodes": nodes.len()})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "nodes_down": down})),
+            Json(json!({
+                "status": "unavailable",
+                "reason": ready.err(),
+                "nodes_down": down,
+            })),
         )
             .into_response()
     }
 }
 
-/// Each node's counters, asked off the async workers (the executor's calls block).
-async fn node_stats(model: &Arc<ModelInfo>) -> NodeStats {
+/// Each node's counters (an error for a node that does not answer, or that the executor
+/// has marked down after a failed dispatch), and whether every expert has a live node;
+/// asked off the async workers (the executor's calls block).
+async fn node_stats(model: &Arc<ModelInfo>) -> (NodeStats, Result<(), String>) {
     let engine = model.engine.clone();
     let ask = tokio::task::spawn_blocking(move || {
-        engine
-            .experts()
+        let experts = engine.experts();
+        let up = experts.node_health();
+        let stats = experts
             .node_stats()
             .into_iter()
-            .map(|(name, s)| (name, s.map_err(|e| e.to_string())))
-            .collect::<NodeStats>()
+            .map(|(name, s)| {
+                let marked_down = up.iter().any(|(n, up)| *n == name && !up);
+                let s = match s {
+                    Ok(_) if marked_down => {
+                        Err("marked down after a failed dispatch (probed until it returns)".into())
+                    }
+                    s => s.map_err(|e| e.to_string()),
+                };
+                (name, s)
+            })
+            .collect::<NodeStats>();
+        (stats, experts.ready())
     });
     match tokio::time::timeout(NODE_STATS_TIMEOUT, ask).await {
-        Ok(Ok(stats)) => stats,
-        Ok(Err(e)) => vec![("?".into(), Err(format!("asking the nodes failed: {e}")))],
-        Err(_) => vec![(
-            "?".into(),
-            Err(format!(
-                "the nodes did not answer within {NODE_STATS_TIMEOUT:?}"
-            )),
-        )],
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            let why = format!("asking the nodes failed: {e}");
+            (vec![("?".into(), Err(why.clone()))], Err(why))
+        }
+        Err(_) => {
+            let why = format!("the nodes did not answer within {NODE_STATS_TIMEOUT:?}");
+            (vec![("?".into(), Err(why.clone()))], Err(why))
+        }
     }
 }
 
 async fn metrics(State(shared): State<AppState>) -> Response {
     let nodes = match shared.model.get() {
-        Some(m) if m.distributed => node_stats(m).await,
+        Some(m) if m.distributed => node_stats(m).await.0,
         _ => Vec::new(),
     };
     let routing = shared

@@ -303,7 +303,7 @@ impl Metrics {
             metric(
                 "moeshard_node_up",
                 "gauge",
-                "Whether the expert node answered its stats request.",
+                "Whether the expert node answered its stats request and is not marked down.",
                 &up,
             );
             metric(

@@ -309,9 +309,11 @@ impl<'a> Scheduler<'a> {
                 return;
             }
         };
-        let n_sequences = plan.len() as u64;
+        // Counted before any answer goes out, so a client that reads /metrics after its
+        // answer sees its tokens.
         let mut n_prompt_tokens = 0;
-        let mut n_generated = 0;
+        let mut to_sample = Vec::with_capacity(plan.len());
+        let n_sequences = plan.len() as u64;
         for ((i, work), logits) in plan.into_iter().zip(logits) {
             let Some(seq) = self.slots[i].seq.as_mut() else {
                 continue;
@@ -326,16 +328,18 @@ impl<'a> Scheduler<'a> {
                 }
                 Work::Decode => seq.next_token = None,
             }
-            n_generated += 1;
-            self.sample(i, &logits);
+            to_sample.push((i, logits));
         }
         self.metrics.record_step(
             Instant::now(),
             took,
             n_sequences,
             n_prompt_tokens,
-            n_generated,
+            to_sample.len() as u64,
         );
+        for (i, logits) in to_sample {
+            self.sample(i, &logits);
+        }
     }
 
     /// Samples slot `i`'s next token from `logits` and sends what it adds.
@@ -373,33 +377,42 @@ impl<'a> Scheduler<'a> {
                 None
             }
         };
-        if let Some(reason) = end {
-            events.push(seq.finish(reason));
-        }
-        let delivered = events.into_iter().all(|e| seq.req.events.send(e).is_ok());
-        match (end, delivered) {
-            (_, false) => {
+        let Some(reason) = end else {
+            if !events.into_iter().all(|e| seq.req.events.send(e).is_ok()) {
+                slot.seq = None;
                 self.metrics.count_request(Outcome::Cancelled);
-                slot.seq = None;
             }
-            (Some(reason), true) => {
-                self.metrics.count_request(match reason {
-                    FinishReason::Stop => Outcome::Stop,
-                    FinishReason::Length => Outcome::Length,
-                });
-                slot.seq = None;
+            return;
+        };
+        // Finished: the slot is free and counted before the last events go out.
+        let Some(seq) = slot.seq.take() else {
+            return;
+        };
+        events.push(seq.finish(reason));
+        self.metrics.count_request(match reason {
+            FinishReason::Stop => Outcome::Stop,
+            FinishReason::Length => Outcome::Length,
+        });
+        self.publish_load();
+        for e in events {
+            if seq.req.events.send(e).is_err() {
+                break;
             }
-            (None, true) => {}
         }
     }
 
     /// Ends every sequence of a failed step with `message`.
     fn fail(&mut self, plan: &[(usize, Work)], message: &str) {
-        for (i, _) in plan {
-            if let Some(seq) = self.slots[*i].seq.take() {
-                let _ = seq.req.events.send(Event::Error(message.to_owned()));
-                self.metrics.count_request(Outcome::Error);
-            }
+        let failed: Vec<Sequence> = plan
+            .iter()
+            .filter_map(|(i, _)| self.slots[*i].seq.take())
+            .collect();
+        for _ in &failed {
+            self.metrics.count_request(Outcome::Error);
+        }
+        self.publish_load();
+        for seq in failed {
+            let _ = seq.req.events.send(Event::Error(message.to_owned()));
         }
     }
 }

@@ -1066,6 +1066,17 @@ fn server_with_experts_on_two_grpc_nodes() {
         "{v}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+    // The failed dispatch marked the node down: the executor says which experts have no
+    // live node.
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no live node")),
+        "{v}"
+    );
     drop(server);
     drop(nodes);
 }
@@ -1091,7 +1102,7 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
         dist.engine,
         ServeConfig {
             n_parallel: 8,
-            prefill_chunk: 4,
+            prefill_chunk: 2,
             ..config("qwen3moe")
         },
     );
@@ -1108,7 +1119,7 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
     let body = |i: usize| {
         json!({
             "prompt": prompts[i],
-            "max_tokens": 6 + i,
+            "max_tokens": 40 + i,
             "temperature": 0,
             "stream": true,
         })
@@ -1155,7 +1166,9 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
     }
     let steps = server.metric("moeshard_step_seconds_count") - steps_before;
     let seqs = server.metric("moeshard_step_sequences_total") - seqs_before;
-    assert!(seqs / steps > 2.0, "{seqs} sequences in {steps} steps");
+    // The requests arrive within milliseconds of each other and live for dozens of steps:
+    // most steps carry several of them.
+    assert!(seqs / steps > 1.5, "{seqs} sequences in {steps} steps");
     for (i, node) in ["node0", "node1"].iter().enumerate() {
         let d = dispatches(node) - before[i];
         eprintln!("{node}: {d} dispatches for {steps} steps of {seqs} sequences");
