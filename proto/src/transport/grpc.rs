@@ -14,25 +14,41 @@
 //! outstanding or later call returns [`TransportError::Closed`]. A link does not reconnect:
 //! the coordinator connects a new one when the node is back.
 //!
-//! gRPC links are plain text: meant for loopback (both sides warn otherwise); between
-//! hosts use QUIC, which is always TLS.
+//! TLS: [`serve`] and [`connect`] are plain text, meant for loopback (both sides warn
+//! otherwise). [`serve_tls`] and [`connect_tls`] run every connection over TLS 1.3 (rustls,
+//! ALPN `h2`), mutual with a cluster CA: the node then accepts only clients presenting a
+//! certificate the CA signed, and logs each refused handshake with the client's address;
+//! the coordinator accepts only a node whose certificate the CA signed. The handshakes are
+//! done here rather than by tonic so that refusals are logged and reported: after its
+//! handshake the client waits for the node's first bytes (its HTTP/2 SETTINGS), so that a
+//! node refusing the client's certificate (which, in TLS 1.3, it learns after the client
+//! considers the handshake done) is a [`TransportError::Tls`] from `connect_tls`.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
 use prost::Message;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use super::tls::{client_config, common_name, server_config, ALPN_H2};
 use super::{
-    check_size, coordinator_message_kind, handle_blocking, CallFuture, NodeLink, NodeService, Stop,
-    TransportError, SHUTDOWN_GRACE,
+    check_size, coordinator_message_kind, handle_blocking, CallFuture, ClientTls, NodeLink,
+    NodeService, ServerTls, Stop, TransportError, SHUTDOWN_GRACE,
 };
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::wire;
@@ -45,6 +61,8 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest [`connect`] waits for the TCP connection and the session to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a node waits for a client's TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP/2 flow-control windows: large enough that a 56 MiB result streams without waiting
 /// for window updates at every 64 KiB (the HTTP/2 default).
@@ -133,29 +151,224 @@ impl Session {
     }
 }
 
-/// Connects to the node at `addr` and opens the link's session stream.
+/// Connects to the node at `addr` in plain text and opens the link's session stream.
 pub async fn connect(addr: SocketAddr) -> Result<GrpcLink, TransportError> {
     let peer = format!("grpc://{addr}");
     if !addr.ip().is_loopback() {
-        warn!(%peer, "gRPC links are plain text (no TLS): use QUIC between hosts");
+        warn!(%peer, "gRPC links are plain text (no TLS): use TLS (a cluster CA) between hosts");
     }
-    let connect_err = |detail: String| TransportError::Connect {
+    let endpoint = endpoint(&peer, addr)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| TransportError::Connect {
+            peer: peer.clone(),
+            detail: error_chain(&e),
+        })?;
+    open_session(peer, channel).await
+}
+
+/// Connects to the node at `addr` over TLS — the node must present a certificate for
+/// `server_name` that `tls` trusts; `tls`'s certificate is presented if it has one — and
+/// opens the link's session stream. A refused handshake, on either side, is
+/// [`TransportError::Tls`].
+pub async fn connect_tls(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: &ClientTls,
+) -> Result<GrpcLink, TransportError> {
+    let peer = format!("grpc://{addr}");
+    let tls_err = |detail: String| TransportError::Tls {
         peer: peer.clone(),
         detail,
     };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| connect_err(error_chain(&e)))?
+    let config = client_config(tls, ALPN_H2).map_err(tls_err)?;
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| tls_err(format!("server name {server_name:?}: {e}")))?;
+    let connector = TlsConnector::from(Arc::new(config));
+    let connect = tower::service_fn(move |_: tonic::transport::Uri| {
+        tls_connect(addr, connector.clone(), name.clone())
+    });
+    let channel = endpoint(&peer, addr)?
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| match find_tls_failure(&e) {
+            Some(detail) => tls_err(detail),
+            None => TransportError::Connect {
+                peer: peer.clone(),
+                detail: error_chain(&e),
+            },
+        })?;
+    let link = open_session(peer, channel).await?;
+    info!(peer = %link.peer, mutual = tls.is_mutual(), "grpc link over TLS");
+    Ok(link)
+}
+
+fn endpoint(peer: &str, addr: SocketAddr) -> Result<Endpoint, TransportError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| TransportError::Connect {
+            peer: peer.to_string(),
+            detail: error_chain(&e),
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| connect_err(error_chain(&e)))?;
+        .initial_connection_window_size(CONNECTION_WINDOW))
+}
+
+/// A TLS handshake that failed, or a node that refused this side after it: carried through
+/// tonic's connection errors so that [`connect_tls`] reports it as [`TransportError::Tls`].
+#[derive(Debug)]
+struct TlsFailure(String);
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
+fn find_tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(TlsFailure(detail)) = e.downcast_ref::<TlsFailure>() {
+            return Some(detail.clone());
+        }
+        if let Some(TlsFailure(detail)) = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<TlsFailure>())
+        {
+            return Some(detail.clone());
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The connection of a [`connect_tls`] link: TCP, the TLS handshake, then the node's
+/// first bytes (kept for HTTP/2 to read) as its word that it accepted this side.
+async fn tls_connect(
+    addr: SocketAddr,
+    connector: TlsConnector,
+    name: ServerName<'static>,
+) -> io::Result<TokioIo<Primed<tokio_rustls::client::TlsStream<TcpStream>>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| {
+        io::Error::other(TlsFailure(format!("refused the node's certificate: {e}")))
+    })?;
+    let mut first = vec![0u8; 256];
+    let n = match tokio::time::timeout(CONNECT_TIMEOUT, tls.read(&mut first)).await {
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the node sent nothing within {CONNECT_TIMEOUT:?} of the TLS handshake"),
+            ))
+        }
+        Ok(Ok(0)) => {
+            return Err(io::Error::other(TlsFailure(
+                "the node closed the connection after the TLS handshake (is this side's \
+                 certificate signed by the node's CA?)"
+                    .into(),
+            )))
+        }
+        Ok(Ok(n)) => n,
+        // A TLS alert (InvalidData), or the connection dropped without one.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Err(io::Error::other(TlsFailure(format!(
+                "the node refused the TLS handshake (is this side's certificate signed by the \
+                 node's CA?): {e}"
+            ))))
+        }
+        Ok(Err(e)) => return Err(e),
+    };
+    first.truncate(n);
+    Ok(TokioIo::new(Primed {
+        first,
+        pos: 0,
+        inner: tls,
+    }))
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Primed<S> {
+    first: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Primed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.first.len() {
+            let n = buf.remaining().min(this.first.len() - this.pos);
+            buf.put_slice(&this.first[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.first.len() {
+                this.first = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Primed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Opens the session stream on `channel`.
+async fn open_session(
+    peer: String,
+    channel: tonic::transport::Channel,
+) -> Result<GrpcLink, TransportError> {
+    let connect_err = |detail: String| TransportError::Connect {
+        peer: peer.clone(),
+        detail,
+    };
     let mut client = ExpertNodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -335,23 +548,126 @@ async fn run_session(
     info!("grpc session closed");
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves; then stops accepting, lets
-/// in-flight calls finish (at most [`SHUTDOWN_GRACE`]), ends every session with an
-/// `UNAVAILABLE` status and returns.
+/// Serves `service` in plain text on `listener` until `shutdown` resolves; then stops
+/// accepting, lets in-flight calls finish (at most [`SHUTDOWN_GRACE`]), ends every session
+/// with an `UNAVAILABLE` status and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: Arc<dyn NodeService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TransportError> {
     let local = listener.local_addr().ok();
-    let addr = local.map_or_else(
-        || "grpc://(unknown address)".to_string(),
-        |a| format!("grpc://{a}"),
-    );
+    let addr = server_addr(local);
     if !local.is_some_and(|a| a.ip().is_loopback()) {
-        warn!(%addr, "gRPC is plain text (no TLS): serve other hosts over QUIC");
+        warn!(%addr, "gRPC is plain text (no TLS): give the node a cluster CA (--tls-ca) to serve other hosts");
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    info!(%addr, "grpc node serving");
+    run_server(addr, incoming, service, shutdown).await
+}
+
+/// Serves `service` over TLS on `listener` (with a client CA: only to clients presenting a
+/// certificate it signed; each refused handshake is logged with the client's address) until
+/// `shutdown` resolves, then stops as [`serve`] does.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: ServerTls,
+    service: Arc<dyn NodeService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransportError> {
+    let addr = server_addr(listener.local_addr().ok());
+    let config = server_config(&tls, ALPN_H2).map_err(|detail| TransportError::Tls {
+        peer: addr.clone(),
+        detail,
+    })?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (connections, incoming) = mpsc::channel::<io::Result<TlsServerStream>>(16);
+    let accepting = tokio::spawn(
+        accept_tls(listener, acceptor, connections)
+            .instrument(info_span!("grpc_tls", node = %addr)),
+    );
+    // Stops accepting (and drops the listener) however the server ends.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _accepting = AbortOnDrop(accepting);
+    info!(%addr, mutual_tls = tls.is_mutual(), "grpc node serving over TLS");
+    run_server(addr, ReceiverStream::new(incoming), service, shutdown).await
+}
+
+type TlsServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Accepts TCP connections and runs each one's TLS handshake in a task of its own, passing
+/// on the connections whose handshake succeeded and logging the refused ones.
+async fn accept_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    connections: mpsc::Sender<io::Result<TlsServerStream>>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: try again shortly.
+                warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let connections = connections.clone();
+        let handshake = async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let client = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first().and_then(common_name));
+                    match &client {
+                        Some(name) => {
+                            info!(%remote, client = %name, "TLS connection (client certificate)")
+                        }
+                        None => info!(%remote, "TLS connection"),
+                    }
+                    let _ = connections.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => {
+                    warn!(%remote, error = %e, "refused a client: TLS handshake failed")
+                }
+                Err(_) => warn!(
+                    %remote,
+                    "refused a client: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                ),
+            }
+        };
+        tokio::spawn(handshake.in_current_span());
+    }
+}
+
+fn server_addr(local: Option<SocketAddr>) -> String {
+    local.map_or_else(
+        || "grpc://(unknown address)".to_string(),
+        |a| format!("grpc://{a}"),
+    )
+}
+
+/// Runs the tonic server on `incoming` until `shutdown`, then drains it.
+async fn run_server<I, IO, IE>(
+    addr: String,
+    incoming: I,
+    service: Arc<dyn NodeService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransportError>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (stop_tx, stop) = Stop::new();
     let node = ExpertNodeServer::new(GrpcNode {
         service,
@@ -368,7 +684,6 @@ pub async fn serve(
         .serve_with_incoming_shutdown(node, incoming, async move { signal.stopped().await });
     let mut server = std::pin::pin!(server);
     let mut shutdown = std::pin::pin!(shutdown);
-    info!(%addr, "grpc node serving");
     let serve_err = |e: tonic::transport::Error| TransportError::Serve {
         addr: addr.clone(),
         detail: error_chain(&e),

@@ -12,6 +12,13 @@
 //! - [`quic`]: quinn over TLS 1.3 (always); one connection per link, one bidirectional stream
 //!   per call carrying one [`framing`](crate::framing) frame each way.
 //!
+//! TLS (`tls.rs`, `ca.rs`): gRPC links are plain text unless given a [`ServerTls`] /
+//! [`ClientTls`] ([`grpc::serve_tls`], [`grpc::connect_tls`]); QUIC links always use TLS,
+//! server-authenticated by default and mutual with a cluster CA ([`CertAuthority`]): then a
+//! node accepts only clients whose certificate the CA signed, and logs each refusal; the
+//! coordinator accepts only nodes whose certificate the CA signed. A refused handshake is a
+//! [`TransportError::Tls`] from `connect`, on both transports.
+//!
 //! Transports only move messages and enforce [`MAX_MESSAGE_BYTES`]: every check of a
 //! message's content stays in [`convert`](crate::convert). A node's service is called on a
 //! blocking thread (`tokio::task::spawn_blocking`), never on an async worker, since it
@@ -35,6 +42,7 @@ use thiserror::Error;
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::wire;
 
+mod ca;
 pub mod grpc;
 mod inproc;
 pub mod quic;
@@ -43,8 +51,9 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
+pub use ca::{CertAuthority, CertUse, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
 pub use inproc::InprocLink;
-pub use tls::TlsIdentity;
+pub use tls::{ClientTls, ServerTls, TlsIdentity};
 
 /// How long a server waits for in-flight calls after its shutdown future resolved.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -4,8 +4,16 @@
 //! A call opens a stream, writes the message as one [`framing`] frame (a u32 little-endian
 //! length, then the protobuf bytes; at most [`MAX_MESSAGE_BYTES`]), finishes its side and
 //! reads one frame back. Calls on one link run concurrently, each on its stream; the node
-//! handles each stream in a task of its own. The client trusts exactly the certificate it
-//! is given (see `tls.rs`); ALPN is `moeshard/1`.
+//! handles each stream in a task of its own. ALPN is `moeshard/1`.
+//!
+//! TLS (see `tls.rs`): by default the client trusts exactly the certificate it is given and
+//! the node accepts any client; with a cluster CA ([`serve_tls`] with a mutual
+//! [`ServerTls`], [`connect_tls`] with a mutual [`ClientTls`]) each side accepts only a peer
+//! whose certificate the CA signed. The node logs every refused handshake. Once it has
+//! accepted a connection the node opens a unidirectional stream carrying [`READY`]: the
+//! client's [`connect_tls`] waits for it, so that a node refusing the client's certificate
+//! (which, in TLS 1.3, it learns after the client considers the handshake done) is a
+//! [`TransportError::Tls`] from `connect`, not from the first call.
 //!
 //! Dead peers: both sides send a keep-alive every [`KEEP_ALIVE_INTERVAL`] and drop a
 //! connection that hears nothing for [`IDLE_TIMEOUT`]. A node that shuts down closes its
@@ -29,10 +37,10 @@ use quinn::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::tls::{client_config, server_config};
+use super::tls::{client_config, common_name, server_config, ALPN};
 use super::{
-    check_size, coordinator_message_kind, handle_blocking, CallFuture, NodeLink, NodeService, Stop,
-    TlsIdentity, TransportError, SHUTDOWN_GRACE,
+    check_size, coordinator_message_kind, handle_blocking, CallFuture, ClientTls, NodeLink,
+    NodeService, ServerTls, Stop, TlsIdentity, TransportError, SHUTDOWN_GRACE,
 };
 use crate::framing::{self, FrameError, HEADER_BYTES};
 use crate::limits::MAX_MESSAGE_BYTES;
@@ -42,8 +50,10 @@ use crate::wire;
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a connection may hear nothing from its peer before it is declared dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest [`connect`] waits for the handshake.
+/// The longest [`connect`] waits for the handshake and the node's [`READY`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the node sends on the unidirectional stream it opens once it accepted a connection.
+pub const READY: &[u8] = b"moeshard ready";
 
 /// Flow-control windows: a whole large dispatch or result (tens of MiB) in flight without
 /// waiting for the reader's window updates.
@@ -78,13 +88,19 @@ fn is_crypto(code: quinn::TransportErrorCode) -> bool {
 fn connection_error(peer: &str, e: &ConnectionError) -> TransportError {
     let peer = peer.to_string();
     match e {
+        // This side refused the handshake (normally: the node's certificate).
         ConnectionError::TransportError(t) if is_crypto(t.code) => TransportError::Tls {
             peer,
-            detail: e.to_string(),
+            detail: format!("refused the node's certificate: {e}"),
         },
+        // The node refused it (normally: this side's certificate, missing or not signed
+        // by the node's CA).
         ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => TransportError::Tls {
             peer,
-            detail: e.to_string(),
+            detail: format!(
+                "the node refused the TLS handshake (is this side's certificate signed by \
+                 the node's CA?): {e}"
+            ),
         },
         ConnectionError::ApplicationClosed(c)
             if c.error_code == VarInt::from_u32(CODE_SHUTDOWN) =>
@@ -222,11 +238,24 @@ pub struct QuicLink {
 }
 
 /// Connects to the node at `addr`, which must present a certificate for `server_name`
-/// signed by (normally: equal to) `trusted_cert_pem`, the only certificate trusted.
+/// signed by (normally: equal to) `trusted_cert_pem`, the only certificate trusted; no
+/// client certificate is presented.
 pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
     trusted_cert_pem: &str,
+) -> Result<QuicLink, TransportError> {
+    connect_tls(addr, server_name, &ClientTls::trusting(trusted_cert_pem)).await
+}
+
+/// Connects to the node at `addr`, which must present a certificate for `server_name`
+/// that `tls` trusts; presents `tls`'s certificate if it has one. Returns once the node
+/// has accepted the connection (its [`READY`] arrived): a refusal on either side is
+/// [`TransportError::Tls`].
+pub async fn connect_tls(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: &ClientTls,
 ) -> Result<QuicLink, TransportError> {
     let peer = format!("quic://{addr}");
     let tls_err = |detail: String| TransportError::Tls {
@@ -237,7 +266,7 @@ pub async fn connect(
         peer: peer.clone(),
         detail,
     };
-    let crypto = client_config(trusted_cert_pem).map_err(tls_err)?;
+    let crypto = client_config(tls, ALPN).map_err(tls_err)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| tls_err(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
@@ -251,7 +280,22 @@ pub async fn connect(
     let connecting = endpoint
         .connect_with(config, addr, server_name)
         .map_err(|e| connect_err(e.to_string()))?;
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    let accepted = async {
+        let connection = connecting.await?;
+        // The node's word that it accepted this side (and its certificate).
+        let mut ready = connection.accept_uni().await?;
+        match ready.read_to_end(READY.len()).await {
+            Ok(bytes) if bytes == READY => Ok(Ok(connection)),
+            Ok(bytes) => Ok(Err(format!(
+                "the node's first stream said {:?}, not {:?}",
+                String::from_utf8_lossy(&bytes),
+                String::from_utf8_lossy(READY)
+            ))),
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => Err(e),
+            Err(e) => Ok(Err(format!("reading the node's first stream: {e}"))),
+        }
+    };
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, accepted).await {
         Err(_) => {
             return Err(connect_err(format!(
                 "no handshake within {CONNECT_TIMEOUT:?}"
@@ -263,9 +307,15 @@ pub async fn connect(
                 other => connect_err(other.to_string()),
             })
         }
-        Ok(Ok(connection)) => connection,
+        Ok(Ok(Err(detail))) => {
+            return Err(TransportError::Protocol {
+                peer: peer.clone(),
+                detail,
+            })
+        }
+        Ok(Ok(Ok(connection))) => connection,
     };
-    info!(%peer, "quic link connected");
+    info!(%peer, mutual = tls.is_mutual(), "quic link connected");
     Ok(QuicLink {
         peer,
         connection,
@@ -353,12 +403,24 @@ impl Drop for QuicLink {
     }
 }
 
-/// Serves `service` on `socket` with `identity` until `shutdown` resolves; then refuses new
-/// connections, lets in-flight calls finish (at most [`SHUTDOWN_GRACE`]), closes every
-/// connection and returns.
+/// Serves `service` on `socket` with `identity`, accepting any client, until `shutdown`
+/// resolves (see [`serve_tls`]).
 pub async fn serve(
     socket: std::net::UdpSocket,
     identity: TlsIdentity,
+    service: Arc<dyn NodeService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransportError> {
+    serve_tls(socket, ServerTls::server_only(identity), service, shutdown).await
+}
+
+/// Serves `service` on `socket` with `tls` (with a client CA: only to clients presenting a
+/// certificate it signed; each refused handshake is logged) until `shutdown` resolves; then
+/// refuses new connections, lets in-flight calls finish (at most [`SHUTDOWN_GRACE`]), closes
+/// every connection and returns.
+pub async fn serve_tls(
+    socket: std::net::UdpSocket,
+    tls: ServerTls,
     service: Arc<dyn NodeService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TransportError> {
@@ -370,7 +432,7 @@ pub async fn serve(
         addr: addr.clone(),
         detail,
     };
-    let crypto = server_config(&identity).map_err(|detail| TransportError::Tls {
+    let crypto = server_config(&tls, ALPN).map_err(|detail| TransportError::Tls {
         peer: addr.clone(),
         detail,
     })?;
@@ -395,7 +457,7 @@ pub async fn serve(
     // Every connection and stream task holds a clone; `recv` returns None once all ended.
     let (alive, mut all_done) = mpsc::channel::<()>(1);
     let mut shutdown = std::pin::pin!(shutdown);
-    info!(%addr, "quic node serving");
+    info!(%addr, mutual_tls = tls.is_mutual(), "quic node serving");
     loop {
         let incoming = tokio::select! {
             () = &mut shutdown => break,
@@ -407,7 +469,7 @@ pub async fn serve(
         let remote = incoming.remote_address();
         tokio::spawn(
             serve_connection(incoming, Arc::clone(&service), stop.clone(), alive.clone())
-                .instrument(info_span!("quic_connection", %remote)),
+                .instrument(info_span!("quic_connection", node = %addr, %remote)),
         );
     }
     info!(%addr, "quic node shutting down");
@@ -440,11 +502,32 @@ async fn serve_connection(
     let connection = match incoming.await {
         Ok(connection) => connection,
         Err(e) => {
-            info!(error = %e, "quic handshake failed");
+            warn!(error = %e, "refused a client: quic/TLS handshake failed");
             return;
         }
     };
-    info!("quic connection open");
+    let client = connection
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().and_then(common_name));
+    match &client {
+        Some(name) => info!(client = %name, "quic connection open (client certificate)"),
+        None => info!("quic connection open"),
+    }
+    // Tell the client it is accepted (see the module documentation).
+    match connection.open_uni().await {
+        Ok(mut ready) => {
+            let _ = ready.write_all(READY).await;
+            let _ = ready.finish();
+        }
+        Err(e) => {
+            info!(reason = %e, "quic connection closed");
+            return;
+        }
+    }
     loop {
         let stream = tokio::select! {
             biased;
