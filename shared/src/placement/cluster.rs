@@ -1,12 +1,17 @@
 //! The cluster file: the nodes that exist, how to reach them, what they have.
 //!
 //! ```toml
+//! # optional, all three or none: mutual TLS on every link (docs/security.md)
+//! ca = "certs/ca.pem"             # the cluster CA; relative to the cluster file's directory
+//! client_cert = "certs/coordinator.pem"
+//! client_key = "certs/coordinator.key"
+//!
 //! [[node]]
 //! name = "node0"
 //! address = "127.0.0.1:7001"
 //! transport = "quic"              # grpc | quic
-//! cert = "certs/node0.pem"        # quic: relative to the cluster file's directory
-//! server_name = "localhost"       # quic: TLS name (default "localhost")
+//! cert = "certs/node0.pem"        # quic without `ca`: the node's certificate to trust
+//! server_name = "localhost"       # TLS name (default: the address's host with `ca`, else "localhost")
 //! numa_node = 0                   # optional
 //! memory_bytes = 412316860416     # optional
 //! read_bandwidth_gbs = 80.0       # optional
@@ -31,6 +36,21 @@ const TRANSPORTS: [&str; 2] = ["grpc", "quic"];
 pub struct Cluster {
     /// The nodes in file order. Invariant (from `from_toml`): valid, unique names.
     pub nodes: Vec<ClusterNode>,
+    /// Mutual TLS on every link (gRPC and QUIC), from the top-level `ca`, `client_cert`
+    /// and `client_key`; `None`: gRPC in plain text, QUIC trusting each node's `cert`.
+    pub tls: Option<ClusterTls>,
+}
+
+/// The coordinator's side of mutual TLS (paths resolved against the cluster file's
+/// directory): nodes must present a certificate signed by `ca` for their `server_name`;
+/// the coordinator presents `client_cert`, which `ca` signed too (`moeshard certs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterTls {
+    /// The cluster CA's certificate (PEM).
+    pub ca: PathBuf,
+    /// The coordinator's certificate (PEM) and its private key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// One node of the cluster.
@@ -42,10 +62,11 @@ pub struct ClusterNode {
     pub address: String,
     /// `grpc` or `quic`.
     pub transport: String,
-    /// quic: the node's certificate (PEM) to trust, resolved against the
-    /// cluster file's directory.
+    /// quic without a cluster CA: the node's certificate (PEM) to trust, resolved
+    /// against the cluster file's directory.
     pub cert: Option<PathBuf>,
-    /// quic: the name the certificate is checked against.
+    /// The name the node's certificate is checked against (default: with a cluster CA
+    /// the address's host, without one [`DEFAULT_SERVER_NAME`]).
     pub server_name: String,
     /// The NUMA node it runs on (informational for now).
     pub numa_node: Option<u32>,
@@ -58,6 +79,9 @@ pub struct ClusterNode {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCluster {
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -76,28 +100,55 @@ struct RawNode {
 }
 
 impl Cluster {
-    /// Parses and checks a cluster file's text; relative `cert` paths are
-    /// resolved against `base_dir`.
+    /// Parses and checks a cluster file's text; relative `cert`, `ca`, `client_cert`
+    /// and `client_key` paths are resolved against `base_dir`.
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Cluster, PlacementError> {
         let raw: RawCluster =
             toml::from_str(text).map_err(|e| PlacementError::Toml(e.to_string()))?;
+        let tls = match (raw.ca, raw.client_cert, raw.client_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(client_cert), Some(client_key)) => Some(ClusterTls {
+                ca: base_dir.join(ca),
+                client_cert: base_dir.join(client_cert),
+                client_key: base_dir.join(client_key),
+            }),
+            (ca, cert, key) => {
+                let missing: Vec<&str> = [
+                    ("ca", ca.is_none()),
+                    ("client_cert", cert.is_none()),
+                    ("client_key", key.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(name, missing)| missing.then_some(name))
+                .collect();
+                return Err(PlacementError::Cluster(format!(
+                    "ca, client_cert and client_key go together (mutual TLS, docs/security.md): \
+                     {} missing",
+                    missing.join(" and ")
+                )));
+            }
+        };
         let nodes = raw
             .node
             .into_iter()
-            .map(|n| ClusterNode {
-                name: n.name,
-                address: n.address,
-                transport: n.transport,
-                cert: n.cert.map(|c| base_dir.join(c)),
-                server_name: n
-                    .server_name
-                    .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_string()),
-                numa_node: n.numa_node,
-                memory_bytes: n.memory_bytes,
-                read_bandwidth_gbs: n.read_bandwidth_gbs,
+            .map(|n| {
+                let server_name = n.server_name.unwrap_or_else(|| match &tls {
+                    Some(_) => address_host(&n.address).to_string(),
+                    None => DEFAULT_SERVER_NAME.to_string(),
+                });
+                ClusterNode {
+                    name: n.name,
+                    address: n.address,
+                    transport: n.transport,
+                    cert: n.cert.map(|c| base_dir.join(c)),
+                    server_name,
+                    numa_node: n.numa_node,
+                    memory_bytes: n.memory_bytes,
+                    read_bandwidth_gbs: n.read_bandwidth_gbs,
+                }
             })
             .collect();
-        let cluster = Cluster { nodes };
+        let cluster = Cluster { nodes, tls };
         cluster.validate()?;
         Ok(cluster)
     }
@@ -113,12 +164,23 @@ impl Cluster {
         Cluster::from_toml(&text, base_dir).map_err(|e| e.in_file(path))
     }
 
-    /// The cluster as TOML text (cert paths as resolved).
+    /// The cluster as TOML text (paths as resolved).
     pub fn to_toml(&self) -> String {
         let q = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut out = String::new();
+        if let Some(tls) = &self.tls {
+            out.push_str(&format!("ca = {}\n", q(&tls.ca.to_string_lossy())));
+            out.push_str(&format!(
+                "client_cert = {}\n",
+                q(&tls.client_cert.to_string_lossy())
+            ));
+            out.push_str(&format!(
+                "client_key = {}\n",
+                q(&tls.client_key.to_string_lossy())
+            ));
+        }
         for (i, n) in self.nodes.iter().enumerate() {
-            if i > 0 {
+            if i > 0 || self.tls.is_some() {
                 out.push('\n');
             }
             out.push_str("[[node]]\n");
@@ -144,8 +206,9 @@ impl Cluster {
     }
 
     /// Checks every node: a valid, unique name; an address `host:port`; a known
-    /// transport; a certificate for quic; a non-empty server name; positive
-    /// memory and a positive, finite bandwidth when given. At least one node.
+    /// transport; without a cluster CA a certificate for quic, with one no `cert`; a
+    /// non-empty server name; positive memory and a positive, finite bandwidth when
+    /// given. At least one node.
     pub fn validate(&self) -> Result<(), PlacementError> {
         if self.nodes.is_empty() {
             return Err(PlacementError::Cluster(
@@ -176,10 +239,19 @@ impl Cluster {
                     TRANSPORTS.join(", ")
                 )));
             }
-            if n.transport == "quic" && n.cert.is_none() {
-                return Err(bad(
-                    "transport quic needs cert (the node's certificate, PEM)".to_string(),
-                ));
+            match (&self.tls, &n.cert) {
+                (None, None) if n.transport == "quic" => {
+                    return Err(bad(
+                        "transport quic needs cert (the node's certificate, PEM)".to_string(),
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "cert is not used with a cluster CA (ca): the node's certificate is checked against the CA; remove cert"
+                            .to_string(),
+                    ));
+                }
+                _ => {}
             }
             if n.server_name.is_empty() {
                 return Err(bad("server_name is empty".to_string()));
@@ -219,6 +291,14 @@ impl Cluster {
     }
 }
 
+/// The host of `host:port` (an IPv6 address without its brackets).
+fn address_host(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// Checks `host:port`: a socket address, or a host name and a port.
 fn check_address(address: &str) -> Result<(), String> {
     if address.parse::<SocketAddr>().is_ok() {
@@ -245,4 +325,88 @@ fn check_address(address: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MUTUAL: &str = r#"
+ca = "certs/ca.pem"
+client_cert = "certs/coordinator.pem"
+client_key = "/secrets/coordinator.key"
+
+[[node]]
+name = "node0"
+address = "10.0.0.7:7001"
+transport = "grpc"
+
+[[node]]
+name = "node1"
+address = "[fd00::2]:7002"
+transport = "quic"
+
+[[node]]
+name = "node2"
+address = "hostc.lan:7003"
+transport = "quic"
+server_name = "node2"
+"#;
+
+    #[test]
+    fn mutual_tls_fields_parse_and_round_trip() {
+        let cluster = Cluster::from_toml(MUTUAL, Path::new("/srv/cluster")).unwrap();
+        assert_eq!(
+            cluster.tls,
+            Some(ClusterTls {
+                ca: PathBuf::from("/srv/cluster/certs/ca.pem"),
+                client_cert: PathBuf::from("/srv/cluster/certs/coordinator.pem"),
+                client_key: PathBuf::from("/secrets/coordinator.key"),
+            })
+        );
+        // With a CA the name checked defaults to the address's host.
+        let names: Vec<&str> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.server_name.as_str())
+            .collect();
+        assert_eq!(names, ["10.0.0.7", "fd00::2", "node2"]);
+        assert!(cluster.nodes.iter().all(|n| n.cert.is_none()));
+        let again = Cluster::from_toml(&cluster.to_toml(), Path::new("/elsewhere")).unwrap();
+        assert_eq!(again, cluster);
+        // Without one, "localhost" as before.
+        let plain = "[[node]]\nname = \"a\"\naddress = \"10.0.0.7:1\"\ntransport = \"grpc\"\n";
+        let cluster = Cluster::from_toml(plain, Path::new("")).unwrap();
+        assert_eq!(cluster.tls, None);
+        assert_eq!(cluster.nodes[0].server_name, DEFAULT_SERVER_NAME);
+    }
+
+    #[test]
+    fn mutual_tls_fields_are_checked() {
+        let refused = |text: &str| {
+            Cluster::from_toml(text, Path::new(""))
+                .unwrap_err()
+                .to_string()
+        };
+        let node = "\n[[node]]\nname = \"a\"\naddress = \"10.0.0.7:1\"\ntransport = \"quic\"\n";
+        assert_eq!(
+            refused(&format!("ca = \"ca.pem\"\n{node}")),
+            "cluster: ca, client_cert and client_key go together (mutual TLS, docs/security.md): \
+             client_cert and client_key missing"
+        );
+        assert_eq!(
+            refused(&format!(
+                "client_cert = \"c.pem\"\nclient_key = \"c.key\"\n{node}"
+            )),
+            "cluster: ca, client_cert and client_key go together (mutual TLS, docs/security.md): \
+             ca missing"
+        );
+        let tls = "ca = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n";
+        assert_eq!(
+            refused(&format!("{tls}{node}cert = \"a.pem\"\n")),
+            "cluster node 1 (\"a\"): cert is not used with a cluster CA (ca): the node's \
+             certificate is checked against the CA; remove cert"
+        );
+        assert!(refused(node).contains("transport quic needs cert"));
+    }
 }
