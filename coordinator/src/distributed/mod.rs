@@ -749,7 +749,8 @@ impl ExpertExecutor for RemoteExperts {
         self.table
             .nodes
             .iter()
-            .map(|n| {
+            .enumerate()
+            .map(|(i, n)| {
                 let link = n.link();
                 let peer = link.peer().to_owned();
                 let msg = ask.clone();
@@ -765,6 +766,10 @@ impl ExpertExecutor for RemoteExperts {
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no answer within {timeout:?}")),
                 };
+                if let Err(detail) = &stats {
+                    // A node that does not answer is down until the prober verifies it again.
+                    self.mark_down(i, detail);
+                }
                 let stats = stats.map_err(|detail| {
                     EngineError::Node(format!("node {} ({peer}): {detail}", n.name))
                 });
