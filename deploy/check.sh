@@ -335,6 +335,59 @@ else
   fi
   ok "pmem-provision.sh (real run) as a user: refused"
 fi
+# A real run's App Direct step, with a stand-in ipmctl (what it prints with and without a
+# pending goal or a region) and stand-ins for the other tools; only on a machine without PMem
+# regions, where a real run stops at that step whatever the tools do.
+if [ -d /sys/bus/nd/devices ] && ! compgen -G "/sys/bus/nd/devices/region*" >/dev/null && [ "$(id -u)" -eq 0 ]; then
+  fake_bin="$work/fake-ipmctl-bin"
+  mkdir -p "$fake_bin"
+  for t in ndctl blkid mount mkfs.xfs xfs_io; do
+    printf '#!/bin/sh\necho "stand-in %s must not run" >&2\nexit 1\n' "$t" >"$fake_bin/$t"
+    chmod +x "$fake_bin/$t"
+  done
+  cat >"$fake_bin/ipmctl" <<'EOF'
+#!/bin/sh
+case "$*" in
+  "show -goal")
+    if [ -n "$FAKE_PENDING" ]; then
+      echo "A reboot is required to process new memory allocation goals."
+    else
+      echo "There are no goal configs defined in the system."
+    fi ;;
+  "show -region")
+    if [ -n "$FAKE_REGION_SOCKET" ]; then
+      echo " SocketID | ISetID             | PersistentMemoryType | Capacity     | FreeCapacity | HealthState"
+      echo "=========================================================================================="
+      echo " 0x000$FAKE_REGION_SOCKET   | 0x2d3c7f48f4e22ccc | AppDirect            | 1512.000 GiB | 0.000 GiB    | Healthy"
+    else
+      echo "There are no Regions defined in the system."
+    fi ;;
+  "create -goal -socket "*" PersistentMemoryType=AppDirect") echo "created goal: $*" ;;
+  *) echo "unexpected ipmctl $*" >&2; exit 1 ;;
+esac
+EOF
+  chmod +x "$fake_bin/ipmctl"
+  status=0
+  PATH="$fake_bin:$PATH" "$pmem" --sockets 0,1 --fstab "$work/none" >"$work/goal.out" 2>&1 || status=$?
+  [ "$status" -eq 3 ] || fail "pmem-provision.sh, no region: exit $status, not 3 (reboot)" "$work/goal.out"
+  grep -q '^created goal: create -goal -socket 1 PersistentMemoryType=AppDirect$' "$work/goal.out" ||
+    fail "pmem-provision.sh, no region: no goal for socket 1" "$work/goal.out"
+  status=0
+  FAKE_PENDING=1 PATH="$fake_bin:$PATH" "$pmem" --sockets 0 --fstab "$work/none" >"$work/pending.out" 2>&1 || status=$?
+  if [ "$status" -ne 3 ] || grep -q 'created goal' "$work/pending.out"; then
+    fail "pmem-provision.sh, goal pending: not a stop for the reboot (exit $status)" "$work/pending.out"
+  fi
+  status=0
+  FAKE_REGION_SOCKET=1 PATH="$fake_bin:$PATH" "$pmem" --sockets 0,1 --fstab "$work/none" >"$work/hidden.out" 2>&1 || status=$?
+  if [ "$status" -ne 1 ] || ! grep -q 'ipmctl shows a region on socket 1 but the kernel has none' "$work/hidden.out" ||
+    grep -q 'created goal' "$work/hidden.out"; then
+    fail "pmem-provision.sh, a region the kernel does not show: not refused (exit $status)" "$work/hidden.out"
+  fi
+  ok "pmem-provision.sh (real run, stand-in ipmctl): creates the goals and stops for the reboot; stops on a pending goal; refuses a region the kernel does not show"
+else
+  skip "pmem-provision.sh's real App Direct step: needs root and /sys/bus/nd without regions"
+fi
+
 status=0
 "$pmem" --root "$fresh" >"$work/rootreal.out" 2>&1 || status=$?
 [ "$status" -eq 2 ] || fail "pmem-provision.sh --root without --dry-run: exit $status, not 2" "$work/rootreal.out"

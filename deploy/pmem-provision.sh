@@ -263,13 +263,6 @@ if [ "$dry_run" -eq 1 ]; then
 elif [ "$(id -u)" -ne 0 ]; then
   die "must run as root (it creates namespaces, file systems and mounts); --dry-run works as any user"
 fi
-if [ ! -d "$nd" ]; then
-  if [ "$dry_run" -eq 1 ]; then
-    note "# $nd does not exist: this machine shows no NVDIMMs (no PMem, or the nfit driver is not loaded)"
-  else
-    die "$nd does not exist: the kernel's NVDIMM driver is not loaded (modprobe nfit) or this machine has no PMem"
-  fi
-fi
 
 # Per socket: its region, or "" when App Direct still has to be set up.
 declare -A region_of=()
@@ -328,6 +321,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+if [ ! -d "$nd" ]; then
+  if [ "$dry_run" -eq 1 ]; then
+    note "# $nd does not exist: this machine shows no NVDIMMs (no PMem, or the nfit driver is not loaded)"
+  else
+    die "$nd does not exist: the kernel's NVDIMM driver is not loaded (modprobe nfit) or this machine has no PMem"
+  fi
+fi
+
 # --- 1. App Direct goal ----------------------------------------------------------------
 
 if [ ${#need_goal[@]} -gt 0 ]; then
@@ -339,12 +340,25 @@ if [ ${#need_goal[@]} -gt 0 ]; then
       exit "$EXIT_REBOOT"
     fi
     grep -qi 'no goal configs' <<<"$goal" || die "cannot tell whether a goal is pending; ipmctl show -goal says: $goal"
-    for s in "${need_goal[@]}"; do
-      regions="$(ipmctl show -region -socket "$s" 2>&1)" || die "ipmctl show -region -socket $s failed: $regions"
-      if ! grep -qi 'no regions' <<<"$regions"; then
-        printf '%s\n' "$regions"
-        die "ipmctl shows a region on socket $s but the kernel has none on NUMA node $s: check that the nfit driver is loaded (modprobe nfit) and that the region is App Direct; nothing was changed"
+    # The platform's regions, whatever the kernel shows: a table whose rows start with the
+    # socket id in hex (" 0x0001 | ..."), or "There are no Regions defined in the system."
+    regions="$(ipmctl show -region 2>&1)" || die "ipmctl show -region failed: $regions"
+    platform_sockets=()
+    while read -r first _; do
+      if [[ "$first" =~ ^0x([0-9A-Fa-f]+)$ ]]; then
+        platform_sockets+=("$((16#${BASH_REMATCH[1]}))")
       fi
+    done <<<"$regions"
+    if [ ${#platform_sockets[@]} -eq 0 ] && ! grep -qi 'no regions' <<<"$regions"; then
+      die "cannot read ipmctl show -region; it says: $regions"
+    fi
+    for s in "${need_goal[@]}"; do
+      for p in "${platform_sockets[@]}"; do
+        if [ "$p" = "$s" ]; then
+          printf '%s\n' "$regions"
+          die "ipmctl shows a region on socket $s but the kernel has none on NUMA node $s: check that the nfit driver is loaded (modprobe nfit) and that the region is App Direct; nothing was changed"
+        fi
+      done
     done
   fi
   note "# 1. App Direct goal for socket(s) ${need_goal[*]} (ipmctl asks to confirm)"
