@@ -26,6 +26,12 @@ pub const DEFAULT_CERT_DAYS: u32 = 825;
 /// The organization written into every certificate's subject.
 const ORGANIZATION: &str = "moeshard";
 
+/// Whether `name` can be a certificate's subject alternative name and the name a client
+/// connects with: a DNS name or an IP address.
+pub fn is_tls_name(name: &str) -> bool {
+    rustls::pki_types::ServerName::try_from(name).is_ok()
+}
+
 /// What an issued certificate is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CertUse {
@@ -171,7 +177,7 @@ impl CertAuthority {
     ) -> Result<TlsIdentity, TransportError> {
         let what = format!("certificate for {common_name:?}");
         for name in names {
-            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            if !is_tls_name(name) {
                 return Err(ca_err(
                     &what,
                     format!("{name:?} is neither a DNS name nor an IP address"),

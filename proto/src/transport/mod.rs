@@ -51,7 +51,7 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
-pub use ca::{CertAuthority, CertUse, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
+pub use ca::{is_tls_name, CertAuthority, CertUse, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
 pub use inproc::InprocLink;
 pub use tls::{ClientTls, ServerTls, TlsIdentity};
 

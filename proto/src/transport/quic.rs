@@ -499,10 +499,12 @@ async fn serve_connection(
     mut stop: Stop,
     alive: mpsc::Sender<()>,
 ) {
+    let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
         Err(e) => {
-            warn!(error = %e, "refused a client: quic/TLS handshake failed");
+            // The remote address again: the span's fields are not shown when only warnings are.
+            warn!(%remote, error = %e, "refused a client: quic/TLS handshake failed");
             return;
         }
     };

@@ -365,9 +365,9 @@ fn check_issued_by(ca_pem: &str, cert_pem: &str, role: Role) -> Result<(), Strin
         }
     };
     outcome.map_err(|e| match e {
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "not signed by the cluster CA (unknown issuer)".to_string()
-        }
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
+        ) => format!("not signed by the cluster CA ({e:?})"),
         e => format!("checked against the cluster CA: {e}"),
     })
 }

@@ -39,7 +39,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::cluster::{Cluster, ClusterNode, DEFAULT_SERVER_NAME};
+pub use self::cluster::{Cluster, ClusterNode, ClusterTls, DEFAULT_SERVER_NAME};
 pub use self::error::{PlacementError, SliceRef};
 pub use self::ids::IdList;
 pub use self::plan::{Plan, PlanEntry, PLAN_VERSION};
