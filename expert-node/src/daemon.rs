@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use proto::transport::{grpc, quic, NodeService, TlsIdentity, TransportKind};
+use proto::transport::{grpc, quic, NodeService, ServerTls, TlsIdentity, TransportKind};
 use shared::gguf::GgufFile;
 use shared::placement::split::read_split_info;
 use shared::placement::{ModelShape, Part, Plan, SliceSpec};
@@ -48,13 +48,19 @@ pub struct NodeArgs {
     /// Compute threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// QUIC: the node's certificate (PEM); created with the key, self-signed, if neither
-    /// file exists.
+    /// The node's certificate (PEM). With --tls-ca: issued by that CA (`moeshard certs
+    /// issue`), on either transport. Without: QUIC only, created with the key, self-signed,
+    /// if neither file exists.
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
-    /// QUIC: the certificate's private key (PEM).
+    /// The certificate's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM): mutual TLS on gRPC and QUIC. Only clients (the
+    /// coordinator) presenting a certificate this CA signed are served; every refused
+    /// handshake is logged. Needs --tls-cert and --tls-key, signed by the same CA.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
     /// Read every mapped page once before serving.
     #[arg(long)]
     pub prefault: bool,
@@ -230,6 +236,7 @@ pub fn serve(
             info!("shutting down: finishing in-flight dispatches");
             draining.drain();
         };
+        let mutual = mutual_tls(args)?;
         match args.transport {
             TransportKind::Grpc => {
                 let listener = tokio::net::TcpListener::bind(args.listen)
@@ -238,11 +245,36 @@ pub fn serve(
                 let addr = listener
                     .local_addr()
                     .map_err(|e| NodeError::Usage(format!("listening on {}: {e}", args.listen)))?;
-                info!(%addr, node = core.name(), "serving over gRPC");
-                on_ready(TransportKind::Grpc, addr);
-                grpc::serve(listener, service, shutdown).await?;
+                match mutual {
+                    Some(tls) => {
+                        info!(%addr, node = core.name(), "serving over gRPC with mutual TLS");
+                        on_ready(TransportKind::Grpc, addr);
+                        grpc::serve_tls(listener, tls, service, shutdown).await?;
+                    }
+                    None => {
+                        if args.tls_cert.is_some() || args.tls_key.is_some() {
+                            warn!("--tls-cert/--tls-key without --tls-ca: gRPC serves plain text");
+                        }
+                        info!(%addr, node = core.name(), "serving over gRPC");
+                        on_ready(TransportKind::Grpc, addr);
+                        grpc::serve(listener, service, shutdown).await?;
+                    }
+                }
             }
             TransportKind::Quic => {
+                if let Some(tls) = mutual {
+                    let socket = std::net::UdpSocket::bind(args.listen).map_err(|e| {
+                        NodeError::Usage(format!("listening on {}: {e}", args.listen))
+                    })?;
+                    let addr = socket.local_addr().map_err(|e| {
+                        NodeError::Usage(format!("listening on {}: {e}", args.listen))
+                    })?;
+                    info!(%addr, node = core.name(), "serving over QUIC with mutual TLS");
+                    on_ready(TransportKind::Quic, addr);
+                    quic::serve_tls(socket, tls, service, shutdown).await?;
+                    info!("stopped");
+                    return Ok(());
+                }
                 let (cert, key) = match (&args.tls_cert, &args.tls_key) {
                     (Some(c), Some(k)) => (c.clone(), k.clone()),
                     _ => {
@@ -275,6 +307,31 @@ pub fn serve(
         info!("stopped");
         Ok(())
     })
+}
+
+/// With `--tls-ca`: the node's certificate and key (which must exist: a certificate this
+/// node made itself would not be signed by the CA), checked against the CA.
+fn mutual_tls(args: &NodeArgs) -> Result<Option<ServerTls>, NodeError> {
+    let Some(ca) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Err(NodeError::Usage(
+            "--tls-ca needs --tls-cert and --tls-key (`moeshard certs issue`)".into(),
+        ));
+    };
+    let ca_pem = std::fs::read_to_string(ca)
+        .map_err(|e| NodeError::Usage(format!("--tls-ca {}: {e}", ca.display())))?;
+    let identity = TlsIdentity::load(cert, key)?;
+    let tls = ServerTls::mutual(identity, ca_pem).map_err(|e| {
+        NodeError::Usage(format!(
+            "--tls-cert {} with --tls-ca {}: {e}",
+            cert.display(),
+            ca.display()
+        ))
+    })?;
+    info!(ca = %ca.display(), cert = %cert.display(), "mutual TLS: serving only clients the CA signed");
+    Ok(Some(tls))
 }
 
 /// Resolves when stdin reaches end of file (never, unless `enabled`).
