@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::transport::{grpc, quic, NodeLink, TransportKind};
+use proto::transport::{ClientTls, NodeLink, TlsIdentity, TransportKind};
 use shared::gguf::{model_identity, GgufFile};
-use shared::placement::{Cluster, ModelShape, Plan};
+use shared::placement::{Cluster, ClusterTls, ModelShape, Plan};
 use shared::topology::Topology;
 use tracing::{info, warn};
 
@@ -239,12 +239,19 @@ fn numa_pins(opts: &DistOptions) -> Result<Vec<NodeNuma>, DistributedError> {
         .collect())
 }
 
-/// Links to the running daemons named by the plan, in plan order.
+/// Links to the running daemons named by the plan, in plan order. With the cluster's
+/// `ca`, `client_cert` and `client_key`, every link (gRPC or QUIC) is mutual TLS: a node must
+/// present a certificate the CA signed for its `server_name`, and the coordinator presents
+/// its own.
 pub fn connect_cluster(
     runtime: &tokio::runtime::Runtime,
     cluster: &Cluster,
     plan_nodes: &[String],
 ) -> Result<Vec<NodeHandle>, DistributedError> {
+    let client_tls = match &cluster.tls {
+        Some(tls) => Some(load_client_tls(tls)?),
+        None => None,
+    };
     let mut handles = Vec::with_capacity(plan_nodes.len());
     for name in plan_nodes {
         let node = cluster
@@ -257,20 +264,17 @@ pub fn connect_cluster(
             peer: node.address.clone(),
             detail,
         })?;
-        if !addr.ip().is_loopback() && node.transport == "grpc" {
+        if client_tls.is_none() && !addr.ip().is_loopback() && node.transport == "grpc" {
             warn!(
                 node = %name,
                 address = %node.address,
-                "plain-text gRPC link to another host: unauthenticated and unencrypted"
+                "plain-text gRPC link to another host: unauthenticated and unencrypted \
+                 (give the cluster file ca, client_cert and client_key: docs/security.md)"
             );
         }
-        let transport_err = |source| DistributedError::Transport {
-            node: name.clone(),
-            peer: node.address.clone(),
-            source,
-        };
-        let (link, reconnect): (Arc<dyn NodeLink>, Reconnect) = match node.transport.as_str() {
-            "quic" => {
+        let reconnect: Reconnect = match (node.transport.as_str(), &client_tls) {
+            ("quic", Some(tls)) => reconnect_quic(addr, node.server_name.clone(), tls.clone()),
+            ("quic", None) => {
                 let cert = node
                     .cert
                     .as_ref()
@@ -284,23 +288,21 @@ pub fn connect_cluster(
                     peer: node.address.clone(),
                     detail: format!("reading {}: {e}", cert.display()),
                 })?;
-                let link = runtime
-                    .block_on(quic::connect(addr, &node.server_name, &pem))
-                    .map_err(transport_err)?;
-                (
-                    Arc::new(link),
-                    reconnect_quic(addr, node.server_name.clone(), pem),
-                )
+                reconnect_quic(addr, node.server_name.clone(), ClientTls::trusting(pem))
             }
-            _ => (
-                Arc::new(
-                    runtime
-                        .block_on(grpc::connect(addr))
-                        .map_err(transport_err)?,
-                ),
-                reconnect_grpc(addr),
+            (_, tls) => reconnect_grpc(
+                addr,
+                tls.as_ref().map(|t| (node.server_name.clone(), t.clone())),
             ),
         };
+        let link: Arc<dyn NodeLink> =
+            runtime
+                .block_on(reconnect())
+                .map_err(|source| DistributedError::Transport {
+                    node: name.clone(),
+                    peer: node.address.clone(),
+                    source,
+                })?;
         handles.push(NodeHandle {
             name: name.clone(),
             link,
@@ -308,6 +310,26 @@ pub fn connect_cluster(
         });
     }
     Ok(handles)
+}
+
+/// The coordinator's side of the cluster's mutual TLS, checked: the client certificate
+/// must be signed by the CA.
+fn load_client_tls(tls: &ClusterTls) -> Result<ClientTls, DistributedError> {
+    let fail = |e: &dyn std::fmt::Display| {
+        DistributedError::Launch(format!("the cluster file's mutual TLS: {e}"))
+    };
+    let ca = std::fs::read_to_string(&tls.ca)
+        .map_err(|e| fail(&format!("ca {}: {e}", tls.ca.display())))?;
+    let identity = TlsIdentity::load(&tls.client_cert, &tls.client_key).map_err(|e| fail(&e))?;
+    let client = ClientTls::mutual(ca, identity).map_err(|e| {
+        fail(&format!(
+            "client_cert {} with ca {}: {e}",
+            tls.client_cert.display(),
+            tls.ca.display()
+        ))
+    })?;
+    info!(ca = %tls.ca.display(), client_cert = %tls.client_cert.display(), "mutual TLS to every node");
+    Ok(client)
 }
 
 fn resolve_addr(address: &str) -> Result<std::net::SocketAddr, String> {

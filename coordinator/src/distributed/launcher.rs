@@ -4,6 +4,11 @@
 //!
 //! The cores are divided between the node processes, not multiplied: N nodes on C cores
 //! get max(1, C / N) compute threads each, so timings and deadlines stay meaningful.
+//!
+//! QUIC nodes get mutual TLS from a throwaway CA made for the run (its key never leaves
+//! this process; the nodes' certificates and keys live in the run's temporary directory,
+//! removed with it): a loopback node serves only this coordinator. gRPC loopback links are
+//! plain text.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,7 +18,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use expert_node::{NodeCore, NodeWeights};
-use proto::transport::{grpc, quic, InprocLink, NodeLink, TlsIdentity, TransportKind};
+use proto::transport::{
+    CertAuthority, CertUse, ClientTls, InprocLink, NodeLink, TransportKind, DEFAULT_CERT_DAYS,
+};
 use shared::placement::{Plan, ResolvedPlan};
 use tracing::{info, warn};
 
@@ -175,6 +182,11 @@ pub fn launch(
         stdins: Vec::new(),
         _dir: dir,
     };
+    // QUIC: the run's CA, its certificate for the nodes, and the coordinator's side.
+    let loopback_tls = match transport {
+        TransportKind::Quic => Some(loopback_pki(nodes._dir.path())?),
+        _ => None,
+    };
     let mut started = Vec::with_capacity(n);
     for (i, name) in resolved.nodes().iter().enumerate() {
         let numa = options.numa.get(i);
@@ -206,14 +218,19 @@ pub fn launch(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut cert_pem = None;
-        if transport == TransportKind::Quic {
+        if let Some(pki) = &loopback_tls {
             let cert = nodes._dir.path().join(format!("{name}.cert.pem"));
             let key = nodes._dir.path().join(format!("{name}.key.pem"));
-            let identity = TlsIdentity::load_or_create(&cert, &key, &["localhost", "127.0.0.1"])
+            pki.ca
+                .issue(name, &loopback_names(), CertUse::Node, DEFAULT_CERT_DAYS)
+                .and_then(|identity| identity.save(&cert, &key))
                 .map_err(|e| launch_err(format!("node {name}: certificate: {e}")))?;
-            cert_pem = Some(identity.cert_pem);
-            cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
+            cmd.arg("--tls-ca")
+                .arg(&pki.ca_path)
+                .arg("--tls-cert")
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key);
         }
         let mut child = cmd.spawn().map_err(|e| {
             launch_err(format!(
@@ -235,11 +252,11 @@ pub fn launch(
                 for _ in lines {}
             });
         }
-        started.push((name.clone(), rx, cert_pem));
+        started.push((name.clone(), rx));
     }
 
     let mut handles = Vec::with_capacity(n);
-    for (i, (name, rx, cert_pem)) in started.into_iter().enumerate() {
+    for (i, (name, rx)) in started.into_iter().enumerate() {
         let deadline = Instant::now() + options.start_timeout;
         let line = loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
@@ -270,24 +287,13 @@ pub fn launch(
                 "node {name} printed \"{line}\" instead of its address"
             ))
         })?;
-        let (link, reconnect): (Arc<dyn NodeLink>, Reconnect) = match (transport, cert_pem) {
-            (TransportKind::Quic, Some(pem)) => (
-                Arc::new(
-                    runtime
-                        .block_on(quic::connect(addr, "localhost", &pem))
-                        .map_err(|e| launch_err(format!("node {name}: {e}")))?,
-                ),
-                reconnect_quic(addr, "localhost".into(), pem),
-            ),
-            _ => (
-                Arc::new(
-                    runtime
-                        .block_on(grpc::connect(addr))
-                        .map_err(|e| launch_err(format!("node {name}: {e}")))?,
-                ),
-                reconnect_grpc(addr),
-            ),
+        let reconnect: Reconnect = match &loopback_tls {
+            Some(pki) => reconnect_quic(addr, "localhost".into(), pki.client.clone()),
+            None => reconnect_grpc(addr, None),
         };
+        let link: Arc<dyn NodeLink> = runtime
+            .block_on(reconnect())
+            .map_err(|e| launch_err(format!("node {name}: {e}")))?;
         handles.push(NodeHandle {
             name: name.clone(),
             link,
@@ -296,6 +302,36 @@ pub fn launch(
     }
     info!(nodes = n, threads, %transport, "node processes ready");
     Ok((nodes, handles))
+}
+
+/// A loopback run's mutual TLS: its CA (certificate written to `ca_path`) and the
+/// coordinator's side.
+struct LoopbackPki {
+    ca: CertAuthority,
+    ca_path: PathBuf,
+    client: ClientTls,
+}
+
+/// The names a loopback node's certificate carries.
+fn loopback_names() -> [String; 2] {
+    ["localhost".to_string(), "127.0.0.1".to_string()]
+}
+
+fn loopback_pki(dir: &Path) -> Result<LoopbackPki, DistributedError> {
+    let fail = |e: proto::transport::TransportError| launch_err(format!("loopback TLS: {e}"));
+    let ca = CertAuthority::generate("loopback", DEFAULT_CERT_DAYS).map_err(fail)?;
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.cert_pem())
+        .map_err(|e| launch_err(format!("writing {}: {e}", ca_path.display())))?;
+    let coordinator = ca
+        .issue("coordinator", &[], CertUse::Coordinator, DEFAULT_CERT_DAYS)
+        .map_err(fail)?;
+    let client = ca.client_tls(coordinator).map_err(fail)?;
+    Ok(LoopbackPki {
+        ca,
+        ca_path,
+        client,
+    })
 }
 
 /// The address in `moeshard-expert-node listening on grpc://127.0.0.1:PORT`.

@@ -49,27 +49,42 @@ pub type Reconnect = Arc<
         + Sync,
 >;
 
-/// Reconnects to a gRPC node at `addr`.
-pub fn reconnect_grpc(addr: std::net::SocketAddr) -> Reconnect {
+/// Reconnects to a gRPC node at `addr`: in plain text, or with `tls` over TLS (the node's
+/// certificate checked for the server name given with it; mutual with a cluster CA).
+pub fn reconnect_grpc(
+    addr: std::net::SocketAddr,
+    tls: Option<(String, proto::transport::ClientTls)>,
+) -> Reconnect {
+    let tls = tls.map(Arc::new);
     Arc::new(move || {
+        let tls = tls.clone();
         Box::pin(async move {
-            let link: Arc<dyn NodeLink> = Arc::new(proto::transport::grpc::connect(addr).await?);
+            let link: Arc<dyn NodeLink> = match tls.as_deref() {
+                Some((name, tls)) => {
+                    Arc::new(proto::transport::grpc::connect_tls(addr, name, tls).await?)
+                }
+                None => Arc::new(proto::transport::grpc::connect(addr).await?),
+            };
             Ok(link)
         })
     })
 }
 
-/// Reconnects to a QUIC node at `addr` that presents `cert_pem` for `server_name`.
+/// Reconnects to a QUIC node at `addr` that presents a certificate for `server_name` which
+/// `tls` trusts (its own self-signed certificate, or one the cluster CA signed; mutual
+/// with a cluster CA).
 pub fn reconnect_quic(
     addr: std::net::SocketAddr,
     server_name: String,
-    cert_pem: String,
+    tls: proto::transport::ClientTls,
 ) -> Reconnect {
+    let tls = Arc::new((server_name, tls));
     Arc::new(move || {
-        let (name, pem) = (server_name.clone(), cert_pem.clone());
+        let tls = Arc::clone(&tls);
         Box::pin(async move {
+            let (name, tls) = &*tls;
             let link: Arc<dyn NodeLink> =
-                Arc::new(proto::transport::quic::connect(addr, &name, &pem).await?);
+                Arc::new(proto::transport::quic::connect_tls(addr, name, tls).await?);
             Ok(link)
         })
     })
