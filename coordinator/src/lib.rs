@@ -3,6 +3,7 @@
 //! the `moeshard` command line.
 
 pub mod bench;
+pub mod certs;
 pub mod chat_template;
 pub mod distributed;
 pub mod engine;

@@ -156,6 +156,11 @@ enum Command {
     Serve(ServeArgs),
     /// Plan where experts go: compare sliced and whole-expert placements by predicted step time and write the fastest (docs/placement.md)
     Plan(PlanArgs),
+    /// Create the cluster's CA and its certificates for mutual TLS between the coordinator and its nodes (docs/security.md)
+    Certs {
+        #[command(subcommand)]
+        action: coordinator::certs::CertsCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -603,6 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plan(args) => plan(args),
+        Command::Certs { action } => Ok(coordinator::certs::run(action)?),
         Command::Split(args) => {
             use shared::placement::{split, ModelShape, Plan};
             let model = open_gguf(&args.model)?;

@@ -6,6 +6,7 @@ mod cli;
 mod distributed;
 mod failover;
 mod fixtures;
+mod mtls;
 mod plan;
 mod predict;
 mod server;
