@@ -22,6 +22,19 @@ pub struct BenchConfig {
     pub reps: usize,
     /// Bytes of the buffer the bandwidth is measured on.
     pub bandwidth_buffer: usize,
+    /// Numbers of concurrent sequences to measure batched decode at (`--parallel`); each
+    /// step decodes one token of every sequence in one `Engine::step`.
+    pub parallel: Vec<usize>,
+}
+
+/// Decode speed with several sequences stepping together.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParallelResult {
+    pub sequences: usize,
+    /// Generated tokens per second, all sequences together (median over repetitions).
+    pub decode_tps: f64,
+    /// `decode_tps` over the batch-1 figure of the same run.
+    pub speedup: f64,
 }
 
 /// Results (`--json` prints this object).
@@ -45,6 +58,8 @@ pub struct BenchResult {
     /// Peak resident memory of the model run (measured before the bandwidth probe).
     pub peak_rss_bytes: u64,
     pub kernels: String,
+    /// Batched decode at each `--parallel` count (empty unless asked).
+    pub parallel: Vec<ParallelResult>,
 }
 
 /// Bytes a decode step reads (see the module comment).
@@ -100,13 +115,22 @@ pub fn run(
         }
         decode_tps.push(cfg.n_decode as f64 / t.elapsed().as_secs_f64());
     }
+    let (d_med, d_min) = median_min(&mut decode_tps);
+    let mut parallel = Vec::new();
+    for &b in &cfg.parallel {
+        let tps = parallel_decode(engine, &tokens, b, cfg)?;
+        parallel.push(ParallelResult {
+            sequences: b,
+            decode_tps: tps,
+            speedup: tps / d_med,
+        });
+    }
     // Before the bandwidth probe, whose buffer would otherwise dominate the peak.
     let peak_rss_bytes = shared::membw::peak_rss_bytes().unwrap_or(0);
     let bandwidth = shared::membw::read_bandwidth(cfg.bandwidth_buffer, 5);
     let bpt = bytes_per_token(engine.model().file(), hp);
     let bound = bandwidth / bpt as f64;
     let (p_med, p_min) = median_min(&mut prompt_tps);
-    let (d_med, d_min) = median_min(&mut decode_tps);
     Ok(BenchResult {
         model: model_name.to_owned(),
         threads: rayon::current_num_threads(),
@@ -123,7 +147,48 @@ pub fn run(
         fraction_of_bound: d_med / bound,
         peak_rss_bytes,
         kernels: engine.model().kernels().isa().to_string(),
+        parallel,
     })
+}
+
+/// Aggregate decode tokens/s of `b` sequences stepping together (median over repetitions):
+/// each sequence gets its own prompt (a rotation of `tokens`), then every step decodes one
+/// token of each in one `Engine::step`.
+fn parallel_decode(
+    engine: &Engine,
+    tokens: &[u32],
+    b: usize,
+    cfg: &BenchConfig,
+) -> Result<f64, EngineError> {
+    let b = b.max(1);
+    let mut runs = Vec::new();
+    for _ in 0..cfg.reps.max(1) {
+        let mut caches: Vec<_> = (0..b)
+            .map(|_| engine.new_cache(cfg.n_prompt + cfg.n_decode + 1))
+            .collect();
+        let mut next = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let mut prompt = tokens.to_vec();
+            prompt.rotate_left(i % tokens.len().max(1));
+            next.push(argmax(&engine.prefill(cache, &prompt)?));
+        }
+        let t = Instant::now();
+        for _ in 0..cfg.n_decode {
+            let step_tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut seqs: Vec<crate::engine::SeqStep<'_>> = caches
+                .iter_mut()
+                .zip(&step_tokens)
+                .map(|(cache, t)| crate::engine::SeqStep {
+                    cache,
+                    tokens: t.as_slice(),
+                })
+                .collect();
+            let logits = engine.step(&mut seqs)?;
+            next = logits.iter().map(|l| argmax(l)).collect();
+        }
+        runs.push((b * cfg.n_decode) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median_min(&mut runs).0)
 }
 
 fn argmax(v: &[f32]) -> u32 {

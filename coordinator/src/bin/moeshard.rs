@@ -97,6 +97,10 @@ enum Command {
         /// Repetitions (median and min are reported)
         #[arg(long, short = 'r', default_value_t = 3)]
         reps: usize,
+        /// Also decode with this many sequences stepping together (comma-separated, e.g.
+        /// 1,4,8): aggregate generation tokens/s (continuous batching)
+        #[arg(long, value_delimiter = ',')]
+        parallel: Vec<usize>,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
@@ -484,6 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             n_prompt,
             n_gen,
             reps,
+            parallel,
             json,
             dist,
         } => {
@@ -505,6 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 n_decode: n_gen,
                 reps,
                 bandwidth_buffer: 1 << 30,
+                parallel,
             };
             let name = model.display().to_string();
             let r = pool
@@ -534,6 +540,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     100.0 * r.fraction_of_bound
                 );
                 println!("peak RSS         {:>9.1} MB", r.peak_rss_bytes as f64 / 1e6);
+                for p in &r.parallel {
+                    println!(
+                        "decode x{:<3}      {:>9.1} tok/s for all sequences ({:.2}x batch 1)",
+                        p.sequences, p.decode_tps, p.speedup
+                    );
+                }
             }
             Ok(())
         }

@@ -121,14 +121,18 @@ pub fn open_distributed(
             .into());
         }
         nodes = Some(pins.len());
-        slice_experts = true;
         launch_opts.numa = pins;
+        // Slices are the balanced placement, but a node serving a slice of down's columns
+        // from the full model file copies them into memory (they are strided there): only
+        // split files, which lay them out contiguously, make slicing free.
+        slice_experts = !opts.model_per_node.is_empty() || opts.slice_experts;
         if opts.model_per_node.is_empty() {
             if launch_opts.numa.len() > 1 {
                 warn!(
                     "--numa auto with one model file: every node reads it wherever its pages \
-                     are, so reads cross sockets; give --model-per-node with `moeshard split` \
-                     files, one on each socket's memory"
+                     are, so reads cross sockets, and experts are placed whole (slicing them \
+                     from one file would copy down's columns); give --model-per-node with \
+                     `moeshard split` files of a sliced plan, one on each socket's memory"
                 );
             }
         } else if opts.model_per_node.len() != launch_opts.numa.len() {

@@ -139,14 +139,15 @@ fn matrix(arch: &str) {
             );
         }
 
-        // Every routed expert sliced over the nodes (--slice-experts, and --numa auto on a
-        // synthetic 2-package topology, which also pins each node): down's partial sums
-        // regroup as below, so greedy tokens must match and logits stay close.
+        // Every routed expert sliced over the nodes (--slice-experts, alone and with
+        // --numa auto on a synthetic 2-package topology, which also pins each node): down's
+        // partial sums regroup as below, so greedy tokens must match and logits stay close.
         let mut sliced = options(2, TransportKind::Inproc);
         sliced.slice_experts = true;
         let numa = DistOptions {
             nodes: None,
             numa_auto: true,
+            slice_experts: true,
             topology: Some("synthetic:pack:2 numa:1 core:2 pu:1".into()),
             ..options(2, TransportKind::Grpc)
         };
