@@ -520,11 +520,23 @@ fn matmul_rows_in(
         "matmul: segments {lengths:?} for a batch of {n_tokens}"
     );
 
+    // Runs of one-token segments (decoding sequences) all take the one-token order, which is
+    // per token: they go through the kernels together, each weight row read once for all.
+    // (start, tokens, the batch size that sets their order)
+    let mut groups: Vec<(usize, usize, usize)> = Vec::with_capacity(lengths.len());
+    let mut start = 0;
+    for &len in lengths {
+        match groups.last_mut() {
+            Some((_, n, 1)) if len == 1 => *n += 1,
+            _ => groups.push((start, len, len)),
+        }
+        start += len;
+    }
+
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
-        let mut seg_start = 0;
-        for &seg_len in lengths {
-            let seg_end = seg_start + seg_len;
+        for &(seg_start, seg_tokens, seg_len) in &groups {
+            let seg_end = seg_start + seg_tokens;
             // ggml picks the float order by the (segment's) batch size.
             let n_gemm = seg_start + seg_len - seg_len % 4;
             // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.
@@ -560,7 +572,6 @@ fn matmul_rows_in(
                 }
                 t0 = t1;
             }
-            seg_start = seg_end;
         }
     };
 
