@@ -504,11 +504,9 @@ fn garbage_to_a_quic_port_is_ignored_and_the_node_keeps_serving() {
 }
 
 /// A TCP connection to a gRPC node that never completes the HTTP/2 preface (nothing sent,
-/// or half of it) should be closed after a while, as connections that stop answering
-/// keep-alive pings are (about 6 s): today it stays open as long as the peer likes, so an
-/// unauthenticated peer can hold any number of sockets (file descriptors) of a node.
+/// or half of it) is closed after `proto::transport::grpc::HANDSHAKE_TIMEOUT` (10 s), so an
+/// unauthenticated peer cannot hold the node's sockets (file descriptors) by saying nothing.
 #[test]
-#[ignore = "product gap: no handshake timeout on gRPC connections (proto::transport::grpc::serve)"]
 fn grpc_connection_that_never_completes_the_preface_is_closed() {
     let limit = Duration::from_secs(15);
     let nodes = TwoNodes::start(Transport::Grpc);

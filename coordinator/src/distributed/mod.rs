@@ -409,6 +409,8 @@ impl RemoteExperts {
         let n_nodes = self.table.nodes.len();
         let mut per_node: Vec<Vec<Assignment>> = vec![Vec::new(); n_nodes];
         let mut nodes: Vec<usize> = Vec::new();
+        // (expert, its holders) of every slice without a live replica: all named at once.
+        let mut missing: Vec<(u32, Vec<usize>)> = Vec::new();
         for a in assignments {
             let slices = self
                 .plan
@@ -421,16 +423,36 @@ impl RemoteExperts {
                 })?;
             nodes.clear();
             for s in slices.iter().filter(|s| keep(&s.replicas)) {
-                let node = pick_live(&s.replicas, layer, live).ok_or_else(|| {
-                    self.no_live_replica(layer, "expert", a.expert, &s.ff, &s.replicas)
-                })?;
-                nodes.push(node);
+                match pick_live(&s.replicas, layer, live) {
+                    Some(node) => nodes.push(node),
+                    None => {
+                        if !missing.iter().any(|(e, _)| *e == a.expert) {
+                            missing.push((a.expert, s.replicas.clone()));
+                        }
+                    }
+                }
             }
             nodes.sort_unstable();
             nodes.dedup();
             for &node in &nodes {
                 per_node[node].push(*a);
             }
+        }
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
+            let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            let names: Vec<&str> = holders
+                .iter()
+                .map(|&h| self.table.nodes[h].name.as_str())
+                .collect();
+            return Err(EngineError::Node(format!(
+                "layer {layer}: experts {} have no live replica (held by {}, all down)",
+                experts.join(", "),
+                names.join(", ")
+            )));
         }
         Ok(per_node
             .into_iter()
@@ -654,8 +676,13 @@ impl RemoteExperts {
                     }
                     FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &was_failed),
                 };
-                work =
-                    retry.map_err(|e| EngineError::Node(format!("{}; {e}", errors.join("; "))))?;
+                work = retry.map_err(|e| {
+                    let why = match e {
+                        EngineError::Node(m) => m,
+                        other => other.to_string(),
+                    };
+                    EngineError::Node(format!("{}; {why}", errors.join("; ")))
+                })?;
                 info!(
                     layer,
                     nodes = ?work.iter().map(|w| self.table.nodes[w.node].name.as_str()).collect::<Vec<_>>(),

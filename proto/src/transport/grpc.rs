@@ -40,7 +40,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -561,9 +560,73 @@ pub async fn serve(
     if !local.is_some_and(|a| a.ip().is_loopback()) {
         warn!(%addr, "gRPC is plain text (no TLS): give the node a cluster CA (--tls-ca) to serve other hosts");
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Connections that never send the HTTP/2 preface are dropped after HANDSHAKE_TIMEOUT,
+    // so a peer cannot hold the node's sockets by connecting and saying nothing.
+    let (connections, incoming) = mpsc::channel::<io::Result<TcpStream>>(16);
+    let accepting = tokio::spawn(
+        accept_plain(listener, connections).instrument(info_span!("grpc", node = %addr)),
+    );
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _accepting = AbortOnDrop(accepting);
     info!(%addr, "grpc node serving");
-    run_server(addr, incoming, service, shutdown).await
+    run_server(addr, ReceiverStream::new(incoming), service, shutdown).await
+}
+
+/// The HTTP/2 client connection preface (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Accepts TCP connections and passes on those whose first bytes are the HTTP/2 preface
+/// within [`HANDSHAKE_TIMEOUT`]; the others are closed and logged.
+async fn accept_plain(
+    listener: tokio::net::TcpListener,
+    connections: mpsc::Sender<io::Result<TcpStream>>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: try again shortly.
+                warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let connections = connections.clone();
+        let check = async move {
+            let preface = async {
+                let mut buf = [0u8; H2_PREFACE.len()];
+                loop {
+                    let n = tcp.peek(&mut buf).await?;
+                    if n == 0 || buf[..n] != H2_PREFACE[..n] {
+                        return Ok::<bool, io::Error>(false);
+                    }
+                    if n == H2_PREFACE.len() {
+                        return Ok(true);
+                    }
+                    // Part of it: wait for the rest.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, preface).await {
+                Ok(Ok(true)) => {
+                    let _ = connections.send(Ok(tcp)).await;
+                }
+                Ok(Ok(false)) => warn!(%remote, "closed a connection that is not HTTP/2"),
+                Ok(Err(e)) => debug!(%remote, error = %e, "connection failed before its preface"),
+                Err(_) => warn!(
+                    %remote,
+                    "closed a connection that sent no HTTP/2 preface within {HANDSHAKE_TIMEOUT:?}"
+                ),
+            }
+        };
+        tokio::spawn(check.in_current_span());
+    }
 }
 
 /// Serves `service` over TLS on `listener` (with a client CA: only to clients presenting a
