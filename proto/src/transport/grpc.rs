@@ -566,15 +566,18 @@ pub async fn serve(
     let accepting = tokio::spawn(
         accept_plain(listener, connections).instrument(info_span!("grpc", node = %addr)),
     );
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let _accepting = AbortOnDrop(accepting);
     info!(%addr, "grpc node serving");
     run_server(addr, ReceiverStream::new(incoming), service, shutdown).await
+}
+
+/// Stops the accepting task (and drops the listener) however the server ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
@@ -586,19 +589,9 @@ async fn accept_plain(
     listener: tokio::net::TcpListener,
     connections: mpsc::Sender<io::Result<TcpStream>>,
 ) {
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: try again shortly.
-                warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_each(listener, move |tcp, remote| {
         let connections = connections.clone();
-        let check = async move {
+        async move {
             let preface = async {
                 let mut buf = [0u8; H2_PREFACE.len()];
                 loop {
@@ -624,8 +617,30 @@ async fn accept_plain(
                     "closed a connection that sent no HTTP/2 preface within {HANDSHAKE_TIMEOUT:?}"
                 ),
             }
+        }
+    })
+    .await;
+}
+
+/// Accepts TCP connections until the task is dropped and runs `per_connection` on each in a
+/// task of its own (TCP_NODELAY set).
+async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, mut per_connection: F)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: try again shortly.
+                warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
-        tokio::spawn(check.in_current_span());
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(per_connection(tcp, remote).in_current_span());
     }
 }
 
@@ -649,13 +664,6 @@ pub async fn serve_tls(
         accept_tls(listener, acceptor, connections)
             .instrument(info_span!("grpc_tls", node = %addr)),
     );
-    // Stops accepting (and drops the listener) however the server ends.
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let _accepting = AbortOnDrop(accepting);
     info!(%addr, mutual_tls = tls.is_mutual(), "grpc node serving over TLS");
     run_server(addr, ReceiverStream::new(incoming), service, shutdown).await
@@ -670,20 +678,10 @@ async fn accept_tls(
     acceptor: TlsAcceptor,
     connections: mpsc::Sender<io::Result<TlsServerStream>>,
 ) {
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: try again shortly.
-                warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_each(listener, move |tcp, remote| {
         let acceptor = acceptor.clone();
         let connections = connections.clone();
-        let handshake = async move {
+        async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let client = tls
@@ -707,9 +705,9 @@ async fn accept_tls(
                     "refused a client: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
                 ),
             }
-        };
-        tokio::spawn(handshake.in_current_span());
-    }
+        }
+    })
+    .await;
 }
 
 fn server_addr(local: Option<SocketAddr>) -> String {
