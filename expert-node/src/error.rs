@@ -29,12 +29,6 @@ pub enum NodeError {
     },
     #[error("tensor '{0}' is missing")]
     MissingTensor(String),
-    #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
-    BadShape {
-        name: String,
-        found: Vec<u64>,
-        expected: Vec<u64>,
-    },
     #[error("{}: nothing to serve (give --plan with --node, or --experts)", path.display())]
     NothingToServe { path: PathBuf },
     #[error("{}: the split file does not hold {slice:?}", path.display())]

@@ -18,7 +18,7 @@ use shared::gguf::{model_identity, GgufFile, TensorInfo};
 use shared::models::HParams;
 use shared::moe::FfnMatrices;
 use shared::placement::split::{read_split_info, split_tensor_name};
-use shared::placement::{Part, SliceSpec};
+use shared::placement::{FfnTensors, Part, RowSource, SliceSpec};
 use shared::quant::matmul::WeightMatrix;
 use shared::quant::GgmlType;
 use tracing::{info, warn};
@@ -89,44 +89,6 @@ impl std::fmt::Debug for NodeWeights {
             .field("mapped_bytes", &self.mapped_bytes)
             .field("copied_bytes", &self.copied_bytes)
             .finish_non_exhaustive()
-    }
-}
-
-/// Tensor names of one FFN in an ordinary model file.
-struct FfnNames {
-    /// `Some` for a merged `ffn_gate_up_exps`.
-    gate_up: Option<String>,
-    gate: String,
-    up: String,
-    down: String,
-}
-
-fn ffn_names(file: &GgufFile, layer: u32, part: Part) -> FfnNames {
-    let n = |s: &str| format!("blk.{layer}.{s}.weight");
-    match part {
-        Part::Routed => {
-            let merged = n("ffn_gate_up_exps");
-            FfnNames {
-                gate_up: file.tensor(&merged).is_some().then_some(merged),
-                gate: n("ffn_gate_exps"),
-                up: n("ffn_up_exps"),
-                down: n("ffn_down_exps"),
-            }
-        }
-        Part::Dense => {
-            // A MoE layer's dense part is its shared expert; a dense layer's is its FFN.
-            let suffix = if file.tensor(&n("ffn_gate_shexp")).is_some() {
-                "_shexp"
-            } else {
-                ""
-            };
-            FfnNames {
-                gate_up: None,
-                gate: n(&format!("ffn_gate{suffix}")),
-                up: n(&format!("ffn_up{suffix}")),
-                down: n(&format!("ffn_down{suffix}")),
-            }
-        }
     }
 }
 
@@ -469,29 +431,18 @@ impl Loader<'_> {
     /// A slice of an ordinary model file: rows of gate and up (contiguous), columns of down
     /// (contiguous only for the whole range; otherwise read into memory).
     fn model_slice(&mut self, s: &SliceSpec, hp: &HParams) -> Result<[PendingMat; 3], NodeError> {
-        let names = ffn_names(self.file, s.layer, s.part);
-        let n_embd = hp.n_embd;
-        let (n_expert, expert) = match s.part {
-            Part::Routed => (hp.n_expert, s.expert as usize),
-            Part::Dense => (1, 0),
-        };
-        let down = self.tensor(&names.down)?.clone();
-        let n_ff = down.ne[0] as usize;
-        let shape_err = |info: &TensorInfo, want: Vec<u64>| NodeError::BadShape {
-            name: info.name.clone(),
-            found: info.ne.clone(),
-            expected: want,
-        };
-        let want3 = |a: usize, b: usize| {
-            let mut v = vec![a as u64, b as u64];
-            if s.part == Part::Routed {
-                v.push(n_expert as u64);
+        let file = self.file;
+        let t = FfnTensors::find(file, hp, s.layer as usize, s.part)?.ok_or_else(|| {
+            NodeError::BadSlice {
+                slice: *s,
+                detail: "the layer has no such FFN tensors".into(),
             }
-            v
+        })?;
+        let (n_embd, n_ff) = (t.n_embd, t.n_ff);
+        let expert = match s.part {
+            Part::Routed => s.expert as usize,
+            Part::Dense => 0,
         };
-        if down.ne != want3(n_ff, n_embd) {
-            return Err(shape_err(&down, want3(n_ff, n_embd)));
-        }
         let (ff_start, ff_len) = (s.ff_start as usize, s.ff_len as usize);
         if ff_start + ff_len > n_ff {
             return Err(NodeError::BadSlice {
@@ -501,44 +452,26 @@ impl Loader<'_> {
         }
 
         // gate and up: rows [ff_start, ff_start + ff_len) of the expert's matrix.
-        let (gate_info, up_info, rows_per_expert, up_row0) = match &names.gate_up {
-            Some(merged) => {
-                let info = self.tensor(merged)?.clone();
-                if info.ne != want3(n_embd, 2 * n_ff) {
-                    return Err(shape_err(&info, want3(n_embd, 2 * n_ff)));
-                }
-                (info.clone(), info, 2 * n_ff, n_ff)
-            }
-            None => {
-                let g = self.tensor(&names.gate)?.clone();
-                let u = self.tensor(&names.up)?.clone();
-                for info in [&g, &u] {
-                    if info.ne != want3(n_embd, n_ff) {
-                        return Err(shape_err(info, want3(n_embd, n_ff)));
-                    }
-                }
-                (g, u, n_ff, 0)
-            }
-        };
-        let mut rows_of = |info: &TensorInfo, row0: usize| {
-            let rb = info.row_bytes();
-            let start = ((expert * rows_per_expert + row0 + ff_start) as u64) * rb;
-            let src = self.region(info, start, ff_len as u64 * rb);
+        let mut rows_of = |src: &RowSource<'_>| {
+            let rb = src.info.row_bytes();
+            let start = ((expert * src.rows_per_expert + src.first_row + ff_start) as u64) * rb;
+            let region = self.region(src.info, start, ff_len as u64 * rb);
             PendingMat {
-                src,
-                ty: info.ty,
+                src: region,
+                ty: src.info.ty,
                 n_rows: ff_len,
                 n_cols: n_embd,
             }
         };
-        let gate = rows_of(&gate_info, 0);
-        let up = rows_of(&up_info, up_row0);
+        let gate = rows_of(&t.gate);
+        let up = rows_of(&t.up);
 
         // down: columns [ff_start, ff_start + ff_len) of each of the expert's n_embd rows.
+        let down = t.down;
         let rb = down.row_bytes();
         let expert_start = (expert * n_embd) as u64 * rb;
         let down_mat = if ff_start == 0 && ff_len == n_ff {
-            let src = self.region(&down, expert_start, n_embd as u64 * rb);
+            let src = self.region(down, expert_start, n_embd as u64 * rb);
             PendingMat {
                 src,
                 ty: down.ty,
@@ -555,12 +488,12 @@ impl Loader<'_> {
             }
             let col_bytes = |n: usize| (n / block * down.ty.block_bytes()) as u64;
             let (skip, take) = (col_bytes(ff_start), col_bytes(ff_len));
-            let path = self.file.part_path(down.part).to_owned();
+            let path = file.part_path(down.part).to_owned();
             let f = File::open(&path).map_err(|e| NodeError::Io {
                 path: path.clone(),
                 source: e,
             })?;
-            let base = self.file.part_data_offset(down.part) + down.offset + expert_start;
+            let base = file.part_data_offset(down.part) + down.offset + expert_start;
             let mut buf = vec![0u8; (take * n_embd as u64) as usize];
             for (r, dst) in buf.chunks_exact_mut(take as usize).enumerate() {
                 f.read_exact_at(dst, base + r as u64 * rb + skip)

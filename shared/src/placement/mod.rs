@@ -44,7 +44,7 @@ pub use self::error::{PlacementError, SliceRef};
 pub use self::ids::IdList;
 pub use self::plan::{Plan, PlanEntry, PLAN_VERSION};
 pub use self::resolve::{PlacedSlice, ResolvedPlan, SliceSpec};
-pub use self::shape::{FfnShape, LayerShape, ModelShape};
+pub use self::shape::{FfnShape, FfnTensors, LayerShape, ModelShape, RowSource};
 
 /// Which feed-forward network of a layer a slice belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

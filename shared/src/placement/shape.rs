@@ -102,29 +102,29 @@ impl ModelShape {
 /// One of gate or up: a tensor and where this matrix's rows start within each
 /// expert (non-zero for the up half of a merged `ffn_gate_up_exps`).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct RowSource<'a> {
-    pub(super) info: &'a TensorInfo,
+pub struct RowSource<'a> {
+    pub info: &'a TensorInfo,
     /// Rows of `info` per expert (`n_ff`, or `2 * n_ff` when merged).
-    pub(super) rows_per_expert: usize,
+    pub rows_per_expert: usize,
     /// The first row of this matrix within an expert.
-    pub(super) first_row: usize,
+    pub first_row: usize,
 }
 
 /// The tensors of one (layer, part), shapes checked.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct FfnTensors<'a> {
-    pub(super) gate: RowSource<'a>,
-    pub(super) up: RowSource<'a>,
+pub struct FfnTensors<'a> {
+    pub gate: RowSource<'a>,
+    pub up: RowSource<'a>,
     /// `[n_ff, n_embd]` or `[n_ff, n_embd, n_expert]`.
-    pub(super) down: &'a TensorInfo,
-    pub(super) n_embd: usize,
-    pub(super) n_ff: usize,
+    pub down: &'a TensorInfo,
+    pub n_embd: usize,
+    pub n_ff: usize,
 }
 
 impl<'a> FfnTensors<'a> {
     /// The tensors of `part` of layer `layer`: `None` when the layer has none of
     /// them, an error when some are missing or their shapes disagree.
-    pub(super) fn find(
+    pub fn find(
         file: &'a GgufFile,
         hp: &HParams,
         layer: usize,
