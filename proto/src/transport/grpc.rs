@@ -602,7 +602,12 @@ async fn accept_plain(
                     if n == H2_PREFACE.len() {
                         return Ok(true);
                     }
-                    // Part of it: wait for the rest.
+                    // Part of it: a peer that hung up will never send the rest (peeking
+                    // cannot see the end of the stream behind pending bytes; readiness can).
+                    let ready = tcp.ready(tokio::io::Interest::READABLE).await?;
+                    if ready.is_read_closed() {
+                        return Ok(false);
+                    }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             };
