@@ -29,7 +29,7 @@ use proto::{
     partials_from_reply, wire, DispatchRequest, FfnPart, Hello, HelloReply, Partials, ProtoError,
 };
 use shared::moe::Assignment;
-use shared::placement::{Part, ResolvedPlan, SliceSpec};
+use shared::placement::{identity_hex, Part, ResolvedPlan, SliceSpec};
 use shared::quant::matmul::{Activations, Segments};
 use tracing::{debug, info, warn};
 
@@ -250,8 +250,8 @@ async fn handshake(
     }
     if reply.model_identity != identity {
         return Err(ProtoError::ModelMismatch {
-            got: hex(&reply.model_identity),
-            want: hex(&identity),
+            got: identity_hex(&reply.model_identity),
+            want: identity_hex(&identity),
         }
         .to_string());
     }
@@ -765,10 +765,6 @@ fn part_to_wire(p: Part) -> FfnPart {
         Part::Routed => FfnPart::Routed,
         Part::Dense => FfnPart::Dense,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ExpertExecutor for RemoteExperts {
