@@ -138,12 +138,140 @@ pub fn attend_head<'a>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx2_fma_f16c() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+            return unsafe { attend_head_avx2(q, n_kv, keys, values, scale, batch_tokens, out) };
+        }
         if shared::ggml_math::has_fma() {
             // SAFETY: the CPU supports FMA, checked just above.
             return unsafe { attend_head_fma(q, n_kv, keys, values, scale, batch_tokens, out) };
         }
     }
     attend_head_impl(q, n_kv, keys, values, scale, batch_tokens, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// [`attend_head_impl`] with 8-lane vectors: the same float operations in the same order
+/// (each of the scalar version's 8-lane accumulators is one register; the `V·p`
+/// accumulators are kept per (slot, lane) and vectorized over the output elements), so the
+/// results are bit-identical (tested).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_head_avx2<'a>(
+    q: &[f32],
+    n_kv: usize,
+    keys: impl Fn(usize) -> &'a [f16],
+    values: impl Fn(usize) -> &'a [f16],
+    scale: f32,
+    batch_tokens: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+
+    /// Eight f16 values at `at` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn ld8(v: &[f16], at: usize) -> __m256 {
+        let v = &v[at..at + 8];
+        // SAFETY: `v` holds 8 f16 values (16 bytes), read unaligned.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes(v: __m256) -> [f32; 8] {
+        let mut l = [0.0f32; 8];
+        // SAFETY: `l` has room for 8 f32 values, written unaligned.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+        l
+    }
+
+    let q16 = to_f16(q);
+    let n = q16.len();
+    let gemm = batch_tokens >= 2;
+    let mut scores: Vec<f32> = Vec::with_capacity(n_kv);
+    for j in 0..n_kv {
+        let k = keys(j);
+        debug_assert_eq!(k.len(), n);
+        let d = if gemm {
+            // `dot_f16`: one 8-lane accumulator, `hsum8`, the tail added in f32.
+            let whole = n / 8 * 8;
+            let mut acc = _mm256_setzero_ps();
+            for e in (0..whole).step_by(8) {
+                acc = _mm256_fmadd_ps(ld8(&q16, e), ld8(k, e), acc);
+            }
+            let mut sum = shared::ggml_math::hsum8(&lanes(acc));
+            for e in whole..n {
+                sum += q16[e].to_f32() * k[e].to_f32();
+            }
+            sum
+        } else {
+            // `dot_f16_vec`: four accumulators over steps of 32, `reduce4x8`, tail in f64.
+            let whole = n / 32 * 32;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for e in (0..whole).step_by(32) {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(ld8(&q16, e + 8 * j), ld8(k, e + 8 * j), *a);
+                }
+            }
+            let acc = [lanes(acc[0]), lanes(acc[1]), lanes(acc[2]), lanes(acc[3])];
+            let mut sum = f64::from(reduce4x8(&acc));
+            for e in whole..n {
+                sum += f64::from(q16[e].to_f32() * k[e].to_f32());
+            }
+            sum as f32
+        };
+        scores.push(d * scale);
+    }
+    shared::ggml_math::softmax_in_place(&mut scores, true);
+
+    // acc[(slot * 8 + lane) * d + e]: the scalar version's a[e][slot][lane].
+    let d = out.len();
+    let n_acc = if gemm { 1 } else { 4 };
+    let mut acc = vec![0.0f32; n_acc * 8 * d];
+    let whole = d / 8 * 8;
+    for (j, &p) in scores.iter().enumerate() {
+        let p = f16::from_f32(p).to_f32();
+        let (slot, lane) = ((j / 8) % n_acc, j % 8);
+        let a = &mut acc[(slot * 8 + lane) * d..(slot * 8 + lane + 1) * d];
+        let v = values(j);
+        debug_assert_eq!(v.len(), d);
+        let pv = _mm256_set1_ps(p);
+        for e in (0..whole).step_by(8) {
+            let dst = &mut a[e..e + 8];
+            // SAFETY: `dst` holds 8 f32 values, read and written unaligned.
+            unsafe {
+                let cur = _mm256_loadu_ps(dst.as_ptr());
+                _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_fmadd_ps(pv, ld8(v, e), cur));
+            }
+        }
+        for e in whole..d {
+            a[e] = p.mul_add(v[e].to_f32(), a[e]);
+        }
+    }
+    let at = |slot: usize, lane: usize, e: usize| acc[(slot * 8 + lane) * d + e];
+    for (e, o) in out.iter_mut().enumerate() {
+        let mut a = [[0.0f32; 8]; 4];
+        for (slot, row) in a.iter_mut().enumerate().take(n_acc) {
+            for (lane, v) in row.iter_mut().enumerate() {
+                *v = at(slot, lane, e);
+            }
+        }
+        *o = if gemm {
+            shared::ggml_math::hsum8(&a[0])
+        } else {
+            reduce4x8(&a)
+        };
+    }
 }
 
 /// [`attend_head`] compiled with FMA: its `mul_add`s become single instructions
@@ -211,6 +339,48 @@ fn attend_head_impl<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector attention equals the scalar one bit for bit, at decode (vec_dot order) and in
+    /// a batch (tinyBLAS order), for head sizes with and without tails.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn attend_head_avx2_equals_scalar() {
+        if !has_avx2_fma_f16c() {
+            return;
+        }
+        let mut rng = shared::rng::SplitMix64::new(7);
+        for &(dim, n_kv) in &[(128, 1), (128, 37), (64, 300), (72, 9), (12, 40), (576, 64)] {
+            let q: Vec<f32> = (0..dim).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let kv = |_: usize| -> Vec<f16> {
+                (0..dim)
+                    .map(|_| f16::from_f32(rng.next_f32() * 4.0 - 2.0))
+                    .collect()
+            };
+            let ks: Vec<Vec<f16>> = (0..n_kv).map(kv).collect();
+            let vs: Vec<Vec<f16>> = (0..n_kv)
+                .map(|_| {
+                    (0..dim)
+                        .map(|_| f16::from_f32(rng.next_f32() * 4.0 - 2.0))
+                        .collect()
+                })
+                .collect();
+            for batch in [1, 2, 7] {
+                let mut want = vec![0.0f32; dim];
+                attend_head_impl(&q, n_kv, |j| &ks[j], |j| &vs[j], 0.088, batch, &mut want);
+                let mut got = vec![0.0f32; dim];
+                // SAFETY: checked above.
+                unsafe {
+                    attend_head_avx2(&q, n_kv, |j| &ks[j], |j| &vs[j], 0.088, batch, &mut got)
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "dim {dim}, n_kv {n_kv}, batch {batch}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn softmax_sums_to_one_and_orders() {

@@ -13,6 +13,8 @@ mod routing;
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use shared::gguf::{GgufError, GgufFile, TensorInfo};
 use shared::models::{Arch, HParams, ModelError};
 use shared::moe::{Assignment, MoeError};
@@ -507,22 +509,26 @@ impl Model {
         let n: usize = seqs.iter().map(|s| s.n).sum();
         let rows = token_rows(seqs);
         let mut out = vec![0.0f32; n * out_width];
-        out.chunks_exact_mut(hd_v).enumerate().for_each(|(idx, o)| {
-            let (t, h) = (idx / hp.n_head, idx % hp.n_head);
-            let (s, i) = rows[t];
-            let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
-            let kvh = h / group;
-            let qh = &q[t * q_width + h * hd_k..t * q_width + (h + 1) * hd_k];
-            attend_head(
-                qh,
-                pos0 + i + 1,
-                |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
-                |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
-                self.kq_scale,
-                n_seq,
-                o,
-            );
-        });
+        let seqs = &*seqs;
+        out.par_chunks_exact_mut(hd_v)
+            .with_min_len(HEADS_PER_TASK)
+            .enumerate()
+            .for_each(|(idx, o)| {
+                let (t, h) = (idx / hp.n_head, idx % hp.n_head);
+                let (s, i) = rows[t];
+                let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
+                let kvh = h / group;
+                let qh = &q[t * q_width + h * hd_k..t * q_width + (h + 1) * hd_k];
+                attend_head(
+                    qh,
+                    pos0 + i + 1,
+                    |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
+                    |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
+                    self.kq_scale,
+                    n_seq,
+                    o,
+                );
+            });
         self.linear(&a.wo, &out, seg)
     }
 
@@ -590,8 +596,10 @@ impl Model {
         let mut latent = vec![0.0f32; n * n_head * lora];
         {
             let rows = token_rows(seqs);
+            let seqs = &*seqs;
             latent
-                .chunks_exact_mut(lora)
+                .par_chunks_exact_mut(lora)
+                .with_min_len(HEADS_PER_TASK)
                 .enumerate()
                 .for_each(|(idx, o)| {
                     let (s, i) = rows[idx / n_head];
@@ -711,6 +719,10 @@ impl Model {
         Ok(out)
     }
 }
+
+/// (token, head) pairs of attention one parallel task computes at least: a decode step's
+/// heads are spread over the threads, a few to a task.
+const HEADS_PER_TASK: usize = 4;
 
 /// One sequence of a batch: its cache, its first position, and where its rows are.
 struct SeqRows<'c> {

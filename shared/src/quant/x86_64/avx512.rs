@@ -15,8 +15,9 @@ use std::arch::x86_64::*;
 
 use super::avx2::{
     cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_min_prod, k4_mins_acc,
-    k4_mins_value, k4_scales_mins, lane, ld, ld128, q4k_quants, q6k_quants, token_blocks, u16_at,
-    unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    k4_mins_value, k4_scales_mins, lane, ld, ld128, prefetch_span, q4k_quants, q6k_quants,
+    token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS,
+    Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -101,6 +102,7 @@ fn q4_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let mut acc = [_mm256_setzero_ps(); B];
     let mut acc_m = [_mm_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(144).enumerate() {
+        prefetch_span(w, i * 144, (i + 1) * 144);
         let (d, dmin) = f16_pair(wb, 0);
         let (sc, mn) = k4_scales_mins(&wb[4..16]);
         let sc = _mm256_set1_epi64x(sc as i64);
@@ -140,6 +142,7 @@ fn q6_k_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let n_chains = chains(B);
     let mut acc = [_mm256_setzero_ps(); B];
     for (i, wb) in w.chunks_exact(210).enumerate() {
+        prefetch_span(w, i * 210, (i + 1) * 210);
         let d = f16_at(wb, 208);
         let scales = _mm256_cvtepi8_epi16(ld128(wb, 192));
         let sc_half = halves(scales);
@@ -176,6 +179,7 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     let mut acc = [_mm256_setzero_ps(); B];
     for g0 in (0..n_blocks).step_by(GROUP) {
         let count = (n_blocks - g0).min(GROUP);
+        prefetch_span(w, g0 * Q8_0_BYTES, (g0 + count) * Q8_0_BYTES);
         let wd = f16x8(count, |k| u16_at(w, (g0 + k) * Q8_0_BYTES));
         let mut scales = [_mm256_setzero_ps(); B];
         for t in 0..B {
