@@ -146,6 +146,10 @@ pub struct Kernels {
     /// tinyBLAS, used for two tokens or more: F32, F16, BF16) replaced.
     gemm: [DotFn; N_TYPES],
     quantize: [QuantizeFn; N_TYPES],
+    /// Kernels of several consecutive weight rows times one activation row (`(n, rows, x,
+    /// one result per row)`, same contract with the roles of `w` and `xs` swapped), each
+    /// result bit-identical to `dot`'s; `None` where rows are computed one at a time.
+    rows: [Option<DotFn>; N_TYPES],
 }
 
 impl fmt::Debug for Kernels {
@@ -199,6 +203,7 @@ static SCALAR: Kernels = Kernels {
     dot: table!(scalar_dot),
     gemm: table!(scalar_dot),
     quantize: table!(scalar_quantize),
+    rows: [None; N_TYPES],
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -237,11 +242,14 @@ const fn avx2_tables() -> Tables {
 #[cfg(target_arch = "x86_64")]
 static AVX2: Kernels = {
     let (dot, gemm, quantize) = avx2_tables();
+    let mut rows: [Option<DotFn>; N_TYPES] = [None; N_TYPES];
+    rows[slot(GgmlType::Q8_0)] = Some(super::x86_64::avx2::dot_rows_q8_0);
     Kernels {
         isa: Isa::Avx2,
         dot,
         gemm,
         quantize,
+        rows,
     }
 };
 
@@ -255,11 +263,14 @@ static AVX512: Kernels = {
     gemm[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
     gemm[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
     gemm[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
+    let mut rows: [Option<DotFn>; N_TYPES] = [None; N_TYPES];
+    rows[slot(GgmlType::Q8_0)] = Some(avx512::dot_rows_q8_0);
     Kernels {
         isa: Isa::Avx512,
         dot,
         gemm,
         quantize,
+        rows,
     }
 };
 
@@ -362,6 +373,43 @@ impl Kernels {
         // SAFETY: the table's features were detected before it was handed out (invariant of
         // `Kernels`), and the lengths were checked above, which is the entry's whole contract.
         unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
+    }
+
+    /// Dot products of `out.len()` consecutive weight rows (`w`, each `ty.row_bytes(n)`
+    /// bytes) with one activation row `x`; each result is bit-identical to
+    /// [`Kernels::vec_dot`] of that row. Types with a rows kernel interleave the rows'
+    /// independent accumulation chains, which a one-token product is otherwise bound by.
+    ///
+    /// Panics as [`Kernels::vec_dot`] does, or if `w` is not `out.len()` whole rows.
+    pub fn vec_dot_rows(&self, ty: GgmlType, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        assert_eq!(
+            w.len(),
+            w_row * out.len(),
+            "vec_dot_rows {ty}: {} weight bytes for {} rows of {n}",
+            w.len(),
+            out.len()
+        );
+        if out.is_empty() {
+            return;
+        }
+        match self.rows[slot(ty)] {
+            Some(f) => {
+                let Some(_) = check_batch("vec_dot_rows", ty, n, &w[..w_row], x, &mut out[..1])
+                else {
+                    out.fill(0.0);
+                    return;
+                };
+                // SAFETY: features detected (invariant of `Kernels`); `w` is `out.len()` whole
+                // rows (asserted above) and `x` one activation row of `n` (checked).
+                unsafe { f(n, w, x, out) }
+            }
+            None => {
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(w_row.max(1))) {
+                    *o = self.vec_dot(ty, n, row, x);
+                }
+            }
+        }
     }
 
     /// [`Kernels::vec_dot_batch`] for a Q4_K matrix with a multiple of 8 rows, which ggml's

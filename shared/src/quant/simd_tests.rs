@@ -287,6 +287,40 @@ proptest! {
         check_dot(ty, n_blocks, batch, seed)?;
     }
 
+    /// Several rows against one activation row (the one-token matvec path) give each row's
+    /// `vec_dot` bit for bit, at every level, for every row count around the kernels' tile.
+    #[test]
+    fn dot_rows_equal_vec_dot(
+        ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
+        n_blocks in n_blocks(),
+        n_rows in 1usize..=11,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let n = n_blocks * ty.block_elems();
+        let w: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n)).collect();
+        let x = random_activations(&mut rng, ty, n, 1);
+        let row_bytes = w.len() / n_rows;
+        for kernels in Kernels::supported() {
+            let mut got = vec![f32::NAN; n_rows];
+            kernels.vec_dot_rows(ty, n, &w, &x, &mut got);
+            for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+                let want = kernels.vec_dot(ty, n, row, &x);
+                prop_assert_eq!(
+                    got[r].to_bits(),
+                    want.to_bits(),
+                    "{} {}: row {} of {}: {} vs {}",
+                    kernels.isa(),
+                    ty,
+                    r,
+                    n_rows,
+                    got[r],
+                    want
+                );
+            }
+        }
+    }
+
     #[test]
     fn float_dot_odd_lengths(
         ty in prop::sample::select(vec![GgmlType::F32, GgmlType::F16, GgmlType::BF16]),

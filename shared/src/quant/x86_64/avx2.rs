@@ -644,6 +644,100 @@ fn unpack_q5_0(wb: &[u8]) -> __m256i {
 }
 
 q8_0_family!(q8_0_tile, 34, unpack_q8_0);
+
+/// Body of a kernel computing several consecutive Q8_0 weight rows against ONE activation row:
+/// each row keeps its own accumulator and exactly the operations of `q8_0_tile::<1>` in the
+/// same order (so the same bits), but the rows' FMA chains are independent, so their latency
+/// overlaps: a one-token product is then limited by throughput, not by one chain per row.
+/// `$dot(wq, xq)` is the block's integer dot product (exact, whichever instructions).
+macro_rules! q8_0_rows {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $dot:ident) => {
+        $(#[$doc])*
+        #[inline]
+        #[target_feature(enable = $features)]
+        pub(super) fn $name<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
+            let x_blocks = x.as_chunks::<Q8_0_BYTES>().0;
+            let mut w_blocks: [&[[u8; Q8_0_BYTES]]; R] = [&[]; R];
+            for (wb, row) in w_blocks.iter_mut().zip(w) {
+                *wb = row.as_chunks::<Q8_0_BYTES>().0;
+            }
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (g, x_group) in x_blocks.chunks(GROUP).enumerate() {
+                let count = x_group.len();
+                let xd = f16x8(count, |k| u16_at(&x_group[k], 0));
+                let mut w_group: [&[[u8; Q8_0_BYTES]]; R] = [&[]; R];
+                let mut scales = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    w_group[r] = &w_blocks[r][g * GROUP..g * GROUP + count];
+                    prefetch_span(w[r], g * GROUP * Q8_0_BYTES, (g * GROUP + count) * Q8_0_BYTES);
+                    let wd = f16x8(count, |k| u16_at(&w_group[r][k], 0));
+                    scales[r] = _mm256_mul_ps(wd, xd);
+                }
+                for k in 0..count {
+                    let xq = ld(&x_group[k], 2);
+                    for r in 0..R {
+                        let sumi = $dot(ld(&w_group[r][k], 2), xq);
+                        let scale = lane(scales[r], k);
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[r]);
+                    }
+                }
+            }
+            hsum_each(&acc)
+        }
+    };
+}
+pub(super) use q8_0_rows;
+
+/// Σ of a block's products of signed weight and activation bytes (`maddubs` + `madd`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_0_block_dot(wq: __m256i, xq: __m256i) -> __m256i {
+    dot_i8_signed(_mm256_sign_epi8(wq, wq), wq, xq)
+}
+
+q8_0_rows!(
+    /// Q8_0 rows · one Q8_0 activation row.
+    q8_0_rows_tile,
+    "avx2,fma,f16c",
+    q8_0_block_dot
+);
+
+/// Runs a rows kernel over `out.len()` consecutive weight rows of `w` (four at a time).
+macro_rules! rows_driver {
+    ($(#[$doc:meta])* $name:ident, $tile:ident, $features:literal) => {
+        $(#[$doc])*
+        ///
+        /// `w` holds `out.len()` weight rows of `n` elements back to back, `x` one activation
+        /// row; lengths are checked by `dispatch`.
+        #[target_feature(enable = $features)]
+        pub(crate) fn $name(n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+            let _ = n;
+            let n_rows = out.len();
+            if n_rows == 0 {
+                return;
+            }
+            let rb = w.len() / n_rows;
+            let row = |r: usize| &w[r * rb..(r + 1) * rb];
+            for (tile_idx, out_tile) in out.chunks_mut(4).enumerate() {
+                let r0 = tile_idx * 4;
+                match out_tile.len() {
+                    4 => out_tile.copy_from_slice(&$tile::<4>([row(r0), row(r0 + 1), row(r0 + 2), row(r0 + 3)], x)),
+                    3 => out_tile.copy_from_slice(&$tile::<3>([row(r0), row(r0 + 1), row(r0 + 2)], x)),
+                    2 => out_tile.copy_from_slice(&$tile::<2>([row(r0), row(r0 + 1)], x)),
+                    _ => out_tile.copy_from_slice(&$tile::<1>([row(r0)], x)),
+                }
+            }
+        }
+    };
+}
+pub(super) use rows_driver;
+
+rows_driver!(
+    /// Q8_0 weight rows · one Q8_0 activation row (each result as `dot_q8_0` gives it).
+    dot_rows_q8_0,
+    q8_0_rows_tile,
+    "avx2,fma,f16c"
+);
 q8_0_family!(q4_0_tile, 18, unpack_q4_0);
 q8_0_family!(q5_0_tile, 22, unpack_q5_0);
 

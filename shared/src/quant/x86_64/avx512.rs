@@ -16,8 +16,8 @@ use std::arch::x86_64::*;
 use super::avx2::{
     cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_min_prod, k4_mins_acc,
     k4_mins_value, k4_scales_mins, lane, ld, ld128, prefetch_span, q4k_quants, q6k_quants,
-    token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS,
-    Q8_K_BYTES, Q8_K_QS,
+    q8_0_rows, rows_driver, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE,
+    Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -202,3 +202,26 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
     }
     hsum_each(&acc)
 }
+
+/// Σ of a block's products of signed weight and activation bytes, with VNNI.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q8_0_block_dot(wq: __m256i, xq: __m256i) -> __m256i {
+    // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
+    let aw = _mm256_sign_epi8(wq, wq);
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xq, wq))
+}
+
+q8_0_rows!(
+    /// Q8_0 rows · one Q8_0 activation row, VNNI.
+    q8_0_rows_tile,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    q8_0_block_dot
+);
+
+rows_driver!(
+    /// Q8_0 weight rows · one Q8_0 activation row (each result as `dot_q8_0` gives it).
+    dot_rows_q8_0,
+    q8_0_rows_tile,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
