@@ -25,6 +25,33 @@ pub struct BenchConfig {
     /// Numbers of concurrent sequences to measure batched decode at (`--parallel`); each
     /// step decodes one token of every sequence in one `Engine::step`.
     pub parallel: Vec<usize>,
+    /// Also profile one decode pass (`--profile`): where each token's time goes.
+    pub profile: bool,
+}
+
+/// One phase of the decode profile, in milliseconds per token.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseProfile {
+    pub phase: String,
+    /// Wall time of the phase on the thread driving the pass.
+    pub wall_ms: f64,
+    /// Per thread (in [`DecodeProfile::threads`] order): time in work (kernels and the
+    /// serial steps between them).
+    pub work_ms: Vec<f64>,
+    /// Per thread: wall minus work — idle, waiting for the other threads, or unmarked code.
+    pub idle_ms: Vec<f64>,
+}
+
+/// Where a decoded token's time goes (`--profile`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeProfile {
+    /// Tokens decoded with profiling on (after a prefill of the benchmark's prompt).
+    pub tokens: usize,
+    /// Wall time per token of the profiled pass (slightly above the timed passes': the
+    /// counters cost a little).
+    pub wall_ms: f64,
+    pub threads: Vec<String>,
+    pub phases: Vec<PhaseProfile>,
 }
 
 /// Decode speed with several sequences stepping together.
@@ -60,6 +87,9 @@ pub struct BenchResult {
     pub kernels: String,
     /// Batched decode at each `--parallel` count (empty unless asked).
     pub parallel: Vec<ParallelResult>,
+    /// With `--profile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<DecodeProfile>,
 }
 
 /// Bytes a decode step reads (see the module comment).
@@ -125,6 +155,11 @@ pub fn run(
             speedup: tps / d_med,
         });
     }
+    let profile = if cfg.profile {
+        Some(profile_decode(engine, &tokens, cfg)?)
+    } else {
+        None
+    };
     // Before the bandwidth probe, whose buffer would otherwise dominate the peak.
     let peak_rss_bytes = shared::membw::peak_rss_bytes().unwrap_or(0);
     let bandwidth = shared::membw::read_bandwidth(cfg.bandwidth_buffer, 5);
@@ -148,7 +183,97 @@ pub fn run(
         peak_rss_bytes,
         kernels: engine.model().kernels().isa().to_string(),
         parallel,
+        profile,
     })
+}
+
+/// One decode pass of `cfg.n_decode` tokens after the prompt, with the profile counters on.
+fn profile_decode(
+    engine: &Engine,
+    tokens: &[u32],
+    cfg: &BenchConfig,
+) -> Result<DecodeProfile, EngineError> {
+    use shared::profile::{self, Phase};
+    let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
+    let mut next = argmax(&engine.prefill(&mut cache, tokens)?);
+    profile::set_enabled(true);
+    let t = Instant::now();
+    let mut run = || -> Result<(), EngineError> {
+        for _ in 0..cfg.n_decode {
+            let logits = engine.forward(&mut cache, &[next], Logits::Last)?;
+            next = argmax(&logits);
+        }
+        Ok(())
+    };
+    let outcome = run();
+    let elapsed = t.elapsed();
+    profile::set_enabled(false);
+    outcome?;
+    let report = profile::report();
+    let per_token = |ns: u64| ns as f64 / 1e6 / cfg.n_decode.max(1) as f64;
+    let threads: Vec<String> = report.threads.iter().map(|(n, _)| n.clone()).collect();
+    let phases = Phase::ALL
+        .iter()
+        .map(|&p| {
+            let wall = per_token(report.wall_ns[p as usize]);
+            let work_ms: Vec<f64> = report
+                .threads
+                .iter()
+                .map(|(_, ns)| per_token(ns[p as usize]))
+                .collect();
+            let idle_ms = work_ms.iter().map(|w| (wall - w).max(0.0)).collect();
+            PhaseProfile {
+                phase: p.name().to_owned(),
+                wall_ms: wall,
+                work_ms,
+                idle_ms,
+            }
+        })
+        .collect();
+    Ok(DecodeProfile {
+        tokens: cfg.n_decode,
+        wall_ms: elapsed.as_secs_f64() * 1e3 / cfg.n_decode.max(1) as f64,
+        threads,
+        phases,
+    })
+}
+
+/// The profile as a text table (ms per token).
+pub fn profile_table(p: &DecodeProfile) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let total_wall: f64 = p.phases.iter().map(|ph| ph.wall_ms).sum();
+    let _ = writeln!(
+        s,
+        "profile: {} decoded tokens, {:.3} ms per token; per thread: work (kernels and the \
+         serial steps between them) / idle (wall - work: waiting, synchronization)",
+        p.tokens, p.wall_ms
+    );
+    let mut header = format!("{:<10} {:>9} {:>6}", "phase", "wall ms", "share");
+    for t in &p.threads {
+        let _ = write!(header, " | {:>21}", format!("{t} work/idle"));
+    }
+    let _ = writeln!(s, "{header}");
+    let mut work_total = vec![0.0; p.threads.len()];
+    for ph in &p.phases {
+        let share = if total_wall > 0.0 {
+            100.0 * ph.wall_ms / total_wall
+        } else {
+            0.0
+        };
+        let mut line = format!("{:<10} {:>9.3} {:>5.1}%", ph.phase, ph.wall_ms, share);
+        for (i, (w, idle)) in ph.work_ms.iter().zip(&ph.idle_ms).enumerate() {
+            work_total[i] += w;
+            let _ = write!(line, " | {:>10.3} / {:>8.3}", w, idle);
+        }
+        let _ = writeln!(s, "{line}");
+    }
+    let mut line = format!("{:<10} {:>9.3} {:>5.1}%", "total", total_wall, 100.0);
+    for w in &work_total {
+        let _ = write!(line, " | {:>10.3} / {:>8.3}", w, (total_wall - w).max(0.0));
+    }
+    let _ = writeln!(s, "{line}");
+    s
 }
 
 /// Aggregate decode tokens/s of `b` sequences stepping together (median over repetitions):

@@ -10,6 +10,7 @@ pub mod membw;
 pub mod models;
 pub mod moe;
 pub mod placement;
+pub mod profile;
 pub mod quant;
 pub mod rng;
 pub mod topology;

@@ -396,13 +396,15 @@ pub fn compute_routed_segments(
             slot_rows[slot] = &rows[i * n_embd..(i + 1) * n_embd];
         }
     }
-    out.fill(0.0);
-    for (slot, a) in assignments.iter().enumerate() {
-        let dst = &mut out[a.token as usize * n_embd..(a.token as usize + 1) * n_embd];
-        for (o, &d) in dst.iter_mut().zip(slot_rows[slot]) {
-            *o += d * a.weight;
+    crate::profile::work(|| {
+        out.fill(0.0);
+        for (slot, a) in assignments.iter().enumerate() {
+            let dst = &mut out[a.token as usize * n_embd..(a.token as usize + 1) * n_embd];
+            for (o, &d) in dst.iter_mut().zip(slot_rows[slot]) {
+                *o += d * a.weight;
+            }
         }
-    }
+    });
     Ok(())
 }
 
@@ -441,8 +443,10 @@ pub fn compute_dense_segments(
         matmul_segments(kernels, &m.gate, x_gate, segments, &mut gate);
         let mut up = vec![0.0f32; n_tokens * n_ff];
         matmul_segments(kernels, &m.up, x_up, segments, &mut up);
-        crate::ggml_math::swiglu_in_place(&mut gate, &up);
-        let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
+        let hidden = crate::profile::work(|| {
+            crate::ggml_math::swiglu_in_place(&mut gate, &up);
+            Activations::quantize(kernels, m.down.ty, &gate, n_ff)
+        });
         if i == 0 {
             matmul_segments(kernels, &m.down, &hidden, segments, out);
         } else {
@@ -470,7 +474,7 @@ fn expert_ffn(
     let n = tokens.len();
     let n_ff = m.n_ff();
     let seg = Some(segments);
-    let xg = x_gate.gather(tokens);
+    let xg = crate::profile::work(|| x_gate.gather(tokens));
     let mut gate = vec![0.0f32; n * n_ff];
     matmul_vec_dot_segments(kernels, &m.gate, &xg, seg, &mut gate);
     let mut up = vec![0.0f32; n * n_ff];
@@ -479,8 +483,10 @@ fn expert_ffn(
     } else {
         matmul_vec_dot_segments(kernels, &m.up, &x_up.gather(tokens), seg, &mut up);
     }
-    crate::ggml_math::swiglu_in_place(&mut gate, &up);
-    let hidden = Activations::quantize(kernels, m.down.ty, &gate, n_ff);
+    let hidden = crate::profile::work(|| {
+        crate::ggml_math::swiglu_in_place(&mut gate, &up);
+        Activations::quantize(kernels, m.down.ty, &gate, n_ff)
+    });
     let mut down = vec![0.0f32; n * m.down.n_rows];
     matmul_vec_dot_segments(kernels, &m.down, &hidden, seg, &mut down);
     down

@@ -101,6 +101,10 @@ enum Command {
         /// 1,4,8): aggregate generation tokens/s (continuous batching)
         #[arg(long, value_delimiter = ',')]
         parallel: Vec<usize>,
+        /// Also profile one decode pass: per token, the wall time of attention, router,
+        /// FFN/experts and the rest, and per thread the time in work and idle
+        #[arg(long)]
+        profile: bool,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
@@ -489,6 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             n_gen,
             reps,
             parallel,
+            profile,
             json,
             dist,
         } => {
@@ -502,6 +507,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
+                .thread_name(|i| format!("worker-{i}"))
                 .build()
                 .context("starting worker threads")?;
             let engine = open_engine_dist(&model, &dist)?;
@@ -511,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reps,
                 bandwidth_buffer: 1 << 30,
                 parallel,
+                profile,
             };
             let name = model.display().to_string();
             let r = pool
@@ -545,6 +552,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "decode x{:<3}      {:>9.1} tok/s for all sequences ({:.2}x batch 1)",
                         p.sequences, p.decode_tps, p.speedup
                     );
+                }
+                if let Some(p) = &r.profile {
+                    println!();
+                    print!("{}", coordinator::bench::profile_table(p));
                 }
             }
             Ok(())

@@ -136,6 +136,19 @@ pub fn attend_head<'a>(
     batch_tokens: usize,
     out: &mut [f32],
 ) {
+    shared::profile::work(|| attend_head_best(q, n_kv, keys, values, scale, batch_tokens, out))
+}
+
+/// [`attend_head`] at the best level the CPU has.
+fn attend_head_best<'a>(
+    q: &[f32],
+    n_kv: usize,
+    keys: impl Fn(usize) -> &'a [f16],
+    values: impl Fn(usize) -> &'a [f16],
+    scale: f32,
+    batch_tokens: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma_f16c() {

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use shared::gguf::{GgufError, GgufFile, TensorInfo};
 use shared::models::{Arch, HParams, ModelError};
 use shared::moe::{Assignment, MoeError};
+use shared::profile::{self, Phase};
 use shared::quant::dispatch::Kernels;
 use shared::quant::matmul::{
     matmul_segments, matmul_unrepacked_segments, Activations, Segments, WeightMatrix,
@@ -327,16 +328,18 @@ impl Model {
         let ones = vec![1usize; seqs.len()];
         let seg_last: Segments<'_> = (seqs.len() > 1).then_some(ones.as_slice());
 
+        profile::enter(Phase::Rest);
         let mut x = vec![0.0f32; n * n_embd];
         let all_tokens = seqs.iter().flat_map(|(_, t)| t.iter());
         for (row, &tok) in x.chunks_exact_mut(n_embd).zip(all_tokens) {
             if tok as usize >= self.hp.n_vocab {
+                profile::leave();
                 return Err(EngineError::BadToken {
                     token: tok,
                     n_vocab: self.hp.n_vocab,
                 });
             }
-            self.embed(tok, row);
+            profile::work(|| self.embed(tok, row));
         }
         let mut rows: Vec<SeqRows<'_>> = Vec::with_capacity(seqs.len());
         let mut start = 0;
@@ -353,45 +356,78 @@ impl Model {
         // The last row of each sequence.
         let last_rows: Vec<usize> = rows.iter().map(|r| r.start + r.n - 1).collect();
 
+        let out = self.layers_and_head(experts, &mut rows, x, n, seg, seg_last, &last_rows, which);
+        profile::leave();
+        out
+    }
+
+    /// The layers and the output head of [`Model::forward_batch`] (phases marked for the
+    /// profile).
+    #[allow(clippy::too_many_arguments)]
+    fn layers_and_head(
+        &self,
+        experts: &dyn ExpertExecutor,
+        rows: &mut [SeqRows<'_>],
+        mut x: Vec<f32>,
+        n: usize,
+        seg: Segments<'_>,
+        seg_last: Segments<'_>,
+        last_rows: &[usize],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n_embd = self.hp.n_embd;
         for (il, layer) in self.layers.iter().enumerate() {
-            let mut cur = x.clone();
-            rms_norm(&mut cur, n_embd, &layer.attn_norm, self.hp.rms_eps);
+            profile::enter(Phase::Attention);
+            let cur = profile::work(|| {
+                let mut cur = x.clone();
+                rms_norm(&mut cur, n_embd, &layer.attn_norm, self.hp.rms_eps);
+                cur
+            });
             let attn_out = match &layer.attn {
-                Attention::Gqa(a) => self.gqa(il, a, &cur, &mut rows, seg),
-                Attention::Mla(a) => self.mla(il, a, &cur, &mut rows, seg),
+                Attention::Gqa(a) => self.gqa(il, a, &cur, rows, seg),
+                Attention::Mla(a) => self.mla(il, a, &cur, rows, seg),
             };
             // The last layer only needs the rows whose logits are wanted.
             let last_layer = il + 1 == self.layers.len() && which == Logits::Last;
             let (keep, ffn_seg): (Vec<usize>, Segments<'_>) = if last_layer {
-                (last_rows.clone(), seg_last)
+                (last_rows.to_vec(), seg_last)
             } else {
                 ((0..n).collect(), seg)
             };
             let n_rows = keep.len();
-            let mut ffn_inp = Vec::with_capacity(n_rows * n_embd);
-            for &r in &keep {
-                let a = &attn_out[r * n_embd..(r + 1) * n_embd];
-                let b = &x[r * n_embd..(r + 1) * n_embd];
-                ffn_inp.extend(a.iter().zip(b).map(|(a, b)| a + b));
-            }
-            let mut cur = ffn_inp.clone();
-            rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
+            profile::enter(Phase::Rest);
+            let (mut ffn_inp, cur) = profile::work(|| {
+                let mut ffn_inp = Vec::with_capacity(n_rows * n_embd);
+                for &r in &keep {
+                    let a = &attn_out[r * n_embd..(r + 1) * n_embd];
+                    let b = &x[r * n_embd..(r + 1) * n_embd];
+                    ffn_inp.extend(a.iter().zip(b).map(|(a, b)| a + b));
+                }
+                let mut cur = ffn_inp.clone();
+                rms_norm(&mut cur, n_embd, &layer.ffn_norm, self.hp.rms_eps);
+                (ffn_inp, cur)
+            });
             let ffn_out = match &layer.ffn {
-                Ffn::Dense(f) => self
-                    .start_dense_ffn(il, f, &cur, experts, ffn_seg)?
-                    .finish(n_rows * n_embd)?,
+                Ffn::Dense(f) => {
+                    profile::enter(Phase::Ffn);
+                    self.start_dense_ffn(il, f, &cur, experts, ffn_seg)?
+                        .finish(n_rows * n_embd)?
+                }
                 Ffn::Moe(m) => self.moe_ffn(il, m, &cur, n_rows, experts, ffn_seg)?,
             };
-            for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
-                *o += f;
-            }
+            profile::enter(Phase::Rest);
+            profile::work(|| {
+                for (o, f) in ffn_inp.iter_mut().zip(&ffn_out) {
+                    *o += f;
+                }
+            });
             x = ffn_inp;
         }
-        for r in &mut rows {
+        for r in rows.iter_mut() {
             r.cache.advance(r.n);
         }
 
-        rms_norm(&mut x, n_embd, &self.output_norm, self.hp.rms_eps);
+        profile::work(|| rms_norm(&mut x, n_embd, &self.output_norm, self.hp.rms_eps));
         let out_seg = if which == Logits::Last { seg_last } else { seg };
         Ok(self.linear(&self.output, &x, out_seg))
     }
@@ -489,21 +525,23 @@ impl Model {
         let q_width = hp.n_head * hd_k;
         let k_width = hp.n_head_kv * hd_k;
         let v_width = hp.n_head_kv * hd_v;
-        for s in seqs.iter_mut() {
-            for i in 0..s.n {
-                let t = s.start + i;
-                self.rope
-                    .apply(&mut q[t * q_width..(t + 1) * q_width], hd_k, s.pos0 + i);
-                self.rope
-                    .apply(&mut k[t * k_width..(t + 1) * k_width], hd_k, s.pos0 + i);
-                s.cache.store(
-                    il,
-                    s.pos0 + i,
-                    &k[t * k_width..(t + 1) * k_width],
-                    &v[t * v_width..(t + 1) * v_width],
-                );
+        profile::work(|| {
+            for s in seqs.iter_mut() {
+                for i in 0..s.n {
+                    let t = s.start + i;
+                    self.rope
+                        .apply(&mut q[t * q_width..(t + 1) * q_width], hd_k, s.pos0 + i);
+                    self.rope
+                        .apply(&mut k[t * k_width..(t + 1) * k_width], hd_k, s.pos0 + i);
+                    s.cache.store(
+                        il,
+                        s.pos0 + i,
+                        &k[t * k_width..(t + 1) * k_width],
+                        &v[t * v_width..(t + 1) * v_width],
+                    );
+                }
             }
-        }
+        });
         let group = hp.n_head / hp.n_head_kv;
         let out_width = hp.n_head * hd_v;
         let n: usize = seqs.iter().map(|s| s.n).sum();
@@ -683,18 +721,23 @@ impl Model {
         experts: &dyn ExpertExecutor,
         seg: Segments<'_>,
     ) -> Result<Vec<f32>, EngineError> {
+        profile::enter(Phase::Router);
         let mut logits = self.linear(&m.gate_inp, cur, seg);
-        if let Some(b) = &m.gate_inp_bias {
-            add_bias(&mut logits, b);
-        }
-        let assignments: Vec<Assignment> =
-            routing::route(&self.hp, &logits, m.exp_probs_b.as_deref(), n);
-        self.routing.record(il, n, &assignments);
-        let inputs: Vec<Activations> = m
-            .input_types
-            .iter()
-            .map(|&ty| Activations::quantize(self.kernels, ty, cur, self.hp.n_embd))
-            .collect();
+        let (assignments, inputs) = profile::work(|| {
+            if let Some(b) = &m.gate_inp_bias {
+                add_bias(&mut logits, b);
+            }
+            let assignments: Vec<Assignment> =
+                routing::route(&self.hp, &logits, m.exp_probs_b.as_deref(), n);
+            self.routing.record(il, n, &assignments);
+            let inputs: Vec<Activations> = m
+                .input_types
+                .iter()
+                .map(|&ty| Activations::quantize(self.kernels, ty, cur, self.hp.n_embd))
+                .collect();
+            (assignments, inputs)
+        });
+        profile::enter(Phase::Ffn);
         let pending = experts.start(il, &inputs, &assignments, seg)?;
         // The shared expert is computed (here or on nodes) while the routed experts run.
         let shared = match &m.shared {

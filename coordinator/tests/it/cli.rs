@@ -336,3 +336,73 @@ fn unsupported_architecture_and_missing_tensor_are_load_errors() {
     );
     assert!(!out_path.exists(), "nothing written on failure");
 }
+
+/// `bench --json --profile`: the fields the performance issue names, and a profile whose
+/// phases add up to the pass and whose per-thread work never exceeds the phase's wall time.
+#[test]
+fn bench_json_with_profile() {
+    let model = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let out = ok(&moeshard(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "-t",
+        "2",
+        "-p",
+        "8",
+        "-n",
+        "6",
+        "--reps",
+        "1",
+        "--profile",
+        "--json",
+    ]));
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for field in [
+        "prompt_tps",
+        "decode_tps",
+        "bandwidth_gbs",
+        "bytes_per_token",
+        "bound_tps",
+        "peak_rss_bytes",
+    ] {
+        let v = j[field].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0, "{field} = {v} in {out}");
+    }
+    let p = &j["profile"];
+    assert_eq!(p["tokens"], 6);
+    let threads = p["threads"].as_array().unwrap();
+    assert!(!threads.is_empty(), "{p}");
+    let phases = p["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases
+        .iter()
+        .map(|ph| ph["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["attention", "router", "ffn", "rest"]);
+    let wall_sum: f64 = phases
+        .iter()
+        .map(|ph| ph["wall_ms"].as_f64().unwrap())
+        .sum();
+    let wall = p["wall_ms"].as_f64().unwrap();
+    assert!(
+        wall_sum <= wall * 1.01 && wall_sum >= wall * 0.5,
+        "phases {wall_sum} ms of a {wall} ms token"
+    );
+    for ph in phases {
+        let w = ph["wall_ms"].as_f64().unwrap();
+        assert!(w > 0.0, "{ph}");
+        for work in ph["work_ms"].as_array().unwrap() {
+            assert!(work.as_f64().unwrap() <= w * 1.001 + 1e-3, "{ph}");
+        }
+    }
+    // The experts and the attention do work on some thread.
+    for (i, name) in [(0, "attention"), (2, "ffn")] {
+        let work: f64 = phases[i]["work_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!(work > 0.0, "{name}: {}", phases[i]);
+    }
+}

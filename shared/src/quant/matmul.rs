@@ -617,13 +617,13 @@ fn run_chunks(
     task: &(impl Fn(&[u8], &mut [f32]) + Sync),
 ) {
     if weights.len() <= weight_chunk {
-        task(weights, dst);
+        crate::profile::work(|| task(weights, dst));
         return;
     }
     weights
         .par_chunks(weight_chunk)
         .zip(dst.par_chunks_mut(dst_chunk))
-        .for_each(|(w, d)| task(w, d));
+        .for_each(|(w, d)| crate::profile::work(|| task(w, d)));
 }
 
 /// Weights below which a task is not worth splitting further (a few microseconds of work).
