@@ -412,6 +412,46 @@ impl Kernels {
         }
     }
 
+    /// [`Kernels::vec_dot_rows`] in CPU_REPACK's GEMV order (a Q4_K matrix with a multiple
+    /// of 8 rows, one token): each result is bit-identical to
+    /// [`Kernels::repack_dot_batch`]`(.., gemm = false)` of that row.
+    ///
+    /// Panics as [`Kernels::repack_dot_batch`] does, or if `w` is not `out.len()` whole rows.
+    pub fn repack_dot_rows(&self, ty: GgmlType, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+        assert_eq!(
+            ty,
+            GgmlType::Q4_K,
+            "repack_dot_rows: {ty} has no repacked order"
+        );
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        assert_eq!(
+            w.len(),
+            w_row * out.len(),
+            "repack_dot_rows {ty}: {} weight bytes for {} rows of {n}",
+            w.len(),
+            out.len()
+        );
+        if out.is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            let Some(_) = check_batch("repack_dot_rows", ty, n, &w[..w_row], x, &mut out[..1])
+            else {
+                out.fill(0.0);
+                return;
+            };
+            // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
+            // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `out.len()` whole rows
+            // (asserted above) and `x` one activation row of `n` (checked).
+            unsafe { super::x86_64::avx512::dot_rows_q4_k_repack(n, w, x, out) };
+            return;
+        }
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(w_row.max(1))) {
+            self.repack_dot_batch(ty, n, row, x, std::slice::from_mut(o), false);
+        }
+    }
+
     /// [`Kernels::vec_dot_batch`] for a Q4_K matrix with a multiple of 8 rows, which ggml's
     /// CPU_REPACK buffer interleaves and multiplies with its own kernels, in their float
     /// order: the GEMM kernel's when `gemm` (a 2-D `MUL_MAT`'s tokens in whole groups of

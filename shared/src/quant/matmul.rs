@@ -535,10 +535,14 @@ fn matmul_rows_in(
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
-        if n_tokens == 1 && !repacked {
-            // One token takes vec_dot's order whatever the call: rows go through the kernels
-            // several at a time (independent accumulation chains).
-            kernels.vec_dot_rows(ty, n, chunk, &x.data, dst);
+        if n_tokens == 1 {
+            // One token takes vec_dot's order (CPU_REPACK's GEMV order for a repacked
+            // weight) whatever the call: rows go through the kernels several at a time.
+            if repacked {
+                kernels.repack_dot_rows(ty, n, chunk, &x.data, dst);
+            } else {
+                kernels.vec_dot_rows(ty, n, chunk, &x.data, dst);
+            }
             return;
         }
         for &(seg_start, seg_tokens, seg_len) in &groups {

@@ -321,6 +321,40 @@ proptest! {
         }
     }
 
+    /// Q4_K rows in CPU_REPACK's GEMV order against one activation row give each row's
+    /// `repack_dot_batch` (GEMV) bit for bit, at every level.
+    #[test]
+    fn repack_rows_equal_repack_gemv(
+        n_blocks in 1usize..=12,
+        n_rows in 1usize..=11,
+        seed in any::<u64>(),
+    ) {
+        let ty = GgmlType::Q4_K;
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let n = n_blocks * ty.block_elems();
+        let w: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n)).collect();
+        let x = random_activations(&mut rng, ty, n, 1);
+        let row_bytes = w.len() / n_rows;
+        for kernels in Kernels::supported() {
+            let mut got = vec![f32::NAN; n_rows];
+            kernels.repack_dot_rows(ty, n, &w, &x, &mut got);
+            for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+                let mut want = [f32::NAN];
+                kernels.repack_dot_batch(ty, n, row, &x, &mut want, false);
+                prop_assert_eq!(
+                    got[r].to_bits(),
+                    want[0].to_bits(),
+                    "{}: row {} of {}: {} vs {}",
+                    kernels.isa(),
+                    r,
+                    n_rows,
+                    got[r],
+                    want[0]
+                );
+            }
+        }
+    }
+
     #[test]
     fn float_dot_odd_lengths(
         ty in prop::sample::select(vec![GgmlType::F32, GgmlType::F16, GgmlType::BF16]),

@@ -14,10 +14,10 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, k4_min_prod, k4_mins_acc,
-    k4_mins_value, k4_scales_mins, lane, ld, ld128, prefetch_span, q4k_quants, q6k_quants,
-    q8_0_rows, rows_driver, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE,
-    Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32, k4_min_prod,
+    k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, prefetch_span, q4k_quants,
+    q6k_quants, q8_0_rows, rows_driver, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE,
+    K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -223,5 +223,62 @@ rows_driver!(
     /// Q8_0 weight rows · one Q8_0 activation row (each result as `dot_q8_0` gives it).
     dot_rows_q8_0,
     q8_0_rows_tile,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
+
+/// Q4_K rows · one Q8_K activation row in the order of ggml's CPU_REPACK GEMV kernel (see
+/// `avx2::q4_k_repack_tile`): per super-block one exact integer total and one mins sum, each
+/// converted and added with one scalar FMA. The integer totals are exact whichever
+/// instructions make them, so VNNI's `vpdpwssd` folds the scale multiply and the sum, the
+/// activation's quants are loaded once for all the rows, and each row's result is the bits
+/// `avx2::dot_q4_k_repack` gives (tested).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_repack_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
+    let mut acc = [_mm_setzero_ps(); R];
+    let mut acc_m = [_mm_setzero_ps(); R];
+    for (i, xb) in x.chunks_exact(Q8_K_BYTES).enumerate() {
+        let xd = f32_at(xb, 0);
+        let mut xq = [[_mm256_setzero_si256(); 2]; 4];
+        for (c, q) in xq.iter_mut().enumerate() {
+            *q = [ld(xb, Q8_K_QS + 64 * c), ld(xb, Q8_K_QS + 64 * c + 32)];
+        }
+        for r in 0..R {
+            let wb = &w[r][i * 144..(i + 1) * 144];
+            prefetch_span(w[r], i * 144, (i + 1) * 144);
+            let (d, dmin) = f16_pair(wb, 0);
+            let (sc, mn) = k4_scales_mins(&wb[4..16]);
+            let sc = _mm256_set1_epi64x(sc as i64);
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+            let mut sumi = [_mm256_setzero_si256(); 2];
+            for (c, q) in xq.iter().enumerate() {
+                let (lo, hi) = q4k_quants(wb, c);
+                let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+                let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+                let p_lo = _mm256_maddubs_epi16(lo, q[0]);
+                let p_hi = _mm256_maddubs_epi16(hi, q[1]);
+                let s = _mm256_dpwssd_epi32(sumi[c % 2], p_lo, sc_lo);
+                sumi[c % 2] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
+            }
+            let total = hsum_epi32(_mm256_add_epi32(sumi[0], sumi[1]));
+            let prod = k4_min_prod(mins, xb);
+            let m = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
+            let (scale, scale_m) = (_mm_set_ss(d * xd), _mm_set_ss(dmin * xd));
+            acc[r] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), total), scale, acc[r]);
+            acc_m[r] = _mm_fmadd_ss(_mm_cvtepi32_ps(m), scale_m, acc_m[r]);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        out[r] = _mm_cvtss_f32(acc[r]) - _mm_cvtss_f32(acc_m[r]);
+    }
+    out
+}
+
+rows_driver!(
+    /// Q4_K weight rows · one Q8_K activation row in CPU_REPACK's GEMV order (each result as
+    /// `avx2::dot_q4_k_repack` gives it).
+    dot_rows_q4_k_repack,
+    q4_k_repack_rows_tile,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
