@@ -576,6 +576,14 @@ fn dot_i8_signed(aw: __m256i, wq: __m256i, xq: __m256i) -> __m256i {
     dot_u8_i8(aw, _mm256_sign_epi8(xq, wq))
 }
 
+/// Stores 8 f32 lanes into `dst`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn store8(dst: &mut [f32; 8], v: __m256) {
+    // SAFETY: `dst` is 8 f32 values, the 32 bytes the unaligned store writes.
+    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) };
+}
+
 /// Legacy blocks are taken eight at a time so that their scales (the weight's and every
 /// token's) are converted with one vector instruction each; the scale of block k is then lane
 /// k of their product (the same IEEE product as `d_w * d_x`).
@@ -600,11 +608,13 @@ macro_rules! q8_0_family {
                 prefetch_span(w, g * GROUP * $w_bytes, (g * GROUP + count) * $w_bytes);
                 let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
                 let mut x_group: [&[[u8; Q8_0_BYTES]]; B] = [&[]; B];
-                let mut scales = [_mm256_setzero_ps(); B];
+                // Kept in memory: a broadcast from memory runs on a load port, where taking a
+                // register's lane would compete with the integer work for the shuffle port.
+                let mut scales = [[0.0f32; GROUP]; B];
                 for t in 0..B {
                     x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
                     let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
-                    scales[t] = _mm256_mul_ps(wd, xd);
+                    store8(&mut scales[t], _mm256_mul_ps(wd, xd));
                 }
                 // One FMA per block into the token's single accumulator, in block order:
                 // ggml's `ggml_vec_dot_q*_0_q8_0` order, which the logits depend on.
@@ -613,7 +623,7 @@ macro_rules! q8_0_family {
                     let aw = _mm256_sign_epi8(wq, wq);
                     for t in 0..B {
                         let sumi = dot_i8_signed(aw, wq, ld(&x_group[t][k], 2));
-                        let scale = lane(scales[t], k);
+                        let scale = _mm256_set1_ps(scales[t][k]);
                         acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
                     }
                 }

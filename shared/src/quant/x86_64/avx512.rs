@@ -16,8 +16,8 @@ use std::arch::x86_64::*;
 use super::avx2::{
     cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32, k4_min_prod,
     k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, prefetch_span, q4k_quants,
-    q6k_quants, q8_0_rows, rows_driver, token_blocks, u16_at, unpack_q8_0, GROUP, I16_SCALE,
-    K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    q6k_quants, q8_0_rows, rows_driver, store8, token_blocks, u16_at, unpack_q8_0, GROUP,
+    I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -181,10 +181,13 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
         let count = (n_blocks - g0).min(GROUP);
         prefetch_span(w, g0 * Q8_0_BYTES, (g0 + count) * Q8_0_BYTES);
         let wd = f16x8(count, |k| u16_at(w, (g0 + k) * Q8_0_BYTES));
-        let mut scales = [_mm256_setzero_ps(); B];
+        // The products d_w·d_x of the group's blocks, kept in memory: a broadcast from memory
+        // runs on a load port, where taking a lane of a register would compete with the
+        // integer dot products for the shuffle port.
+        let mut scales = [[0.0f32; GROUP]; B];
         for t in 0..B {
             let xd = f16x8(count, |k| u16_at(x[t], (g0 + k) * Q8_0_BYTES));
-            scales[t] = _mm256_mul_ps(wd, xd);
+            store8(&mut scales[t], _mm256_mul_ps(wd, xd));
         }
         // One FMA per block in block order, as AVX2's `q8_0_family` (ggml's order).
         for k in 0..count {
@@ -196,7 +199,8 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
                 // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
                 let sx = _mm256_sign_epi8(ld(xb[t], 2), wq);
                 let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-                acc[t] = _mm256_fmadd_ps(lane(scales[t], k), _mm256_cvtepi32_ps(sumi), acc[t]);
+                let scale = _mm256_set1_ps(scales[t][k]);
+                acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
             }
         }
     }
