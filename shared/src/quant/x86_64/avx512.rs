@@ -190,6 +190,8 @@ fn q8_0_tile<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
             store8(&mut scales[t], _mm256_mul_ps(wd, xd));
         }
         // One FMA per block in block order, as AVX2's `q8_0_family` (ggml's order).
+        // (`k` indexes the blocks of the weight, of every token and of every scale row.)
+        #[allow(clippy::needless_range_loop)]
         for k in 0..count {
             let i = g0 + k;
             let wq = unpack_q8_0(&w[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES]);
