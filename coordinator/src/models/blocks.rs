@@ -136,31 +136,22 @@ pub fn attend_head<'a>(
     batch_tokens: usize,
     out: &mut [f32],
 ) {
-    shared::profile::work(|| attend_head_best(q, n_kv, keys, values, scale, batch_tokens, out))
-}
-
-/// [`attend_head`] at the best level the CPU has.
-fn attend_head_best<'a>(
-    q: &[f32],
-    n_kv: usize,
-    keys: impl Fn(usize) -> &'a [f16],
-    values: impl Fn(usize) -> &'a [f16],
-    scale: f32,
-    batch_tokens: usize,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma_f16c() {
-            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
-            return unsafe { attend_head_avx2(q, n_kv, keys, values, scale, batch_tokens, out) };
+    shared::profile::work(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma_f16c() {
+                // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+                return unsafe {
+                    attend_head_avx2(q, n_kv, keys, values, scale, batch_tokens, out)
+                };
+            }
+            if shared::ggml_math::has_fma() {
+                // SAFETY: the CPU supports FMA, checked just above.
+                return unsafe { attend_head_fma(q, n_kv, keys, values, scale, batch_tokens, out) };
+            }
         }
-        if shared::ggml_math::has_fma() {
-            // SAFETY: the CPU supports FMA, checked just above.
-            return unsafe { attend_head_fma(q, n_kv, keys, values, scale, batch_tokens, out) };
-        }
-    }
-    attend_head_impl(q, n_kv, keys, values, scale, batch_tokens, out)
+        attend_head_impl(q, n_kv, keys, values, scale, batch_tokens, out)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -382,14 +382,7 @@ impl Kernels {
     ///
     /// Panics as [`Kernels::vec_dot`] does, or if `w` is not `out.len()` whole rows.
     pub fn vec_dot_rows(&self, ty: GgmlType, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
-        let w_row = ty.row_bytes(n).unwrap_or(0);
-        assert_eq!(
-            w.len(),
-            w_row * out.len(),
-            "vec_dot_rows {ty}: {} weight bytes for {} rows of {n}",
-            w.len(),
-            out.len()
-        );
+        let w_row = check_rows("vec_dot_rows", ty, n, w, out.len());
         if out.is_empty() {
             return;
         }
@@ -423,14 +416,7 @@ impl Kernels {
             GgmlType::Q4_K,
             "repack_dot_rows: {ty} has no repacked order"
         );
-        let w_row = ty.row_bytes(n).unwrap_or(0);
-        assert_eq!(
-            w.len(),
-            w_row * out.len(),
-            "repack_dot_rows {ty}: {} weight bytes for {} rows of {n}",
-            w.len(),
-            out.len()
-        );
+        let w_row = check_rows("repack_dot_rows", ty, n, w, out.len());
         if out.is_empty() {
             return;
         }
@@ -629,6 +615,18 @@ fn check_batch(
         return None;
     }
     Some(x_bytes)
+}
+
+/// Checks that `w` is `n_rows` whole rows of `n` elements of `ty`; returns the row bytes.
+fn check_rows(what: &str, ty: GgmlType, n: usize, w: &[u8], n_rows: usize) -> usize {
+    let w_row = ty.row_bytes(n).unwrap_or(0);
+    assert_eq!(
+        w.len(),
+        w_row * n_rows,
+        "{what} {ty}: {} weight bytes for {n_rows} rows of {n}",
+        w.len()
+    );
+    w_row
 }
 
 /// Checks a dot product's type and weight length; returns the weight and activation row bytes.

@@ -274,6 +274,53 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
     Ok(())
 }
 
+/// `n_rows` random rows of `ty` times one activation row through the rows kernels
+/// (`repack`: CPU_REPACK's GEMV order) equal the one-row kernel of that order, bit for bit.
+fn check_rows(
+    ty: GgmlType,
+    n_blocks: usize,
+    n_rows: usize,
+    seed: u64,
+    repack: bool,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * ty.block_elems();
+    let w: Vec<u8> = (0..n_rows)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let x = random_activations(&mut rng, ty, n, 1);
+    let row_bytes = w.len() / n_rows;
+    for kernels in Kernels::supported() {
+        let mut got = vec![f32::NAN; n_rows];
+        if repack {
+            kernels.repack_dot_rows(ty, n, &w, &x, &mut got);
+        } else {
+            kernels.vec_dot_rows(ty, n, &w, &x, &mut got);
+        }
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            let mut want = [f32::NAN];
+            if repack {
+                kernels.repack_dot_batch(ty, n, row, &x, &mut want, false);
+            } else {
+                want[0] = kernels.vec_dot(ty, n, row, &x);
+            }
+            prop_assert_eq!(
+                got[r].to_bits(),
+                want[0].to_bits(),
+                "{} {} (repack {}): row {} of {}: {} vs {}",
+                kernels.isa(),
+                ty,
+                repack,
+                r,
+                n_rows,
+                got[r],
+                want[0]
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -296,29 +343,7 @@ proptest! {
         n_rows in 1usize..=11,
         seed in any::<u64>(),
     ) {
-        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
-        let n = n_blocks * ty.block_elems();
-        let w: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n)).collect();
-        let x = random_activations(&mut rng, ty, n, 1);
-        let row_bytes = w.len() / n_rows;
-        for kernels in Kernels::supported() {
-            let mut got = vec![f32::NAN; n_rows];
-            kernels.vec_dot_rows(ty, n, &w, &x, &mut got);
-            for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-                let want = kernels.vec_dot(ty, n, row, &x);
-                prop_assert_eq!(
-                    got[r].to_bits(),
-                    want.to_bits(),
-                    "{} {}: row {} of {}: {} vs {}",
-                    kernels.isa(),
-                    ty,
-                    r,
-                    n_rows,
-                    got[r],
-                    want
-                );
-            }
-        }
+        check_rows(ty, n_blocks, n_rows, seed, false)?;
     }
 
     /// Q4_K rows in CPU_REPACK's GEMV order against one activation row give each row's
@@ -329,30 +354,7 @@ proptest! {
         n_rows in 1usize..=11,
         seed in any::<u64>(),
     ) {
-        let ty = GgmlType::Q4_K;
-        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
-        let n = n_blocks * ty.block_elems();
-        let w: Vec<u8> = (0..n_rows).flat_map(|_| random_weights(&mut rng, ty, n)).collect();
-        let x = random_activations(&mut rng, ty, n, 1);
-        let row_bytes = w.len() / n_rows;
-        for kernels in Kernels::supported() {
-            let mut got = vec![f32::NAN; n_rows];
-            kernels.repack_dot_rows(ty, n, &w, &x, &mut got);
-            for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-                let mut want = [f32::NAN];
-                kernels.repack_dot_batch(ty, n, row, &x, &mut want, false);
-                prop_assert_eq!(
-                    got[r].to_bits(),
-                    want[0].to_bits(),
-                    "{}: row {} of {}: {} vs {}",
-                    kernels.isa(),
-                    r,
-                    n_rows,
-                    got[r],
-                    want[0]
-                );
-            }
-        }
+        check_rows(GgmlType::Q4_K, n_blocks, n_rows, seed, true)?;
     }
 
     #[test]
