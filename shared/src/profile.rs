@@ -119,6 +119,9 @@ pub fn enter(phase: Phase) {
 
 /// The driving thread leaves the phase it is in (the end of a pass).
 pub fn leave() {
+    if !enabled() {
+        return;
+    }
     let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((p, since)) = open.take() {
         WALL_NS[p as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
