@@ -7,6 +7,7 @@ pub mod certs;
 pub mod chat_template;
 pub mod distributed;
 pub mod engine;
+pub mod histogram;
 pub mod inspect;
 pub mod kv_cache;
 pub mod models;

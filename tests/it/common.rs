@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use coordinator::distributed::connect::{open_distributed, DistOptions, DistributedEngine};
+use coordinator::distributed::DeadlinePolicy;
 use coordinator::engine::Engine;
 use coordinator::sampler::{Sampler, SamplerConfig};
 use shared::gguf::{model_identity, GgufFile};
@@ -230,7 +231,7 @@ pub(crate) fn open_cluster(cluster: &Path, plan: &Path, deadline: Duration) -> D
     let opts = DistOptions {
         cluster: Some(cluster.to_path_buf()),
         plan: Some(plan.to_path_buf()),
-        dispatch_timeout: deadline,
+        deadline: DeadlinePolicy::Fixed(deadline),
         ..DistOptions::default()
     };
     open_distributed(&model(), &opts).unwrap_or_else(|e| panic!("connecting: {e}"))

@@ -336,9 +336,20 @@ struct DistArgs {
     /// done for a dense model)
     #[arg(long)]
     split_dense: bool,
-    /// Seconds a node may take to answer one dispatch before the step fails naming it
-    #[arg(long, default_value_t = coordinator::distributed::DEFAULT_DISPATCH_TIMEOUT.as_secs_f64())]
-    dispatch_timeout: f64,
+    /// How long a node may take to answer one dispatch before it is marked down (its work
+    /// re-sent to replicas, or the step failing naming it): `auto` — 10× the node's recent
+    /// dispatch times for that many tokens, at least 2 s (30 s until it has answered) — or a
+    /// fixed number of seconds
+    #[arg(long, default_value = "auto")]
+    dispatch_timeout: String,
+    /// In the even plan, place every (whole) expert on this many nodes: with 2, any one
+    /// node can die without losing an expert
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// When an expert has no live node, drop it from the tokens routed to it (their other
+    /// experts renormalized; counted in /metrics, logged as an error) instead of failing
+    #[arg(long)]
+    degraded: bool,
     /// In the even plan, slice every routed expert over all nodes (at quant-block
     /// boundaries) instead of placing whole experts
     #[arg(long)]
@@ -359,8 +370,21 @@ struct DistArgs {
 
 impl DistArgs {
     fn options(&self) -> anyhow::Result<coordinator::distributed::connect::DistOptions> {
-        if !(self.dispatch_timeout > 0.0 && self.dispatch_timeout.is_finite()) {
-            bail!("--dispatch-timeout must be a positive number of seconds");
+        let deadline = match self.dispatch_timeout.as_str() {
+            "auto" => coordinator::distributed::DeadlinePolicy::default(),
+            secs => match secs.parse::<f64>() {
+                Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => {
+                    coordinator::distributed::DeadlinePolicy::Fixed(
+                        std::time::Duration::from_secs_f64(v),
+                    )
+                }
+                _ => bail!(
+                    "--dispatch-timeout must be `auto` or a positive number of seconds, not {secs:?}"
+                ),
+            },
+        };
+        if self.replicas == 0 {
+            bail!("--replicas must be at least 1");
         }
         Ok(coordinator::distributed::connect::DistOptions {
             nodes: self.nodes,
@@ -368,7 +392,9 @@ impl DistArgs {
             cluster: self.cluster.clone(),
             plan: self.plan.clone(),
             split_dense: self.split_dense,
-            dispatch_timeout: std::time::Duration::from_secs_f64(self.dispatch_timeout),
+            deadline,
+            replicas: self.replicas,
+            degraded: self.degraded,
             launch: None,
             slice_experts: self.slice_experts,
             numa_auto: self.numa == "auto",

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::transport::{ClientTls, NodeLink, TlsIdentity, TransportKind};
 use shared::gguf::{model_identity, GgufFile};
@@ -14,8 +13,8 @@ use tracing::{info, warn};
 
 use super::launcher::{launch, LaunchOptions, LocalNodes, NodeNuma};
 use super::{
-    reconnect_grpc, reconnect_quic, DistributedError, NodeHandle, Reconnect, RemoteExperts,
-    DEFAULT_DISPATCH_TIMEOUT,
+    reconnect_grpc, reconnect_quic, DeadlinePolicy, DistributedError, FailurePolicy, NodeHandle,
+    Reconnect, RemoteExperts,
 };
 use crate::engine::Engine;
 use crate::models::Model;
@@ -32,7 +31,6 @@ pub struct DistOptions {
     /// In an even plan, slice dense FFNs and shared experts over the nodes too (always
     /// done for a dense model, which has nothing else to spread).
     pub split_dense: bool,
-    pub dispatch_timeout: Duration,
     pub launch: Option<LaunchOptions>,
     /// In an even plan, slice every routed expert over all nodes instead of placing whole
     /// experts (balanced at any batch size; DESIGN.md "Placement").
@@ -44,6 +42,13 @@ pub struct DistOptions {
     /// With `numa_auto`: one file per node (`moeshard split` output on each socket's
     /// namespace), in node order.
     pub model_per_node: Vec<PathBuf>,
+    /// In an even plan of whole experts, put each expert on this many nodes (failover:
+    /// with 2, any one node can die without losing an expert).
+    pub replicas: usize,
+    /// The dispatch deadline: fixed, or derived from the measured dispatch times.
+    pub deadline: DeadlinePolicy,
+    /// Drop experts that have no live replica (renormalizing the rest) instead of failing.
+    pub degraded: bool,
 }
 
 impl DistOptions {
@@ -61,12 +66,14 @@ impl Default for DistOptions {
             cluster: None,
             plan: None,
             split_dense: false,
-            dispatch_timeout: DEFAULT_DISPATCH_TIMEOUT,
             launch: None,
             slice_experts: false,
             numa_auto: false,
             topology: None,
             model_per_node: Vec::new(),
+            replicas: 1,
+            deadline: DeadlinePolicy::default(),
+            degraded: false,
         }
     }
 }
@@ -147,11 +154,19 @@ pub fn open_distributed(
     if !opts.model_per_node.is_empty() {
         launch_opts.model_per_node = opts.model_per_node.clone();
     }
+    if opts.replicas > 1 && slice_experts {
+        return Err(DistributedError::Launch(
+            "--replicas places whole experts on several nodes; it does not go with sliced \
+             experts (--slice-experts, or --numa auto with split files)"
+                .into(),
+        )
+        .into());
+    }
     let even = |names: &[String]| {
         if slice_experts {
             Plan::even_sliced(names, &shape, split_dense)
         } else {
-            Plan::even(names, &shape, split_dense)
+            Plan::even(names, &shape, split_dense).with_replicas(opts.replicas)
         }
     };
     let plan = match (&opts.plan, &cluster, nodes) {
@@ -214,7 +229,10 @@ pub fn open_distributed(
         resolved,
         identity,
         n_embd,
-        opts.dispatch_timeout,
+        FailurePolicy {
+            deadline: opts.deadline,
+            degraded: opts.degraded,
+        },
     )?;
     info!(nodes = remote.node_names().len(), "experts placed on nodes");
     Ok(DistributedEngine {

@@ -77,8 +77,18 @@ pub struct LocalNodes {
     children: Vec<(String, Child)>,
     /// The nodes' stdin pipes: closed when this is dropped (or the process dies), which
     /// stops nodes started with `--exit-on-stdin-close`.
-    stdins: Vec<std::process::ChildStdin>,
+    stdins: Vec<Option<std::process::ChildStdin>>,
+    /// How each node process was started, and where it listens (for [`LocalNodes::restart`]).
+    specs: Vec<NodeSpec>,
+    start_timeout: Duration,
     _dir: tempfile::TempDir,
+}
+
+/// A node process's command line without `--listen`, and the address it got.
+struct NodeSpec {
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    addr: Option<SocketAddr>,
 }
 
 impl LocalNodes {
@@ -94,13 +104,124 @@ impl LocalNodes {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(stdin) = self.stdins.get_mut(index) {
+            stdin.take();
+        }
     }
+
+    /// Starts node `index` again on the address it had (after [`LocalNodes::kill`], or after
+    /// it died), as a supervisor such as systemd would; the coordinator's prober finds it,
+    /// re-verifies it and uses it again. Stops the old process first if it still runs.
+    pub fn restart(&mut self, index: usize) -> Result<(), DistributedError> {
+        let (Some((name, old)), Some(spec)) = (self.children.get_mut(index), self.specs.get(index))
+        else {
+            return Err(launch_err(format!("no node process {index} to restart")));
+        };
+        let name = name.clone();
+        let addr = spec
+            .addr
+            .ok_or_else(|| launch_err(format!("node {name} never listened")))?;
+        if matches!(old.try_wait(), Ok(None)) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let (child, stdin, rx) = spawn_node(&name, spec, &addr.to_string())?;
+        self.children[index].1 = child;
+        self.stdins[index] = stdin;
+        let got = wait_listening(&name, &mut self.children[index].1, &rx, self.start_timeout)?;
+        info!(node = %name, %got, "node restarted");
+        Ok(())
+    }
+}
+
+/// Starts one node process listening on `listen`: the child, its stdin pipe, and a channel
+/// that gets the first line it prints (its address).
+fn spawn_node(
+    name: &str,
+    spec: &NodeSpec,
+    listen: &str,
+) -> Result<
+    (
+        Child,
+        Option<std::process::ChildStdin>,
+        mpsc::Receiver<String>,
+    ),
+    DistributedError,
+> {
+    let mut child = Command::new(&spec.program)
+        .args(&spec.args)
+        .args(["--listen", listen])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            launch_err(format!(
+                "starting node {name} ({}): {e}",
+                spec.program.display()
+            ))
+        })?;
+    let stdout = child.stdout.take();
+    let stdin = child.stdin.take();
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = stdout {
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the node never blocks on a full pipe.
+            for _ in lines {}
+        });
+    }
+    Ok((child, stdin, rx))
+}
+
+/// Waits for a node's ready line and returns the address in it.
+fn wait_listening(
+    name: &str,
+    child: &mut Child,
+    rx: &mpsc::Receiver<String>,
+    timeout: Duration,
+) -> Result<SocketAddr, DistributedError> {
+    let deadline = Instant::now() + timeout;
+    let line = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => break line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(launch_err(format!(
+                        "node {name} exited ({status}) before listening; see its log above"
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(launch_err(format!(
+                        "node {name} did not listen within {timeout:?}"
+                    )));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().ok();
+                return Err(launch_err(format!(
+                    "node {name} exited ({status:?}) before listening; see its log above"
+                )));
+            }
+        }
+    };
+    parse_ready_line(&line).ok_or_else(|| {
+        launch_err(format!(
+            "node {name} printed \"{line}\" instead of its address"
+        ))
+    })
 }
 
 impl Drop for LocalNodes {
     fn drop(&mut self) {
         self.stdins.clear();
         for (_, child) in &mut self.children {
+            if !matches!(child.try_wait(), Ok(None)) {
+                continue;
+            }
             // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
             unsafe {
                 libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
@@ -168,6 +289,8 @@ pub fn launch(
             LocalNodes {
                 children: Vec::new(),
                 stdins: Vec::new(),
+                specs: Vec::new(),
+                start_timeout: options.start_timeout,
                 _dir: dir,
             },
             handles,
@@ -180,6 +303,8 @@ pub fn launch(
     let mut nodes = LocalNodes {
         children: Vec::new(),
         stdins: Vec::new(),
+        specs: Vec::new(),
+        start_timeout: options.start_timeout,
         _dir: dir,
     };
     // QUIC: the run's CA, its certificate for the nodes, and the coordinator's side.
@@ -195,29 +320,30 @@ pub fn launch(
             .get(i)
             .map_or(model, PathBuf::as_path);
         let node_threads = numa.map_or(threads, |p| p.threads.max(1));
-        let mut cmd = Command::new(&options.program);
-        cmd.args(&options.program_args)
-            .arg("--model")
-            .arg(node_model)
-            .args(["--listen", "127.0.0.1:0", "--transport"])
-            .arg(transport.to_string())
-            .arg("--plan")
-            .arg(&plan_path)
-            .args(["--node", name, "--threads"])
-            .arg(node_threads.to_string());
+        let mut args: Vec<std::ffi::OsString> =
+            options.program_args.iter().map(Into::into).collect();
+        let mut arg = |a: &dyn AsRef<std::ffi::OsStr>| args.push(a.as_ref().to_owned());
+        arg(&"--model");
+        arg(&node_model);
+        arg(&"--transport");
+        arg(&transport.to_string());
+        arg(&"--plan");
+        arg(&plan_path);
+        arg(&"--node");
+        arg(name);
+        arg(&"--threads");
+        arg(&node_threads.to_string());
         if let Some(p) = numa {
-            cmd.arg("--numa-node").arg(p.numa_node.to_string());
+            arg(&"--numa-node");
+            arg(&p.numa_node.to_string());
             if let Some(t) = &p.topology {
-                cmd.arg("--topology").arg(t);
+                arg(&"--topology");
+                arg(t);
             }
         }
-        cmd
-            // A node must not outlive its coordinator, even one killed with SIGKILL: it stops
-            // when its stdin (held by LocalNodes) closes.
-            .arg("--exit-on-stdin-close")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        // A node must not outlive its coordinator, even one killed with SIGKILL: it stops
+        // when its stdin (held by LocalNodes) closes.
+        arg(&"--exit-on-stdin-close");
         if let Some(pki) = &loopback_tls {
             let cert = nodes._dir.path().join(format!("{name}.cert.pem"));
             let key = nodes._dir.path().join(format!("{name}.key.pem"));
@@ -225,68 +351,29 @@ pub fn launch(
                 .issue(name, &loopback_names(), CertUse::Node, DEFAULT_CERT_DAYS)
                 .and_then(|identity| identity.save(&cert, &key))
                 .map_err(|e| launch_err(format!("node {name}: certificate: {e}")))?;
-            cmd.arg("--tls-ca")
-                .arg(&pki.ca_path)
-                .arg("--tls-cert")
-                .arg(&cert)
-                .arg("--tls-key")
-                .arg(&key);
+            arg(&"--tls-ca");
+            arg(&pki.ca_path);
+            arg(&"--tls-cert");
+            arg(&cert);
+            arg(&"--tls-key");
+            arg(&key);
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            launch_err(format!(
-                "starting node {name} ({}): {e}",
-                options.program.display()
-            ))
-        })?;
-        let stdout = child.stdout.take();
-        nodes.stdins.extend(child.stdin.take());
+        let spec = NodeSpec {
+            program: options.program.clone(),
+            args,
+            addr: None,
+        };
+        let (child, stdin, rx) = spawn_node(name, &spec, "127.0.0.1:0")?;
+        nodes.stdins.push(stdin);
         nodes.children.push((name.clone(), child));
-        let (tx, rx) = mpsc::channel();
-        if let Some(out) = stdout {
-            std::thread::spawn(move || {
-                let mut lines = BufReader::new(out).lines();
-                if let Some(Ok(line)) = lines.next() {
-                    let _ = tx.send(line);
-                }
-                // Keep draining so the node never blocks on a full pipe.
-                for _ in lines {}
-            });
-        }
+        nodes.specs.push(spec);
         started.push((name.clone(), rx));
     }
 
     let mut handles = Vec::with_capacity(n);
     for (i, (name, rx)) in started.into_iter().enumerate() {
-        let deadline = Instant::now() + options.start_timeout;
-        let line = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => break line,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(status)) = nodes.children[i].1.try_wait() {
-                        return Err(launch_err(format!(
-                            "node {name} exited ({status}) before listening; see its log above"
-                        )));
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(launch_err(format!(
-                            "node {name} did not listen within {:?}",
-                            options.start_timeout
-                        )));
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = nodes.children[i].1.wait().ok();
-                    return Err(launch_err(format!(
-                        "node {name} exited ({status:?}) before listening; see its log above"
-                    )));
-                }
-            }
-        };
-        let addr = parse_ready_line(&line).ok_or_else(|| {
-            launch_err(format!(
-                "node {name} printed \"{line}\" instead of its address"
-            ))
-        })?;
+        let addr = wait_listening(&name, &mut nodes.children[i].1, &rx, options.start_timeout)?;
+        nodes.specs[i].addr = Some(addr);
         let reconnect: Reconnect = match &loopback_tls {
             Some(pki) => reconnect_quic(addr, "localhost".into(), pki.client.clone()),
             None => reconnect_grpc(addr, None),

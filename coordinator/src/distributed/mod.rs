@@ -7,22 +7,29 @@
 //! once, and adds the partial sums in the plan's node order, so results are deterministic:
 //! with one node they are bit-identical to the single-process engine.
 //!
-//! Failover: a node that misses the dispatch deadline, drops or refuses is marked down; its
-//! part of the step is re-sent to live replicas of the same slices and the step completes
-//! (the partial sums regroup); later steps route around it. A down node is probed in the
-//! background, re-verified (model identity, the slices the plan gives it) and reused.
+//! Failover: a node that misses the dispatch deadline ([`deadline`]: by default a multiple
+//! of its measured dispatch times), drops or refuses is marked down; its part of the step
+//! is re-sent to live replicas of the same slices and the step completes (the partial sums
+//! regroup); later steps route around it. A down node is probed in the background,
+//! re-verified (model identity, the slices the plan gives it) and reused. An expert with
+//! no live replica fails the step naming it, or, in degraded mode, is dropped from the
+//! tokens routed to it (their other experts' weights rescaled to the original total),
+//! counted and logged.
 //!
 //! - [`launcher`]: loopback mode (N node processes on 127.0.0.1, or in-process nodes).
 //! - [`connect`]: links to daemons already running, from a cluster file.
 
 pub mod connect;
+pub mod deadline;
 pub mod launcher;
+
+pub use deadline::DeadlinePolicy;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::transport::{NodeLink, TransportError};
 use proto::{
@@ -31,13 +38,14 @@ use proto::{
 use shared::moe::Assignment;
 use shared::placement::{identity_hex, Part, ResolvedPlan, SliceSpec};
 use shared::quant::matmul::{Activations, Segments};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::models::{EngineError, ExpertExecutor, Pending};
+use crate::histogram::{Histogram, DISPATCH_BUCKETS};
+use crate::models::{DispatchMetrics, EngineError, ExpertExecutor, Pending};
+use deadline::DispatchTimes;
 
-/// How long a node may take to answer one dispatch unless told otherwise
-/// (`--dispatch-timeout`): a missed deadline fails the step with the node's name.
-pub const DEFAULT_DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often degraded mode repeats its error line while it keeps dropping experts.
+pub const DEGRADED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often down nodes are probed for a rejoin.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -135,6 +143,10 @@ struct NodeSlot {
     reconnect: Option<Reconnect>,
     /// What the plan places on it (checked again when it rejoins).
     expected: Vec<SliceSpec>,
+    /// Its recent dispatch times (the measured deadline).
+    times: DispatchTimes,
+    /// Round trips of its answered dispatches, as the coordinator saw them.
+    latency: Histogram,
 }
 
 impl NodeSlot {
@@ -157,7 +169,17 @@ impl NodeSlot {
 struct NodeTable {
     nodes: Vec<NodeSlot>,
     identity: [u8; 32],
-    timeout: Duration,
+    /// Handshakes, probes and stats requests.
+    call_timeout: Duration,
+}
+
+/// How [`RemoteExperts`] treats slow and missing nodes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FailurePolicy {
+    pub deadline: DeadlinePolicy,
+    /// Drop experts without a live replica (renormalizing the tokens' other experts)
+    /// instead of failing the step.
+    pub degraded: bool,
 }
 
 /// The routed experts computed by expert nodes.
@@ -166,7 +188,12 @@ pub struct RemoteExperts {
     table: Arc<NodeTable>,
     plan: ResolvedPlan,
     n_embd: usize,
-    timeout: Duration,
+    policy: FailurePolicy,
+    /// (token, expert) assignments dropped in degraded mode.
+    dropped: AtomicU64,
+    /// When degraded mode last logged (ms since `started`; 0: never).
+    dropped_logged_ms: AtomicU64,
+    started: Instant,
     next_step: AtomicU64,
     prober: tokio::task::JoinHandle<()>,
 }
@@ -286,7 +313,7 @@ async fn probe_down_nodes(table: Weak<NodeTable>) {
             let Some(reconnect) = &slot.reconnect else {
                 continue;
             };
-            let link = match tokio::time::timeout(table.timeout, reconnect()).await {
+            let link = match tokio::time::timeout(table.call_timeout, reconnect()).await {
                 Ok(Ok(link)) => link,
                 Ok(Err(e)) => {
                     debug!(node = %slot.name, error = %e, "node still down");
@@ -294,7 +321,8 @@ async fn probe_down_nodes(table: Weak<NodeTable>) {
                 }
                 Err(_) => continue,
             };
-            match handshake(link.as_ref(), table.identity, &slot.expected, table.timeout).await {
+            let expected = &slot.expected;
+            match handshake(link.as_ref(), table.identity, expected, table.call_timeout).await {
                 Ok(_) => {
                     slot.set_link(link);
                     slot.up.store(true, Ordering::SeqCst);
@@ -315,8 +343,9 @@ impl RemoteExperts {
         plan: ResolvedPlan,
         model_identity: [u8; 32],
         n_embd: usize,
-        timeout: Duration,
+        policy: FailurePolicy,
     ) -> Result<RemoteExperts, DistributedError> {
+        let timeout = policy.deadline.call_timeout();
         for (i, name) in plan.nodes().iter().enumerate() {
             if nodes.get(i).map(|n| &n.name) != Some(name) {
                 return Err(DistributedError::UnknownNode(name.clone()));
@@ -358,10 +387,12 @@ impl RemoteExperts {
                     up: AtomicBool::new(true),
                     reconnect: n.reconnect,
                     expected: plan.node_slices(i),
+                    times: DispatchTimes::default(),
+                    latency: Histogram::new(DISPATCH_BUCKETS),
                 })
                 .collect(),
             identity: model_identity,
-            timeout,
+            call_timeout: timeout,
         });
         let prober = runtime.spawn(probe_down_nodes(Arc::downgrade(&table)));
         Ok(RemoteExperts {
@@ -369,7 +400,10 @@ impl RemoteExperts {
             table,
             plan,
             n_embd,
-            timeout,
+            policy,
+            dropped: AtomicU64::new(0),
+            dropped_logged_ms: AtomicU64::new(0),
+            started: Instant::now(),
             next_step: AtomicU64::new(1),
             prober,
         })
@@ -397,7 +431,9 @@ impl RemoteExperts {
 
     /// Groups `assignments` by node: each slice of an expert whose replicas pass `keep`
     /// goes to one live replica; a node holding several slices of the expert gets the
-    /// assignment once (it computes all of them).
+    /// assignment once (it computes all of them). An expert with a slice that has no live
+    /// replica is an error naming it — or, in degraded mode, its assignments are left out
+    /// and returned second.
     fn route(
         &self,
         layer: usize,
@@ -405,12 +441,13 @@ impl RemoteExperts {
         assignments: &[Assignment],
         live: &[bool],
         keep: &dyn Fn(&[usize]) -> bool,
-    ) -> Result<Vec<NodeWork>, EngineError> {
+    ) -> Result<(Vec<NodeWork>, Vec<Assignment>), EngineError> {
         let n_nodes = self.table.nodes.len();
         let mut per_node: Vec<Vec<Assignment>> = vec![Vec::new(); n_nodes];
         let mut nodes: Vec<usize> = Vec::new();
         // (expert, its holders) of every slice without a live replica: all named at once.
         let mut missing: Vec<(u32, Vec<usize>)> = Vec::new();
+        let mut dropped: Vec<Assignment> = Vec::new();
         for a in assignments {
             let slices = self
                 .plan
@@ -422,15 +459,22 @@ impl RemoteExperts {
                     ))
                 })?;
             nodes.clear();
+            let mut lost = false;
             for s in slices.iter().filter(|s| keep(&s.replicas)) {
                 match pick_live(&s.replicas, layer, live) {
                     Some(node) => nodes.push(node),
                     None => {
+                        lost = true;
                         if !missing.iter().any(|(e, _)| *e == a.expert) {
                             missing.push((a.expert, s.replicas.clone()));
                         }
                     }
                 }
+            }
+            if lost {
+                // All of the expert or none of it: a part of its slices is no FFN.
+                dropped.push(*a);
+                continue;
             }
             nodes.sort_unstable();
             nodes.dedup();
@@ -438,7 +482,7 @@ impl RemoteExperts {
                 per_node[node].push(*a);
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() && !self.policy.degraded {
             missing.sort_unstable();
             let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
             let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
@@ -454,7 +498,10 @@ impl RemoteExperts {
                 names.join(", ")
             )));
         }
-        Ok(per_node
+        if !missing.is_empty() {
+            self.count_dropped(layer, &missing, dropped.len());
+        }
+        let work = per_node
             .into_iter()
             .enumerate()
             .filter(|(_, a)| !a.is_empty())
@@ -481,7 +528,41 @@ impl RemoteExperts {
                     assignments,
                 }
             })
-            .collect())
+            .collect();
+        Ok((work, dropped))
+    }
+
+    /// Degraded mode: counts assignments dropped for experts without a live replica and
+    /// says so loudly (at most every [`DEGRADED_LOG_INTERVAL`]: once per layer and step
+    /// would drown the log).
+    fn count_dropped(&self, layer: usize, missing: &[(u32, Vec<usize>)], n: usize) {
+        let total = self.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.dropped_logged_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= DEGRADED_LOG_INTERVAL.as_millis() as u64;
+        if due
+            && self
+                .dropped_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
+            let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            let names: Vec<&str> = holders
+                .iter()
+                .map(|&h| self.table.nodes[h].name.as_str())
+                .collect();
+            error!(
+                layer,
+                experts = %experts.join(","),
+                nodes_down = %names.join(","),
+                dropped_total = total,
+                "DEGRADED: experts without a live replica are dropped and the tokens' other \
+                 experts renormalized; outputs differ from the full model"
+            );
+        }
     }
 
     /// The dense part's slices whose replicas pass `keep`, each on one live replica.
@@ -565,18 +646,27 @@ impl RemoteExperts {
                     .into(),
                 )),
             };
-            let link = self.table.nodes[w.node].link();
+            let slot = &self.table.nodes[w.node];
+            let link = slot.link();
             let tx = tx.clone();
-            let timeout = self.timeout;
             let (node, n_rows, n_embd) = (w.node, w.tokens.len(), self.n_embd);
+            let timeout = slot.times.deadline(&self.policy.deadline, n_rows);
+            let table = Arc::clone(&self.table);
             self.runtime.spawn(async move {
+                let sent = Instant::now();
                 let outcome = match tokio::time::timeout(timeout, link.call(msg)).await {
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Err(_) => Err(format!("no answer within the deadline of {timeout:?}")),
                     Ok(Err(e)) => Err(e.to_string()),
                     Ok(Ok(answer)) => {
                         partials_from_reply(answer, step_id, layer as u32, n_rows, n_embd)
                     }
                 };
+                if outcome.is_ok() {
+                    let took = sent.elapsed();
+                    let slot = &table.nodes[node];
+                    slot.times.record(n_rows, took);
+                    slot.latency.observe(took);
+                }
                 // The receiver is gone only if the step was abandoned.
                 let _ = tx.send((node, outcome));
             });
@@ -605,9 +695,9 @@ impl RemoteExperts {
         }
         let live = self.live();
         let all = |_: &[usize]| true;
-        let work = match part {
+        let (work, dropped) = match part {
             FfnPart::Routed => self.route(layer, n_tokens, assignments, &live, &all)?,
-            FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &all)?,
+            FfnPart::Dense => (self.route_dense(layer, n_tokens, &live, &all)?, Vec::new()),
         };
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
@@ -626,6 +716,7 @@ impl RemoteExperts {
             }
             let mut live = live;
             let mut work = work;
+            let mut dropped = dropped;
             // (node, its rows, its partial sums) in the order they are added.
             let mut done: Vec<(usize, Vec<usize>, Partials)> = Vec::new();
             let mut errors: Vec<String> = Vec::new();
@@ -671,9 +762,20 @@ impl RemoteExperts {
                     pick_live(replicas, layer, &before).is_some_and(|n| failed.contains(&n))
                 };
                 let retry = match part {
-                    FfnPart::Routed => {
-                        self.route(layer, n_tokens, &assignments, &live, &was_failed)
+                    FfnPart::Routed if self.policy.degraded => {
+                        // Whatever is lost now must be lost for every token of the step, and
+                        // some of a lost expert's slices may already be summed: start the
+                        // step over on the live nodes.
+                        done.clear();
+                        self.route(layer, n_tokens, &assignments, &live, &all)
+                            .map(|(w, d)| {
+                                dropped = d;
+                                w
+                            })
                     }
+                    FfnPart::Routed => self
+                        .route(layer, n_tokens, &assignments, &live, &was_failed)
+                        .map(|(w, _)| w),
                     FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &was_failed),
                 };
                 work = retry.map_err(|e| {
@@ -714,9 +816,39 @@ impl RemoteExperts {
                     }
                 }
             }
+            if !dropped.is_empty() {
+                renormalize(out, n_embd, &assignments, &dropped);
+            }
             debug!(step_id, layer, answers = done.len(), "gathered");
             Ok(())
         }))
+    }
+}
+
+/// Degraded mode: scales each token's sum of the experts it kept by (all its routing
+/// weights) ÷ (the weights of the experts kept), as if the router had renormalized over
+/// the live experts only; a token that lost every expert keeps a zero sum.
+fn renormalize(out: &mut [f32], n_embd: usize, assignments: &[Assignment], dropped: &[Assignment]) {
+    let n_tokens = out.len() / n_embd.max(1);
+    let mut total = vec![0f32; n_tokens];
+    let mut lost = vec![0f32; n_tokens];
+    for a in assignments {
+        if let Some(t) = total.get_mut(a.token as usize) {
+            *t += a.weight;
+        }
+    }
+    for a in dropped {
+        if let Some(l) = lost.get_mut(a.token as usize) {
+            *l += a.weight;
+        }
+    }
+    for (t, row) in out.chunks_exact_mut(n_embd.max(1)).enumerate() {
+        if lost[t] == 0.0 {
+            continue;
+        }
+        let kept = total[t] - lost[t];
+        let scale = if kept > 0.0 { total[t] / kept } else { 0.0 };
+        row.iter_mut().for_each(|v| *v *= scale);
     }
 }
 
@@ -792,7 +924,7 @@ impl ExpertExecutor for RemoteExperts {
                 let link = n.link();
                 let peer = link.peer().to_owned();
                 let msg = ask.clone();
-                let timeout = self.timeout;
+                let timeout = self.table.call_timeout;
                 let answer = self
                     .runtime
                     .block_on(async move { tokio::time::timeout(timeout, link.call(msg)).await });
@@ -855,6 +987,22 @@ impl ExpertExecutor for RemoteExperts {
         Ok(())
     }
 
+    fn dispatch_metrics(&self) -> Option<DispatchMetrics> {
+        let nodes = &self.table.nodes;
+        Some(DispatchMetrics {
+            latency: nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.latency.snapshot()))
+                .collect(),
+            decode_deadline: nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.times.deadline(&self.policy.deadline, 1)))
+                .collect(),
+            degraded_mode: self.policy.degraded,
+            dropped_assignments: self.dropped.load(Ordering::Relaxed),
+        })
+    }
+
     fn places_dense(&self, layer: usize) -> bool {
         self.plan.slices(layer, Part::Dense, 0).is_some()
     }
@@ -871,7 +1019,34 @@ impl ExpertExecutor for RemoteExperts {
 
 #[cfg(test)]
 mod tests {
-    use super::local_segments;
+    use super::{local_segments, renormalize};
+    use shared::moe::Assignment;
+
+    #[test]
+    fn degraded_sums_are_rescaled_to_the_full_routing_weight() {
+        let a = |token, expert, weight| Assignment {
+            token,
+            expert,
+            weight,
+        };
+        // Token 0: experts 1 (0.6) and 2 (0.4), expert 2 lost → its sum × 1/0.6.
+        // Token 1: nothing lost. Token 2: everything lost → zero.
+        let assignments = [
+            a(0, 1, 0.6),
+            a(0, 2, 0.4),
+            a(1, 1, 0.5),
+            a(1, 3, 0.5),
+            a(2, 2, 2.5),
+        ];
+        let dropped = [a(0, 2, 0.4), a(2, 2, 2.5)];
+        let mut out = vec![0.6, -1.2, 3.0, 4.0, 0.0, 0.0];
+        renormalize(&mut out, 2, &assignments, &dropped);
+        assert!(
+            (out[0] - 1.0).abs() < 1e-6 && (out[1] + 2.0).abs() < 1e-6,
+            "{out:?}"
+        );
+        assert_eq!(&out[2..], &[3.0, 4.0, 0.0, 0.0]);
+    }
 
     #[test]
     fn local_segments_follow_the_sequences() {

@@ -19,6 +19,19 @@ use super::EngineError;
 ///
 /// Work is started, then waited for, so the coordinator can compute its own part of the
 /// layer (the shared expert) while nodes work on theirs.
+/// What an executor over nodes reports for `/metrics` and `/health`.
+#[derive(Clone, Debug)]
+pub struct DispatchMetrics {
+    /// Per node (plan order): the round trips of its answered dispatches.
+    pub latency: Vec<(String, crate::histogram::HistogramSnapshot)>,
+    /// Per node: the deadline its next one-token dispatch would get.
+    pub decode_deadline: Vec<(String, std::time::Duration)>,
+    /// Whether experts without a live replica are dropped instead of failing the step.
+    pub degraded_mode: bool,
+    /// (token, expert) assignments dropped so far in degraded mode.
+    pub dropped_assignments: u64,
+}
+
 pub trait ExpertExecutor: Send + Sync {
     /// Starts Σ w·FFN_e(x) per token of MoE layer `layer`. `inputs` are the tokens'
     /// normalized hidden rows, quantized to each type the layer's gate/up kernels consume.
@@ -65,6 +78,12 @@ pub trait ExpertExecutor: Send + Sync {
     /// Whether every expert (and placed dense part) has a live node; why not otherwise.
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Dispatch latencies per node and degraded-mode counts; `None` when the experts run
+    /// in this process.
+    fn dispatch_metrics(&self) -> Option<DispatchMetrics> {
+        None
     }
 
     /// Writes Σ w·FFN_e(x) per token of MoE layer `layer` into `out`

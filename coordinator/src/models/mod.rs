@@ -26,7 +26,7 @@ use shared::quant::matmul::{
 use shared::quant::GgmlType;
 use thiserror::Error;
 
-pub use experts::{ExpertExecutor, InprocExperts, Pending};
+pub use experts::{DispatchMetrics, ExpertExecutor, InprocExperts, Pending};
 
 use crate::kv_cache::KvCache;
 use crate::routing_stats::RoutingCounter;
@@ -151,6 +151,42 @@ pub struct Model {
     kq_scale: f32,
     /// Tokens routed per (layer, expert) by every forward pass (`--record-routing`).
     routing: RoutingCounter,
+    /// Wall time of every layer of every forward pass (`/metrics`).
+    layer_times: LayerTimes,
+}
+
+/// Per layer: the wall time of its forward passes (attention, FFN, residuals; all the
+/// tokens of a step at once) and how many there were.
+#[derive(Debug)]
+pub struct LayerTimes {
+    nanos: Vec<std::sync::atomic::AtomicU64>,
+    passes: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl LayerTimes {
+    fn new(n_layer: usize) -> LayerTimes {
+        LayerTimes {
+            nanos: (0..n_layer).map(|_| Default::default()).collect(),
+            passes: (0..n_layer).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn record(&self, layer: usize, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos[layer].fetch_add(ns, Relaxed);
+        self.passes[layer].fetch_add(1, Relaxed);
+    }
+
+    /// (seconds summed, passes) per layer.
+    pub fn snapshot(&self) -> Vec<(f64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.nanos
+            .iter()
+            .zip(&self.passes)
+            .map(|(n, p)| (n.load(Relaxed) as f64 / 1e9, p.load(Relaxed)))
+            .collect()
+    }
 }
 
 impl Model {
@@ -206,6 +242,7 @@ impl Model {
             "model loaded"
         );
         let routing = RoutingCounter::new(&hp);
+        let layer_times = LayerTimes::new(hp.n_layer);
         Ok(Model {
             file,
             hp,
@@ -217,7 +254,13 @@ impl Model {
             rope,
             kq_scale,
             routing,
+            layer_times,
         })
+    }
+
+    /// Wall time per layer since the model was loaded.
+    pub fn layer_times(&self) -> &LayerTimes {
+        &self.layer_times
     }
 
     /// Tokens routed per (layer, expert) since the model was loaded.
@@ -377,6 +420,7 @@ impl Model {
     ) -> Result<Vec<f32>, EngineError> {
         let n_embd = self.hp.n_embd;
         for (il, layer) in self.layers.iter().enumerate() {
+            let layer_start = std::time::Instant::now();
             profile::enter(Phase::Attention);
             let cur = profile::work(|| {
                 let mut cur = x.clone();
@@ -422,6 +466,7 @@ impl Model {
                 }
             });
             x = ffn_inp;
+            self.layer_times.record(il, layer_start.elapsed());
         }
         for r in rows.iter_mut() {
             r.cache.advance(r.n);

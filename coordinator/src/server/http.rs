@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{Invalid, PromptInput, Request};
-use super::metrics::NodeStats;
+use super::metrics::{EngineTimes, NodeStats};
 use super::scheduler::{Event, Finish, GenRequest};
 use super::{ModelInfo, Shared};
 
@@ -214,8 +214,21 @@ async fn health(State(shared): State<AppState>) -> Response {
         .iter()
         .filter_map(|(name, s)| s.as_ref().err().map(|e| json!({"node": name, "error": e})))
         .collect();
+    let degraded_mode = model
+        .engine
+        .experts()
+        .dispatch_metrics()
+        .is_some_and(|d| d.degraded_mode);
     if down.is_empty() && ready.is_ok() {
         Json(json!({"status": "ok", "nodes": nodes.len()})).into_response()
+    } else if degraded_mode {
+        // --degraded serves without the missing experts: ready, but not whole.
+        Json(json!({
+            "status": "degraded",
+            "reason": ready.err(),
+            "nodes_down": down,
+        }))
+        .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -275,9 +288,17 @@ async fn metrics(State(shared): State<AppState>) -> Response {
         .model
         .get()
         .map(|m| m.engine.model().routing_counts().snapshot(None));
+    let engine = shared
+        .model
+        .get()
+        .map(|m| EngineTimes {
+            layers: m.engine.model().layer_times().snapshot(),
+            dispatch: m.engine.experts().dispatch_metrics(),
+        })
+        .unwrap_or_default();
     let text = shared
         .metrics
-        .render(Instant::now(), &nodes, routing.as_ref());
+        .render(Instant::now(), &nodes, routing.as_ref(), &engine);
     (
         [(
             header::CONTENT_TYPE,

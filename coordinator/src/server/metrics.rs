@@ -70,6 +70,15 @@ struct StepStats {
 /// Each node's counters as `/metrics` lists them, or why they could not be read.
 pub(crate) type NodeStats = Vec<(String, Result<proto::wire::Stats, String>)>;
 
+/// What the engine measures itself: wall time per layer, and (experts on nodes) the
+/// dispatch round trips per node, deadlines and degraded-mode drops.
+#[derive(Debug, Default)]
+pub(crate) struct EngineTimes {
+    /// (seconds summed, passes) per layer.
+    pub(crate) layers: Vec<(f64, u64)>,
+    pub(crate) dispatch: Option<crate::models::DispatchMetrics>,
+}
+
 impl Metrics {
     pub(crate) fn new(n_slots: usize) -> Metrics {
         Metrics {
@@ -136,6 +145,7 @@ impl Metrics {
         now: Instant,
         nodes: &NodeStats,
         routing: Option<&RoutingStats>,
+        engine: &EngineTimes,
     ) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -245,6 +255,83 @@ impl Metrics {
         let _ = writeln!(out, "moeshard_step_seconds_count {}", s.count);
         drop(s);
 
+        if !engine.layers.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP moeshard_layer_seconds Wall time of each layer's forward passes (attention, FFN and residuals of a whole step)."
+            );
+            let _ = writeln!(out, "# TYPE moeshard_layer_seconds summary");
+            for (layer, (secs, n)) in engine.layers.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "moeshard_layer_seconds_sum{{layer=\"{layer}\"}} {}",
+                    number(*secs)
+                );
+                let _ = writeln!(out, "moeshard_layer_seconds_count{{layer=\"{layer}\"}} {n}");
+            }
+        }
+        if let Some(d) = &engine.dispatch {
+            let _ = writeln!(
+                out,
+                "# HELP moeshard_node_dispatch_seconds Round trip of each answered dispatch to the node, as the coordinator sees it."
+            );
+            let _ = writeln!(out, "# TYPE moeshard_node_dispatch_seconds histogram");
+            for (name, h) in &d.latency {
+                let node = escape_label(name);
+                for (le, n) in &h.cumulative {
+                    let le = if le.is_finite() {
+                        number(*le)
+                    } else {
+                        "+Inf".to_owned()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "moeshard_node_dispatch_seconds_bucket{{node=\"{node}\",le=\"{le}\"}} {n}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "moeshard_node_dispatch_seconds_sum{{node=\"{node}\"}} {}",
+                    number(h.sum_seconds)
+                );
+                let _ = writeln!(
+                    out,
+                    "moeshard_node_dispatch_seconds_count{{node=\"{node}\"}} {}",
+                    h.count
+                );
+            }
+            let deadlines: Vec<(String, f64)> = d
+                .decode_deadline
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        format!("{{node=\"{}\"}}", escape_label(name)),
+                        t.as_secs_f64(),
+                    )
+                })
+                .collect();
+            write_metric(
+                &mut out,
+                "moeshard_node_dispatch_deadline_seconds",
+                "gauge",
+                "The deadline a one-token dispatch to the node gets now (fixed, or measured from its recent dispatches).",
+                &deadlines,
+            );
+            write_metric(
+                &mut out,
+                "moeshard_degraded_mode",
+                "gauge",
+                "1 when experts without a live node are dropped (--degraded) instead of failing the request.",
+                &[(String::new(), f64::from(u8::from(d.degraded_mode)))],
+            );
+            write_metric(
+                &mut out,
+                "moeshard_degraded_dropped_assignments_total",
+                "counter",
+                "(token, expert) assignments dropped in degraded mode because the expert had no live node.",
+                &[(String::new(), d.dropped_assignments as f64)],
+            );
+        }
         if let Some(r) = routing.filter(|r| !r.layers.is_empty()) {
             let layers: Vec<(String, f64)> = r
                 .layers

@@ -185,7 +185,18 @@ fn metrics_text_has_every_family_once() {
             counts: vec![7, 3],
         }],
     };
-    let text = m.render(now, &nodes, Some(&routing));
+    let latency = crate::histogram::Histogram::new(crate::histogram::DISPATCH_BUCKETS);
+    latency.observe(std::time::Duration::from_micros(300));
+    let engine = super::metrics::EngineTimes {
+        layers: vec![(0.5, 10), (0.25, 10)],
+        dispatch: Some(crate::models::DispatchMetrics {
+            latency: vec![("node0".to_string(), latency.snapshot())],
+            decode_deadline: vec![("node0".to_string(), std::time::Duration::from_secs(2))],
+            degraded_mode: true,
+            dropped_assignments: 7,
+        }),
+    };
+    let text = m.render(now, &nodes, Some(&routing), &engine);
     for line in [
         "moeshard_prompt_tokens_total 100",
         "moeshard_generated_tokens_total 2",
@@ -201,6 +212,15 @@ fn metrics_text_has_every_family_once() {
         "moeshard_node_dispatches_total{node=\"node0\"} 5",
         "moeshard_layer_routed_tokens_total{layer=\"3\"} 10",
         "moeshard_expert_routed_tokens_total{layer=\"3\",expert=\"1\"} 3",
+        "moeshard_layer_seconds_sum{layer=\"1\"} 0.25",
+        "moeshard_layer_seconds_count{layer=\"1\"} 10",
+        "moeshard_node_dispatch_seconds_bucket{node=\"node0\",le=\"0.00025\"} 0",
+        "moeshard_node_dispatch_seconds_bucket{node=\"node0\",le=\"0.0005\"} 1",
+        "moeshard_node_dispatch_seconds_bucket{node=\"node0\",le=\"+Inf\"} 1",
+        "moeshard_node_dispatch_seconds_count{node=\"node0\"} 1",
+        "moeshard_node_dispatch_deadline_seconds{node=\"node0\"} 2",
+        "moeshard_degraded_mode 1",
+        "moeshard_degraded_dropped_assignments_total 7",
     ] {
         assert!(
             text.lines().any(|l| l == line),

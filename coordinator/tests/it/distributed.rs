@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use coordinator::distributed::connect::{open_distributed, DistOptions, DistributedEngine};
 use coordinator::distributed::launcher::LaunchOptions;
+use coordinator::distributed::DeadlinePolicy;
 use coordinator::engine::Engine;
 use coordinator::models::Logits;
 use coordinator::sampler::{Sampler, SamplerConfig};
@@ -279,7 +280,7 @@ fn killed_or_stalled_node_is_named_within_the_deadline() {
     for transport in [TransportKind::Grpc, TransportKind::Quic] {
         for stall in [false, true] {
             let mut opts = options(2, transport);
-            opts.dispatch_timeout = deadline;
+            opts.deadline = DeadlinePolicy::Fixed(deadline);
             let mut d = open(&model, &opts);
             d.engine.eval(&prompt).unwrap();
             let nodes = d.local_nodes.as_mut().unwrap();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use coordinator::distributed::connect::{open_distributed, DistOptions, DistributedEngine};
+use coordinator::distributed::DeadlinePolicy;
 use coordinator::distributed::PROBE_INTERVAL;
 use coordinator::engine::Engine;
 use coordinator::sampler::{Sampler, SamplerConfig};
@@ -98,7 +99,7 @@ fn a_killed_node_with_replicas_changes_no_greedy_token() {
         for transport in [TransportKind::Grpc, TransportKind::Quic] {
             let opts = DistOptions {
                 plan: Some(plan.clone()),
-                dispatch_timeout: Duration::from_secs(3),
+                deadline: DeadlinePolicy::Fixed(Duration::from_secs(3)),
                 ..options(3, transport)
             };
             let d = open_distributed(&model, &opts).unwrap();
@@ -121,7 +122,7 @@ fn a_killed_node_without_replicas_is_a_clear_error() {
     let mut d = open_distributed(
         &model,
         &DistOptions {
-            dispatch_timeout: deadline,
+            deadline: DeadlinePolicy::Fixed(deadline),
             ..options(2, TransportKind::Grpc)
         },
     )
@@ -170,7 +171,7 @@ fn a_node_that_comes_back_is_reused() {
         &model,
         &DistOptions {
             cluster: Some(cluster),
-            dispatch_timeout: Duration::from_secs(2),
+            deadline: DeadlinePolicy::Fixed(Duration::from_secs(2)),
             ..DistOptions::default()
         },
     )
@@ -254,4 +255,81 @@ fn spawn_node_listening(
         got
     };
     (child, got)
+}
+
+/// `--degraded`: with node1 (experts 4-7) dead and no replica, steps go on without its
+/// experts — finite logits that differ from the whole model's, every dropped (token,
+/// expert) counted — where the default fails the step.
+#[test]
+fn degraded_mode_drops_experts_without_a_live_node() {
+    let model = fixtures().join("mixtral/model-q8_0.gguf");
+    let prompt = ids(&read_json(&fixtures().join("mixtral/reference.json"))["prompt_tokens"]);
+    let mut d = open_distributed(
+        &model,
+        &DistOptions {
+            deadline: DeadlinePolicy::Fixed(Duration::from_secs(2)),
+            degraded: true,
+            ..options(2, TransportKind::Grpc)
+        },
+    )
+    .unwrap();
+    let whole = d.engine.eval(&prompt).unwrap();
+    let metrics = || d.engine.experts().dispatch_metrics().unwrap();
+    assert!(metrics().degraded_mode);
+    assert_eq!(metrics().dropped_assignments, 0);
+    d.local_nodes.as_mut().unwrap().kill(1);
+    let degraded = d.engine.eval(&prompt).unwrap();
+    assert!(degraded.iter().all(|v| v.is_finite()));
+    let max_diff = whole
+        .iter()
+        .zip(&degraded)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_diff > 1e-3, "dropping experts 4-7 changed nothing");
+    let dropped = metrics().dropped_assignments;
+    assert!(dropped > 0);
+    // The next step routes around node1 from the start, and counts again.
+    d.engine.eval(&prompt[..4]).unwrap();
+    assert!(metrics().dropped_assignments > dropped);
+    assert!(d.engine.experts().ready().is_err());
+}
+
+/// The measured deadline: dispatch times are recorded per node, and a one-token
+/// dispatch's deadline comes down from the initial 30 s to the floor once measured.
+#[test]
+fn measured_deadline_comes_from_the_nodes_answers() {
+    let dir = fixtures().join("qwen3moe");
+    let model = dir.join("model-q8_0.gguf");
+    let prompt = ids(&read_json(&dir.join("reference.json"))["prompt_tokens"]);
+    let policy = DeadlinePolicy::Measured {
+        factor: 10.0,
+        floor: Duration::from_millis(500),
+        initial: Duration::from_secs(30),
+    };
+    let d = open_distributed(
+        &model,
+        &DistOptions {
+            deadline: policy,
+            ..options(2, TransportKind::Grpc)
+        },
+    )
+    .unwrap();
+    let before = d.engine.experts().dispatch_metrics().unwrap();
+    assert!(before
+        .decode_deadline
+        .iter()
+        .all(|(_, t)| *t == Duration::from_secs(30)));
+    let mut sampler = Sampler::new(SamplerConfig::greedy());
+    d.engine
+        .generate(&prompt, 8, prompt.len() + 8, &mut sampler, |_| true)
+        .unwrap();
+    let after = d.engine.experts().dispatch_metrics().unwrap();
+    for ((name, t), (_, h)) in after.decode_deadline.iter().zip(&after.latency) {
+        assert!(h.count > 0, "{name}: no dispatch recorded");
+        assert!(
+            *t >= Duration::from_millis(500) && *t < Duration::from_secs(5),
+            "{name}: deadline {t:?} after {} dispatches",
+            h.count
+        );
+    }
 }

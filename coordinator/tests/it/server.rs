@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use coordinator::chat_template::ChatTemplate;
 use coordinator::distributed::connect::{open_distributed, DistOptions};
 use coordinator::distributed::launcher::{LaunchOptions, LocalNodes};
+use coordinator::distributed::PROBE_INTERVAL;
 use coordinator::engine::Engine;
 use coordinator::sampler::{Sampler, SamplerConfig};
 use coordinator::server::{serve, LoadedModel, ServeConfig, ServeError};
@@ -1191,6 +1192,159 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
     check_prometheus_text(&metrics);
 }
 
+/// Polls `/health` until it answers `want`; panics after `within`.
+fn wait_health(server: &TestServer, want: u16, within: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let (status, body) = server.get("/health");
+        if status == want {
+            return body;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "/health still {status} after {within:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An MoE fixture over 2 gRPC nodes: `/health` turns unready when a node stops and ready
+/// again when it returns on its address (the prober re-verifies it), and the answers after
+/// its return are the answers before.
+#[test]
+fn server_health_follows_a_node_that_stops_and_returns() {
+    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let opts = DistOptions {
+        nodes: Some(2),
+        transport: TransportKind::Grpc,
+        launch: Some(launch_options()),
+        ..DistOptions::default()
+    };
+    let dist = open_distributed(&path, &opts).unwrap();
+    let mut nodes = dist.local_nodes.unwrap();
+    let server = TestServer::start(dist.engine, config("qwen3moe"));
+    let request = json!({"prompt": "the cat sat", "max_tokens": 12, "temperature": 0});
+    let before = server.post_ok("/v1/completions", &request);
+    nodes.kill(1);
+    let body = wait_health(&server, 503, Duration::from_secs(10));
+    assert!(body.contains("node1"), "{body}");
+    nodes.restart(1).unwrap();
+    wait_health(&server, 200, PROBE_INTERVAL * 5);
+    let after = server.post_ok("/v1/completions", &request);
+    assert_eq!(
+        before["choices"][0]["text"], after["choices"][0]["text"],
+        "the same answer once node1 is back"
+    );
+    assert_eq!(server.metric("moeshard_node_up{node=\"node1\"}"), 1.0);
+}
+
+/// The reliability contract at the server: an MoE fixture over 3 gRPC nodes with every
+/// expert on two of them (`--replicas 2`), 8 concurrent streaming clients, node1 killed
+/// (SIGKILL) mid-stream: no request fails and every answer equals the answer alone;
+/// `/health` is unready while node1 is down and ready again once it is restarted on its
+/// address, which then gets dispatches again.
+#[test]
+fn server_loses_no_request_when_one_of_three_nodes_dies() {
+    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let opts = DistOptions {
+        nodes: Some(3),
+        replicas: 2,
+        transport: TransportKind::Grpc,
+        launch: Some(launch_options()),
+        ..DistOptions::default()
+    };
+    let dist = open_distributed(&path, &opts).unwrap();
+    let mut nodes = dist.local_nodes.unwrap();
+    let server = TestServer::start(
+        dist.engine,
+        ServeConfig {
+            n_parallel: 8,
+            prefill_chunk: 4,
+            ..config("qwen3moe")
+        },
+    );
+    let prompts = [
+        "hello world",
+        "the cat sat on the mat",
+        "one two three four five six seven",
+        "a",
+        "MoE models route tokens to experts",
+        "lorem ipsum dolor sit amet",
+        "0 1 2 3",
+        "why is the sky blue?",
+    ];
+    let body = |i: usize| {
+        json!({"prompt": prompts[i], "max_tokens": 48, "temperature": 0, "stream": true})
+            .to_string()
+    };
+    let text_of = |(status, text): (u16, String)| {
+        assert_eq!(status, 200, "{text}");
+        parse_stream(&sse_data(&text), false)
+    };
+    let alone: Vec<Streamed> = (0..prompts.len())
+        .map(|i| text_of(server.post_raw("/v1/completions", &body(i), &[])))
+        .collect();
+    let errors_before = server.metric("moeshard_requests_total{outcome=\"error\"}");
+    let generated_before = server.metric("moeshard_generated_tokens_total");
+    let addr = server.addr;
+    let calls: Vec<_> = (0..prompts.len())
+        .map(|i| {
+            let b = body(i);
+            server
+                .runtime
+                .spawn(async move { http(addr, "POST", "/v1/completions", &[], Some(b)).await })
+        })
+        .collect();
+    // Mid-stream: some tokens out, most still to come.
+    let t0 = Instant::now();
+    while server.metric("moeshard_generated_tokens_total") < generated_before + 24.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no tokens generated"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nodes.kill(1);
+    let killed_at = server.metric("moeshard_generated_tokens_total") - generated_before;
+    let together: Vec<Streamed> = server.runtime.block_on(async {
+        let mut out = Vec::new();
+        for c in calls {
+            let (status, text, _) = c.await.unwrap();
+            out.push(text_of((status, text)));
+        }
+        out
+    });
+    let total = server.metric("moeshard_generated_tokens_total") - generated_before;
+    eprintln!("node1 killed after {killed_at} of {total} tokens");
+    assert!(
+        killed_at < total,
+        "the kill came after the last token ({killed_at} of {total})"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            (&a.text, &a.finish_reason),
+            (&t.text, &t.finish_reason),
+            "prompt {i}: alone vs with node1 killed mid-stream"
+        );
+    }
+    assert_eq!(
+        server.metric("moeshard_requests_total{outcome=\"error\"}"),
+        errors_before,
+        "a request failed"
+    );
+    let health = wait_health(&server, 503, Duration::from_secs(10));
+    assert!(health.contains("node1"), "{health}");
+    nodes.restart(1).unwrap();
+    wait_health(&server, 200, PROBE_INTERVAL * 5);
+    let again = text_of(server.post_raw("/v1/completions", &body(0), &[]));
+    assert_eq!(again.text, alone[0].text);
+    assert!(
+        server.metric("moeshard_node_dispatches_total{node=\"node1\"}") > 0.0,
+        "the restarted node1 gets work again"
+    );
+    check_prometheus_text(&server.get("/metrics").1);
+}
+
 /// Checks the Prometheus text format line by line: `# HELP`/`# TYPE` before each family's
 /// samples, names and label sets well formed, values numbers, histogram buckets rising.
 fn check_prometheus_text(text: &str) {
@@ -1238,8 +1392,11 @@ fn check_prometheus_text(text: &str) {
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| {
-                name.strip_suffix(s)
-                    .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+                name.strip_suffix(s).filter(|f| {
+                    typed
+                        .get(*f)
+                        .is_some_and(|k| k == "histogram" || (k == "summary" && *s != "_bucket"))
+                })
             })
             .unwrap_or(name);
         assert!(

@@ -270,6 +270,29 @@ impl Plan {
         Plan::even_placement(nodes, shape, split_dense, true)
     }
 
+    /// This plan with every whole routed expert also on the `copies - 1` nodes that follow
+    /// its node (in node order, wrapping): with [`Plan::even`] over N nodes and 2 copies,
+    /// the experts of node i are also on node i+1, so any one node can die and every expert
+    /// keeps a live replica (failover). Routed slices (`ff` set) and dense parts keep their
+    /// single node: a node holding two slices of a replicated expert cannot be planned for.
+    /// `copies` is capped at the node count.
+    pub fn with_replicas(mut self, copies: usize) -> Plan {
+        let n = self.nodes.len();
+        let copies = copies.clamp(1, n.max(1));
+        for e in &mut self.entries {
+            if e.part != Part::Routed || e.ff.is_some() || e.nodes.len() != 1 {
+                continue;
+            }
+            let Some(first) = self.nodes.iter().position(|x| *x == e.nodes[0]) else {
+                continue;
+            };
+            e.nodes = (0..copies)
+                .map(|k| self.nodes[(first + k) % n].clone())
+                .collect();
+        }
+        self
+    }
+
     fn even_placement(
         nodes: &[String],
         shape: &ModelShape,

@@ -330,6 +330,46 @@ fn even_plans_resolve_for_one_to_three_nodes() {
 }
 
 #[test]
+fn replicated_even_plans_survive_any_one_node() {
+    let shape = moe_shape();
+    for n_nodes in 2..=4 {
+        let plan = Plan::even(&names(n_nodes), &shape, true).with_replicas(2);
+        let resolved = plan.resolve(&shape).unwrap();
+        for layer in 1..4 {
+            for expert in 0..8 {
+                let slices = resolved.slices(layer, Part::Routed, expert).unwrap();
+                assert_eq!(slices.len(), 1);
+                let r = &slices[0].replicas;
+                assert_eq!(r.len(), 2, "{n_nodes} nodes, expert {expert}: {r:?}");
+                assert_eq!(r[1], (r[0] + 1) % n_nodes);
+            }
+            // The dense part stays sliced, one node per slice.
+            for s in resolved.slices(layer, Part::Dense, 0).unwrap() {
+                assert_eq!(s.replicas.len(), 1);
+            }
+        }
+        // Any one node down: every expert still has a live replica.
+        for down in 0..n_nodes {
+            for expert in 0..8 {
+                let r = &resolved.slices(1, Part::Routed, expert).unwrap()[0].replicas;
+                assert!(r.iter().any(|&n| n != down));
+            }
+        }
+        assert_eq!(Plan::from_toml(&plan.to_toml()).unwrap(), plan);
+    }
+    // More copies than nodes: every node holds every expert, once.
+    let all = Plan::even(&names(2), &shape, false).with_replicas(5);
+    let resolved = all.resolve(&shape).unwrap();
+    assert_eq!(
+        resolved.slices(1, Part::Routed, 0).unwrap()[0].replicas,
+        vec![0, 1]
+    );
+    // Sliced experts are left alone.
+    let sliced = Plan::even_sliced(&names(2), &shape, false);
+    assert_eq!(sliced.clone().with_replicas(2), sliced);
+}
+
+#[test]
 fn even_plan_alternates_the_larger_dense_share() {
     // Shared experts of 768 rows = 3 blocks over 2 nodes: 2+1, then 1+2, ...
     let mut shape = moe_shape();
