@@ -189,6 +189,30 @@ fn bad_flags_and_missing_files_are_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
     assert!(!Path::new("/tmp/never-written.safetensors").exists());
+    // Failure-policy flags: named in the error, nothing started.
+    let m = model.to_str().unwrap();
+    for (flags, says) in [
+        (
+            &["--nodes", "2", "--dispatch-timeout", "soon"][..],
+            "--dispatch-timeout",
+        ),
+        (
+            &["--nodes", "2", "--dispatch-timeout=-1"][..],
+            "--dispatch-timeout",
+        ),
+        (&["--nodes", "2", "--replicas", "0"][..], "--replicas"),
+        (
+            &["--nodes", "2", "--replicas", "2", "--slice-experts"][..],
+            "--replicas",
+        ),
+    ] {
+        let mut args = vec!["generate", "--model", m, "-p", "hi", "-n", "1"];
+        args.extend(flags);
+        let out = moeshard(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+    }
 }
 
 #[test]

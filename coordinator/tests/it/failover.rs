@@ -333,3 +333,35 @@ fn measured_deadline_comes_from_the_nodes_answers() {
         );
     }
 }
+
+/// A killed QUIC node sends nothing (no reset, unlike TCP): the default measured deadline
+/// notices it within its 2 s floor during decode, where the old fixed default waited 30 s.
+#[test]
+fn a_killed_quic_node_is_noticed_within_the_measured_deadline() {
+    let model = fixtures().join("mixtral/model-q8_0.gguf");
+    let prompt = ids(&read_json(&fixtures().join("mixtral/reference.json"))["prompt_tokens"]);
+    let mut d = open_distributed(&model, &options(2, TransportKind::Quic)).unwrap();
+    for _ in 0..3 {
+        d.engine.eval(&prompt[..2]).unwrap();
+    }
+    let deadlines = d
+        .engine
+        .experts()
+        .dispatch_metrics()
+        .unwrap()
+        .decode_deadline;
+    assert!(
+        deadlines.iter().all(|(_, t)| *t == Duration::from_secs(2)),
+        "{deadlines:?}"
+    );
+    d.local_nodes.as_mut().unwrap().kill(1);
+    let t0 = Instant::now();
+    let err = match d.engine.eval(&prompt[..1]) {
+        Ok(_) => panic!("evaluation succeeded without node1"),
+        Err(e) => e.to_string(),
+    };
+    let took = t0.elapsed();
+    eprintln!("noticed after {took:?}: {err}");
+    assert!(took < Duration::from_millis(3500), "{took:?}");
+    assert!(err.contains("node1"), "{err}");
+}

@@ -11,5 +11,6 @@ mod plan;
 mod predict;
 mod server;
 mod smollm2;
+mod soak;
 mod support;
 mod synth;

@@ -29,16 +29,16 @@ use crate::support::{fixtures, smollm2_model};
 // ---------------------------------------------------------------------------------------
 // A server in this process, and a small HTTP client.
 
-struct TestServer {
-    addr: SocketAddr,
-    runtime: tokio::runtime::Runtime,
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) runtime: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
 }
 
 impl TestServer {
     /// Serves `engine` with `config`; returns once the model is ready.
-    fn start(engine: Engine, config: ServeConfig) -> TestServer {
+    pub(crate) fn start(engine: Engine, config: ServeConfig) -> TestServer {
         let server = TestServer::start_with(config, move || {
             Ok(LoadedModel {
                 engine,
@@ -87,7 +87,7 @@ impl TestServer {
         }
     }
 
-    fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) fn get(&self, path: &str) -> (u16, String) {
         let r = self
             .runtime
             .block_on(http(self.addr, "GET", path, &[], None));
@@ -99,7 +99,12 @@ impl TestServer {
         self.post_raw(path, &body.to_string(), &[])
     }
 
-    fn post_raw(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    pub(crate) fn post_raw(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
         let r = self.runtime.block_on(http(
             self.addr,
             "POST",
@@ -125,7 +130,7 @@ impl TestServer {
     }
 
     /// A metric's value from `/metrics` (the first sample whose name and labels match).
-    fn metric(&self, sample: &str) -> f64 {
+    pub(crate) fn metric(&self, sample: &str) -> f64 {
         let (status, text) = self.get("/metrics");
         assert_eq!(status, 200);
         text.lines()
@@ -155,7 +160,7 @@ impl Drop for TestServer {
 }
 
 /// One HTTP/1.1 request on a new connection: (status, body, content type).
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -233,7 +238,7 @@ async fn stream_then_disconnect(addr: SocketAddr, path: &str, body: &Value) {
 
 /// The `data:` payloads of a Server-Sent Events body (events without data, such as
 /// keep-alive comments, are skipped).
-fn sse_data(body: &str) -> Vec<String> {
+pub(crate) fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|e| {
             let data: Vec<&str> = e
@@ -462,7 +467,7 @@ fn smollm2_engine() -> Option<(PathBuf, Engine)> {
     Some((path, engine))
 }
 
-fn config(name: &str) -> ServeConfig {
+pub(crate) fn config(name: &str) -> ServeConfig {
     ServeConfig {
         model_name: name.into(),
         ..ServeConfig::default()
@@ -1004,7 +1009,7 @@ fn server_health_is_unready_while_loading_and_after_a_failed_load() {
     }
 }
 
-fn launch_options() -> LaunchOptions {
+pub(crate) fn launch_options() -> LaunchOptions {
     LaunchOptions {
         program: PathBuf::from(env!("CARGO_BIN_EXE_moeshard")),
         program_args: vec!["expert-node".into()],
@@ -1193,7 +1198,7 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
 }
 
 /// Polls `/health` until it answers `want`; panics after `within`.
-fn wait_health(server: &TestServer, want: u16, within: Duration) -> String {
+pub(crate) fn wait_health(server: &TestServer, want: u16, within: Duration) -> String {
     let t0 = Instant::now();
     loop {
         let (status, body) = server.get("/health");
