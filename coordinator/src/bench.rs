@@ -45,7 +45,10 @@ pub struct PhaseProfile {
 /// Where a decoded token's time goes (`--profile`).
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeProfile {
-    /// Tokens decoded with profiling on (after a prefill of the benchmark's prompt).
+    /// Sequences decoding together (one token each per step).
+    pub sequences: usize,
+    /// Tokens decoded with profiling on (after a prefill of the benchmark's prompt), all
+    /// sequences together; times are per token.
     pub tokens: usize,
     /// Wall time per token of the profiled pass (slightly above the timed passes': the
     /// counters cost a little).
@@ -90,6 +93,9 @@ pub struct BenchResult {
     /// With `--profile`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<DecodeProfile>,
+    /// With `--profile` and `--parallel`: the same at the largest `--parallel` count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_parallel: Option<DecodeProfile>,
 }
 
 /// Bytes a decode step reads (see the module comment).
@@ -156,9 +162,13 @@ pub fn run(
         });
     }
     let profile = if cfg.profile {
-        Some(profile_decode(engine, &tokens, cfg)?)
+        Some(profile_decode(engine, &tokens, 1, cfg)?)
     } else {
         None
+    };
+    let profile_parallel = match cfg.parallel.iter().max() {
+        Some(&b) if cfg.profile && b > 1 => Some(profile_decode(engine, &tokens, b, cfg)?),
+        _ => None,
     };
     // Before the bandwidth probe, whose buffer would otherwise dominate the peak.
     let peak_rss_bytes = shared::membw::peak_rss_bytes().unwrap_or(0);
@@ -184,24 +194,25 @@ pub fn run(
         kernels: engine.model().kernels().isa().to_string(),
         parallel,
         profile,
+        profile_parallel,
     })
 }
 
-/// One decode pass of `cfg.n_decode` tokens after the prompt, with the profile counters on.
+/// One decode pass of `cfg.n_decode` steps of `b` sequences after their prompts, with the
+/// profile counters on.
 fn profile_decode(
     engine: &Engine,
     tokens: &[u32],
+    b: usize,
     cfg: &BenchConfig,
 ) -> Result<DecodeProfile, EngineError> {
     use shared::profile::{self, Phase};
-    let mut cache = engine.new_cache(cfg.n_prompt + cfg.n_decode + 1);
-    let mut next = argmax(&engine.prefill(&mut cache, tokens)?);
+    let (mut caches, mut next) = prefill_sequences(engine, tokens, b, cfg)?;
     profile::set_enabled(true);
     let t = Instant::now();
     let mut run = || -> Result<(), EngineError> {
         for _ in 0..cfg.n_decode {
-            let logits = engine.forward(&mut cache, &[next], Logits::Last)?;
-            next = argmax(&logits);
+            next = decode_step(engine, &mut caches, &next)?;
         }
         Ok(())
     };
@@ -210,7 +221,8 @@ fn profile_decode(
     profile::set_enabled(false);
     outcome?;
     let report = profile::report();
-    let per_token = |ns: u64| ns as f64 / 1e6 / cfg.n_decode.max(1) as f64;
+    let n_tokens = (cfg.n_decode * b).max(1);
+    let per_token = |ns: u64| ns as f64 / 1e6 / n_tokens as f64;
     let threads: Vec<String> = report.threads.iter().map(|(n, _)| n.clone()).collect();
     let phases = Phase::ALL
         .iter()
@@ -231,8 +243,9 @@ fn profile_decode(
         })
         .collect();
     Ok(DecodeProfile {
-        tokens: cfg.n_decode,
-        wall_ms: elapsed.as_secs_f64() * 1e3 / cfg.n_decode.max(1) as f64,
+        sequences: b,
+        tokens: n_tokens,
+        wall_ms: elapsed.as_secs_f64() * 1e3 / n_tokens as f64,
         threads,
         phases,
     })
@@ -245,9 +258,10 @@ pub fn profile_table(p: &DecodeProfile) -> String {
     let total_wall: f64 = p.phases.iter().map(|ph| ph.wall_ms).sum();
     let _ = writeln!(
         s,
-        "profile: {} decoded tokens, {:.3} ms per token; per thread: work (kernels and the \
-         serial steps between them) / idle (wall - work: waiting, synchronization)",
-        p.tokens, p.wall_ms
+        "profile: {} decoded tokens ({} sequences per step), {:.3} ms per token; per thread: \
+         work (kernels and the serial steps between them) / idle (wall - work: waiting, \
+         synchronization)",
+        p.tokens, p.sequences, p.wall_ms
     );
     let mut header = format!("{:<10} {:>9} {:>6}", "phase", "wall ms", "share");
     for t in &p.threads {
@@ -288,32 +302,58 @@ fn parallel_decode(
     let b = b.max(1);
     let mut runs = Vec::new();
     for _ in 0..cfg.reps.max(1) {
-        let mut caches: Vec<_> = (0..b)
-            .map(|_| engine.new_cache(cfg.n_prompt + cfg.n_decode + 1))
-            .collect();
-        let mut next = Vec::with_capacity(b);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let mut prompt = tokens.to_vec();
-            prompt.rotate_left(i % tokens.len().max(1));
-            next.push(argmax(&engine.prefill(cache, &prompt)?));
-        }
+        let (mut caches, mut next) = prefill_sequences(engine, tokens, b, cfg)?;
         let t = Instant::now();
         for _ in 0..cfg.n_decode {
-            let step_tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut seqs: Vec<crate::engine::SeqStep<'_>> = caches
-                .iter_mut()
-                .zip(&step_tokens)
-                .map(|(cache, t)| crate::engine::SeqStep {
-                    cache,
-                    tokens: t.as_slice(),
-                })
-                .collect();
-            let logits = engine.step(&mut seqs)?;
-            next = logits.iter().map(|l| argmax(l)).collect();
+            next = decode_step(engine, &mut caches, &next)?;
         }
         runs.push((b * cfg.n_decode) as f64 / t.elapsed().as_secs_f64());
     }
     Ok(median_min(&mut runs).0)
+}
+
+/// `b` sequences, each prefilled with its own prompt (a rotation of `tokens`): their caches
+/// and first greedy tokens.
+fn prefill_sequences(
+    engine: &Engine,
+    tokens: &[u32],
+    b: usize,
+    cfg: &BenchConfig,
+) -> Result<(Vec<crate::kv_cache::KvCache>, Vec<u32>), EngineError> {
+    let mut caches: Vec<_> = (0..b.max(1))
+        .map(|_| engine.new_cache(cfg.n_prompt + cfg.n_decode + 1))
+        .collect();
+    let mut next = Vec::with_capacity(caches.len());
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let mut prompt = tokens.to_vec();
+        prompt.rotate_left(i % tokens.len().max(1));
+        next.push(argmax(&engine.prefill(cache, &prompt)?));
+    }
+    Ok((caches, next))
+}
+
+/// One greedy token of every sequence: one `Engine::forward` alone, one `Engine::step` for
+/// several.
+fn decode_step(
+    engine: &Engine,
+    caches: &mut [crate::kv_cache::KvCache],
+    next: &[u32],
+) -> Result<Vec<u32>, EngineError> {
+    if let ([cache], [token]) = (&mut *caches, next) {
+        let logits = engine.forward(cache, &[*token], Logits::Last)?;
+        return Ok(vec![argmax(&logits)]);
+    }
+    let step_tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+    let mut seqs: Vec<crate::engine::SeqStep<'_>> = caches
+        .iter_mut()
+        .zip(&step_tokens)
+        .map(|(cache, t)| crate::engine::SeqStep {
+            cache,
+            tokens: t.as_slice(),
+        })
+        .collect();
+    let logits = engine.step(&mut seqs)?;
+    Ok(logits.iter().map(|l| argmax(l)).collect())
 }
 
 fn argmax(v: &[f32]) -> u32 {

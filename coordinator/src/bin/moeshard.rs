@@ -579,7 +579,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         p.sequences, p.decode_tps, p.speedup
                     );
                 }
-                if let Some(p) = &r.profile {
+                for p in r.profile.iter().chain(&r.profile_parallel) {
                     println!();
                     print!("{}", coordinator::bench::profile_table(p));
                 }

@@ -260,9 +260,17 @@ static AVX512: Kernels = {
     dot[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
     dot[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
     dot[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
+    dot[slot(GgmlType::Q4_0)] = avx512::dot_q4_0;
+    dot[slot(GgmlType::Q4_1)] = avx512::dot_q4_1;
+    dot[slot(GgmlType::Q5_0)] = avx512::dot_q5_0;
+    dot[slot(GgmlType::Q5_1)] = avx512::dot_q5_1;
     gemm[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
     gemm[slot(GgmlType::Q6_K)] = avx512::dot_q6_k;
     gemm[slot(GgmlType::Q8_0)] = avx512::dot_q8_0;
+    gemm[slot(GgmlType::Q4_0)] = avx512::dot_q4_0;
+    gemm[slot(GgmlType::Q4_1)] = avx512::dot_q4_1;
+    gemm[slot(GgmlType::Q5_0)] = avx512::dot_q5_0;
+    gemm[slot(GgmlType::Q5_1)] = avx512::dot_q5_1;
     let mut rows: [Option<DotFn>; N_TYPES] = [None; N_TYPES];
     rows[slot(GgmlType::Q8_0)] = Some(avx512::dot_rows_q8_0);
     Kernels {

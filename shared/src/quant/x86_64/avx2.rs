@@ -29,7 +29,7 @@ use half::f16;
 pub(crate) const TILE: usize = 4;
 
 pub(super) const Q8_0_BYTES: usize = 34;
-const Q8_1_BYTES: usize = 36;
+pub(super) const Q8_1_BYTES: usize = 36;
 pub(super) const Q8_K_BYTES: usize = 292;
 /// Offset of `qs` and `bsums` in a Q8_K block.
 pub(super) const Q8_K_QS: usize = 4;
@@ -641,13 +641,13 @@ pub(super) fn unpack_q8_0(wb: &[u8]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q4_0(wb: &[u8]) -> __m256i {
+pub(super) fn unpack_q4_0(wb: &[u8]) -> __m256i {
     _mm256_sub_epi8(nibbles(wb, 2), _mm256_set1_epi8(8))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q5_0(wb: &[u8]) -> __m256i {
+pub(super) fn unpack_q5_0(wb: &[u8]) -> __m256i {
     // nibble - 16 for a clear fifth bit is the nibble with the top four bits set.
     let clear = _mm256_andnot_si256(bits_to_bytes(u32_at(wb, 2)), _mm256_set1_epi8(0xF0u8 as i8));
     _mm256_or_si256(nibbles(wb, 6), clear)
@@ -804,13 +804,13 @@ macro_rules! q8_1_family {
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q4_1(wb: &[u8]) -> __m256i {
+pub(super) fn unpack_q4_1(wb: &[u8]) -> __m256i {
     nibbles(wb, 4)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn unpack_q5_1(wb: &[u8]) -> __m256i {
+pub(super) fn unpack_q5_1(wb: &[u8]) -> __m256i {
     let fifth = _mm256_and_si256(bits_to_bytes(u32_at(wb, 4)), _mm256_set1_epi8(0x10));
     _mm256_or_si256(nibbles(wb, 8), fifth)
 }
