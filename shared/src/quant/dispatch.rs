@@ -105,6 +105,8 @@ fn has_avx512() -> bool {
 /// elements of the entry's type, `xs.len()` is `out.len()` rows of `n` elements of its
 /// `vec_dot_type`, and `n > 0`.
 type DotFn = unsafe fn(usize, &[u8], &[u8], &mut [f32]);
+/// `(n, weight rows, activation rows, out, stride)`: `out[r * stride + t]` = row r · token t.
+type BatchRowsFn = unsafe fn(usize, &[u8], &[u8], &mut [f32], usize);
 
 /// `(source values, destination bytes)`; contract: the CPU has the table's features and `dst`
 /// is exactly the quantized row of `src`.
@@ -150,6 +152,10 @@ pub struct Kernels {
     /// one result per row)`, same contract with the roles of `w` and `xs` swapped), each
     /// result bit-identical to `dot`'s; `None` where rows are computed one at a time.
     rows: [Option<DotFn>; N_TYPES],
+    /// Kernels of several weight rows times several activation rows, each result
+    /// bit-identical to `dot`'s (the types whose batched order is the per-token one);
+    /// `None` where rows go through `dot` one at a time.
+    batch_rows: [Option<BatchRowsFn>; N_TYPES],
 }
 
 impl fmt::Debug for Kernels {
@@ -204,6 +210,7 @@ static SCALAR: Kernels = Kernels {
     gemm: table!(scalar_dot),
     quantize: table!(scalar_quantize),
     rows: [None; N_TYPES],
+    batch_rows: [None; N_TYPES],
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -250,6 +257,7 @@ static AVX2: Kernels = {
         gemm,
         quantize,
         rows,
+        batch_rows: [None; N_TYPES],
     }
 };
 
@@ -273,12 +281,19 @@ static AVX512: Kernels = {
     gemm[slot(GgmlType::Q5_1)] = avx512::dot_q5_1;
     let mut rows: [Option<DotFn>; N_TYPES] = [None; N_TYPES];
     rows[slot(GgmlType::Q8_0)] = Some(avx512::dot_rows_q8_0);
+    let mut batch_rows: [Option<BatchRowsFn>; N_TYPES] = [None; N_TYPES];
+    batch_rows[slot(GgmlType::Q4_0)] = Some(avx512::batch_rows_q4_0);
+    batch_rows[slot(GgmlType::Q4_1)] = Some(avx512::batch_rows_q4_1);
+    batch_rows[slot(GgmlType::Q5_0)] = Some(avx512::batch_rows_q5_0);
+    batch_rows[slot(GgmlType::Q5_1)] = Some(avx512::batch_rows_q5_1);
+    batch_rows[slot(GgmlType::Q8_0)] = Some(avx512::batch_rows_q8_0);
     Kernels {
         isa: Isa::Avx512,
         dot,
         gemm,
         quantize,
         rows,
+        batch_rows,
     }
 };
 
@@ -383,6 +398,70 @@ impl Kernels {
         unsafe { (self.dot[slot(ty)])(n, w, xs, out) }
     }
 
+    /// Whether [`Kernels::dot_batch_rows`] has a kernel for `ty` at this level (otherwise it
+    /// loops over the rows itself; the results are the same).
+    pub fn has_batch_rows(&self, ty: GgmlType) -> bool {
+        self.batch_rows[slot(ty)].is_some()
+    }
+
+    /// Consecutive weight rows (`w`) times the activation rows `xs`, each value
+    /// bit-identical to [`Kernels::vec_dot_batch`] of that row: `out[r * stride + t]` =
+    /// row `r` · token `t`. For the types whose batched order is the per-token one (legacy
+    /// quants, Q8_0), kernels convert the tokens' block scales once for all the rows.
+    ///
+    /// Panics as [`Kernels::vec_dot`] does, if `w` is not whole rows, or if `out` is too
+    /// short for its rows of `stride` (the last row needs only the tokens).
+    pub fn dot_batch_rows(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
+        check_rows("dot_batch_rows", ty, n, w, n_rows);
+        if n_rows == 0 {
+            return;
+        }
+        let (_, x_bytes) = check_dot(ty, n, w_row);
+        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
+        assert_eq!(
+            xs.len(),
+            x_bytes * n_tokens,
+            "dot_batch_rows {ty}: {} activation bytes are not whole rows of {x_bytes}",
+            xs.len()
+        );
+        assert!(
+            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
+            "dot_batch_rows {ty}: output of {} values for {n_rows} rows of stride {stride} and \
+             {n_tokens} tokens",
+            out.len()
+        );
+        if n_tokens == 0 {
+            return;
+        }
+        if n == 0 {
+            for r in 0..n_rows {
+                out[r * stride..r * stride + n_tokens].fill(0.0);
+            }
+            return;
+        }
+        match self.batch_rows[slot(ty)] {
+            // SAFETY: features detected (invariant of `Kernels`); `w` is `n_rows` whole rows,
+            // `xs` whole activation rows of `n`, and `out` holds every `r * stride + t`
+            // (all checked above).
+            Some(f) => unsafe { f(n, w, xs, out, stride) },
+            None => {
+                for (r, row) in w.chunks_exact(w_row).enumerate() {
+                    self.vec_dot_batch(ty, n, row, xs, &mut out[r * stride..r * stride + n_tokens]);
+                }
+            }
+        }
+    }
+
     /// Dot products of `out.len()` consecutive weight rows (`w`, each `ty.row_bytes(n)`
     /// bytes) with one activation row `x`; each result is bit-identical to
     /// [`Kernels::vec_dot`] of that row. Types with a rows kernel interleave the rows'
@@ -404,6 +483,10 @@ impl Kernels {
                 // SAFETY: features detected (invariant of `Kernels`); `w` is `out.len()` whole
                 // rows (asserted above) and `x` one activation row of `n` (checked).
                 unsafe { f(n, w, x, out) }
+            }
+            // The token's block scales converted once for all the rows (same bits).
+            None if self.has_batch_rows(ty) => {
+                self.dot_batch_rows(ty, n, w, x, out, 1);
             }
             None => {
                 for (o, row) in out.iter_mut().zip(w.chunks_exact(w_row.max(1))) {

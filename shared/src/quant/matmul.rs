@@ -551,6 +551,19 @@ fn matmul_rows_in(
             let n_gemm = seg_start + seg_len - seg_len % 4;
             // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.
             let tiled = !repacked && Kernels::has_tiled_order(ty) && seg_len >= TILED_MIN_TOKENS;
+            if !repacked && !tiled && kernels.has_batch_rows(ty) {
+                // A per-token order (the legacy quants and Q8_0, batched or not): the task's
+                // rows × the tokens in one kernel call, which converts each token's block
+                // scales once for all the rows instead of once per row.
+                let mut t0 = seg_start;
+                while t0 < seg_end {
+                    let t1 = (t0 + TOKEN_GROUP).min(seg_end);
+                    let xs = &x.data[t0 * x_row..t1 * x_row];
+                    kernels.dot_batch_rows(ty, n, chunk, xs, &mut dst[t0..], n_tokens);
+                    t0 = t1;
+                }
+                continue;
+            }
             let mut t0 = seg_start;
             while t0 < seg_end {
                 let t1 = (t0 + TOKEN_GROUP).min(seg_end);

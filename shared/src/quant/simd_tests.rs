@@ -321,8 +321,67 @@ fn check_rows(
     Ok(())
 }
 
+/// Several weight rows times several tokens (`dot_batch_rows`) equal each row's
+/// `vec_dot_batch`, bit for bit, at every level; the padding between rows is left alone.
+fn check_batch_rows(
+    ty: GgmlType,
+    n_blocks: usize,
+    n_rows: usize,
+    batch: usize,
+    pad: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * ty.block_elems();
+    let w: Vec<u8> = (0..n_rows)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let xs = random_activations(&mut rng, ty, n, batch);
+    let row_bytes = w.len() / n_rows;
+    let stride = batch + pad;
+    for kernels in Kernels::supported() {
+        let mut got = vec![-7.0f32; (n_rows - 1) * stride + batch];
+        kernels.dot_batch_rows(ty, n, &w, &xs, &mut got, stride);
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            let mut want = vec![f32::NAN; batch];
+            kernels.vec_dot_batch(ty, n, row, &xs, &mut want);
+            for t in 0..batch {
+                prop_assert_eq!(
+                    got[r * stride + t].to_bits(),
+                    want[t].to_bits(),
+                    "{} {}: row {} token {} of {}x{}",
+                    kernels.isa(),
+                    ty,
+                    r,
+                    t,
+                    n_rows,
+                    batch
+                );
+            }
+            if r + 1 < n_rows {
+                prop_assert!(got[r * stride + batch..(r + 1) * stride]
+                    .iter()
+                    .all(|&v| v == -7.0));
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn batch_rows_equal_vec_dot_batch(
+        ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
+        n_blocks in n_blocks(),
+        n_rows in 1usize..=5,
+        batch in 1usize..=19,
+        pad in 0usize..=3,
+        seed in any::<u64>(),
+    ) {
+        check_batch_rows(ty, n_blocks, n_rows, batch, pad, seed)?;
+    }
 
     #[test]
     fn dot_matches_reference(

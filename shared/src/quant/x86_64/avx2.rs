@@ -576,6 +576,14 @@ fn dot_i8_signed(aw: __m256i, wq: __m256i, xq: __m256i) -> __m256i {
     dot_u8_i8(aw, _mm256_sign_epi8(xq, wq))
 }
 
+/// Loads 8 f32 values.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn load8(src: &[f32; 8]) -> __m256 {
+    // SAFETY: `src` is 8 f32 values, the 32 bytes the unaligned load reads.
+    unsafe { _mm256_loadu_ps(src.as_ptr()) }
+}
+
 /// Stores 8 f32 lanes into `dst`.
 #[inline]
 #[target_feature(enable = "avx2")]
