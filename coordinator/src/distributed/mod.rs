@@ -484,18 +484,9 @@ impl RemoteExperts {
         }
         if !missing.is_empty() && !self.policy.degraded {
             missing.sort_unstable();
-            let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
-            let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
-            holders.sort_unstable();
-            holders.dedup();
-            let names: Vec<&str> = holders
-                .iter()
-                .map(|&h| self.table.nodes[h].name.as_str())
-                .collect();
+            let (experts, nodes) = self.describe_missing(&missing, ", ");
             return Err(EngineError::Node(format!(
-                "layer {layer}: experts {} have no live replica (held by {}, all down)",
-                experts.join(", "),
-                names.join(", ")
+                "layer {layer}: experts {experts} have no live replica (held by {nodes}, all down)"
             )));
         }
         if !missing.is_empty() {
@@ -532,6 +523,20 @@ impl RemoteExperts {
         Ok((work, dropped))
     }
 
+    /// The experts of `missing` (expert, holders) and the names of their holders, each
+    /// joined with `sep`.
+    fn describe_missing(&self, missing: &[(u32, Vec<usize>)], sep: &str) -> (String, String) {
+        let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
+        let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
+        holders.sort_unstable();
+        holders.dedup();
+        let names: Vec<&str> = holders
+            .iter()
+            .map(|&h| self.table.nodes[h].name.as_str())
+            .collect();
+        (experts.join(sep), names.join(sep))
+    }
+
     /// Degraded mode: counts assignments dropped for experts without a live replica and
     /// says so loudly (at most every [`DEGRADED_LOG_INTERVAL`]: once per layer and step
     /// would drown the log).
@@ -546,18 +551,11 @@ impl RemoteExperts {
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let experts: Vec<String> = missing.iter().map(|(e, _)| e.to_string()).collect();
-            let mut holders: Vec<usize> = missing.iter().flat_map(|(_, h)| h.clone()).collect();
-            holders.sort_unstable();
-            holders.dedup();
-            let names: Vec<&str> = holders
-                .iter()
-                .map(|&h| self.table.nodes[h].name.as_str())
-                .collect();
+            let (experts, nodes) = self.describe_missing(missing, ",");
             error!(
                 layer,
-                experts = %experts.join(","),
-                nodes_down = %names.join(","),
+                %experts,
+                nodes_down = %nodes,
                 dropped_total = total,
                 "DEGRADED: experts without a live replica are dropped and the tokens' other \
                  experts renormalized; outputs differ from the full model"

@@ -467,6 +467,18 @@ fn smollm2_engine() -> Option<(PathBuf, Engine)> {
     Some((path, engine))
 }
 
+/// Eight short prompts for the MoE fixtures' concurrent-client tests.
+pub(crate) const MOE_PROMPTS: [&str; 8] = [
+    "hello world",
+    "the cat sat on the mat",
+    "one two three four five six seven",
+    "a",
+    "MoE models route tokens to experts",
+    "lorem ipsum dolor sit amet",
+    "0 1 2 3",
+    "why is the sky blue?",
+];
+
 pub(crate) fn config(name: &str) -> ServeConfig {
     ServeConfig {
         model_name: name.into(),
@@ -1112,16 +1124,7 @@ fn server_moe_on_two_nodes_dispatches_once_per_layer_per_step() {
             ..config("qwen3moe")
         },
     );
-    let prompts = [
-        "hello world",
-        "the cat sat on the mat",
-        "one two three four five six seven",
-        "a",
-        "MoE models route tokens to experts",
-        "lorem ipsum dolor sit amet",
-        "0 1 2 3",
-        "why is the sky blue?",
-    ];
+    let prompts = MOE_PROMPTS;
     let body = |i: usize| {
         json!({
             "prompt": prompts[i],
@@ -1268,16 +1271,7 @@ fn server_loses_no_request_when_one_of_three_nodes_dies() {
             ..config("qwen3moe")
         },
     );
-    let prompts = [
-        "hello world",
-        "the cat sat on the mat",
-        "one two three four five six seven",
-        "a",
-        "MoE models route tokens to experts",
-        "lorem ipsum dolor sit amet",
-        "0 1 2 3",
-        "why is the sky blue?",
-    ];
+    let prompts = MOE_PROMPTS;
     let body = |i: usize| {
         json!({"prompt": prompts[i], "max_tokens": 48, "temperature": 0, "stream": true})
             .to_string()

@@ -21,7 +21,7 @@ use coordinator::server::ServeConfig;
 use proto::transport::TransportKind;
 use serde_json::{json, Value};
 
-use crate::server::{config, http, launch_options, sse_data, wait_health, TestServer};
+use crate::server::{config, http, launch_options, sse_data, wait_health, TestServer, MOE_PROMPTS};
 use crate::support::fixtures;
 
 const CLIENTS: usize = 4;
@@ -31,16 +31,7 @@ const VICTIM: usize = 2;
 /// How long the victim stays dead before it is restarted.
 const DOWN_FOR: Duration = Duration::from_secs(3);
 
-const PROMPTS: [&str; 8] = [
-    "hello world",
-    "the cat sat on the mat",
-    "one two three four five six seven",
-    "a",
-    "MoE models route tokens to experts",
-    "lorem ipsum dolor sit amet",
-    "0 1 2 3",
-    "why is the sky blue?",
-];
+const PROMPTS: [&str; 8] = MOE_PROMPTS;
 
 fn soak_duration() -> Duration {
     let default = if std::env::var_os("MOESHARD_SLOW_TESTS").is_some() {

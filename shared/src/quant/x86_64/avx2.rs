@@ -29,7 +29,7 @@ use half::f16;
 pub(crate) const TILE: usize = 4;
 
 pub(super) const Q8_0_BYTES: usize = 34;
-pub(super) const Q8_1_BYTES: usize = 36;
+const Q8_1_BYTES: usize = 36;
 pub(super) const Q8_K_BYTES: usize = 292;
 /// Offset of `qs` and `bsums` in a Q8_K block.
 pub(super) const Q8_K_QS: usize = 4;

@@ -18,8 +18,8 @@ use super::avx2::{
     cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32, k4_min_prod,
     k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, load8, prefetch_span, q4k_quants,
     q6k_quants, q8_0_rows, rows_driver, store8, token_blocks, u16_at, unpack_q4_0, unpack_q4_1,
-    unpack_q5_0, unpack_q5_1, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_1_BYTES,
-    Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    unpack_q5_0, unpack_q5_1, unpack_q8_0, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS,
+    Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -87,124 +87,42 @@ batched!(
     dot_q8_0, q8_0_tile
 );
 
-batched!(
+/// One weight row of a legacy quant · the tokens of `xs`: [`batch_rows`] with one row (the
+/// tokens' scales converted once, then the row's tile).
+macro_rules! one_row {
+    ($(#[$doc:meta])* $name:ident, $rows:ident) => {
+        $(#[$doc])*
+        ///
+        /// `xs` holds `out.len()` activation rows of equal length; `w` is one weight row of
+        /// `n` elements. Lengths are checked by `dispatch`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(crate) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32]) {
+            let stride = out.len();
+            $rows(n, w, xs, out, stride);
+        }
+    };
+}
+
+one_row!(
     /// Q4_0 weights · Q8_0 activations.
-    dot_q4_0, q4_0_tile
+    dot_q4_0,
+    batch_rows_q4_0
 );
-batched!(
+one_row!(
     /// Q5_0 weights · Q8_0 activations.
-    dot_q5_0, q5_0_tile
+    dot_q5_0,
+    batch_rows_q5_0
 );
-batched!(
+one_row!(
     /// Q4_1 weights · Q8_1 activations.
-    dot_q4_1, q4_1_tile
+    dot_q4_1,
+    batch_rows_q4_1
 );
-batched!(
+one_row!(
     /// Q5_1 weights · Q8_1 activations.
-    dot_q5_1, q5_1_tile
+    dot_q5_1,
+    batch_rows_q5_1
 );
-
-/// The legacy quants against Q8_0 activations (Q4_0, Q5_0): AVX2's `q8_0_family` (ggml's
-/// order: one FMA per block into the token's accumulator) with the block's integer dot
-/// product in one `vpdpbusd` (exact: the same sums `maddubs` + `madd` give) and eight
-/// tokens per tile.
-macro_rules! q8_0_legacy_tile {
-    ($name:ident, $w_bytes:expr, $unpack:ident) => {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
-            let w_blocks = w.as_chunks::<$w_bytes>().0;
-            let mut x_blocks: [&[[u8; Q8_0_BYTES]]; B] = [&[]; B];
-            for (xb, row) in x_blocks.iter_mut().zip(x) {
-                *xb = row.as_chunks::<Q8_0_BYTES>().0;
-            }
-            let mut acc = [_mm256_setzero_ps(); B];
-            for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
-                let count = w_group.len();
-                prefetch_span(w, g * GROUP * $w_bytes, (g * GROUP + count) * $w_bytes);
-                let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
-                let mut x_group: [&[[u8; Q8_0_BYTES]]; B] = [&[]; B];
-                let mut scales = [[0.0f32; GROUP]; B];
-                for t in 0..B {
-                    x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
-                    let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
-                    store8(&mut scales[t], _mm256_mul_ps(wd, xd));
-                }
-                for (k, wb) in w_group.iter().enumerate() {
-                    let wq = $unpack(wb);
-                    let aw = _mm256_sign_epi8(wq, wq);
-                    for t in 0..B {
-                        // |w| · (x with w's sign): exact while x is never -128 (see `avx2`).
-                        let sx = _mm256_sign_epi8(ld(&x_group[t][k], 2), wq);
-                        let sumi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-                        let scale = _mm256_set1_ps(scales[t][k]);
-                        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
-                    }
-                }
-            }
-            hsum_each(&acc)
-        }
-    };
-}
-
-q8_0_legacy_tile!(q4_0_tile, 18, unpack_q4_0);
-q8_0_legacy_tile!(q5_0_tile, 22, unpack_q5_0);
-
-/// The legacy quants against Q8_1 activations (Q4_1, Q5_1): AVX2's `q8_1_family` (one FMA
-/// per block into the token's accumulator, the weight's m times the activation's s summed in
-/// a scalar) with `vpdpbusd` for the unsigned-by-signed block product (the same exact sums as
-/// `maddubs` + `madd`), eight tokens per tile, and every per-block scalar broadcast from
-/// memory rather than taken from a register lane (the shuffle port is the bottleneck).
-macro_rules! q8_1_legacy_tile {
-    ($name:ident, $w_bytes:expr, $unpack:ident) => {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        fn $name<const B: usize>(w: &[u8], x: [&[u8]; B]) -> [f32; B] {
-            let w_blocks = w.as_chunks::<$w_bytes>().0;
-            let mut x_blocks: [&[[u8; Q8_1_BYTES]]; B] = [&[]; B];
-            for (xb, row) in x_blocks.iter_mut().zip(x) {
-                *xb = row.as_chunks::<Q8_1_BYTES>().0;
-            }
-            let mut acc = [_mm256_setzero_ps(); B];
-            let mut summs = [_mm_setzero_ps(); B];
-            for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
-                let count = w_group.len();
-                prefetch_span(w, g * GROUP * $w_bytes, (g * GROUP + count) * $w_bytes);
-                let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
-                let mut wm = [0.0f32; GROUP];
-                store8(&mut wm, f16x8(count, |k| u16_at(&w_group[k], 2)));
-                let mut x_group: [&[[u8; Q8_1_BYTES]]; B] = [&[]; B];
-                let mut scales = [[0.0f32; GROUP]; B];
-                let mut sums = [[0.0f32; GROUP]; B];
-                for t in 0..B {
-                    x_group[t] = &x_blocks[t][g * GROUP..g * GROUP + count];
-                    let xd = f16x8(count, |k| u16_at(&x_group[t][k], 0));
-                    store8(&mut sums[t], f16x8(count, |k| u16_at(&x_group[t][k], 2)));
-                    store8(&mut scales[t], _mm256_mul_ps(wd, xd));
-                }
-                for (k, wb) in w_group.iter().enumerate() {
-                    let wq = $unpack(wb);
-                    let m = _mm_set_ss(wm[k]);
-                    for t in 0..B {
-                        let sumi =
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, ld(&x_group[t][k], 4));
-                        let scale = _mm256_set1_ps(scales[t][k]);
-                        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
-                        summs[t] = _mm_fmadd_ss(m, _mm_set_ss(sums[t][k]), summs[t]);
-                    }
-                }
-            }
-            let mut out = hsum_each(&acc);
-            for (o, m) in out.iter_mut().zip(summs) {
-                *o += _mm_cvtss_f32(m);
-            }
-            out
-        }
-    };
-}
-
-q8_1_legacy_tile!(q4_1_tile, 20, unpack_q4_1);
-q8_1_legacy_tile!(q5_1_tile, 24, unpack_q5_1);
 
 /// The activation side of a tile of `B` tokens, laid out for [`batch_rows`]' inner loop:
 /// block i's quants of every token side by side (one pointer, constant offsets: eight
@@ -260,8 +178,8 @@ impl<const B: usize> TokenTile<B> {
 }
 
 /// Several weight rows times several tokens for the legacy quants and Q8_0, each value
-/// bit-identical to the one-row tiles above (the same f32 operations in the same order). A
-/// one-row call converts every token's f16 block scales for that row alone — 16 scalar loads
+/// bit-identical to AVX2's `q8_0_family` / `q8_1_family` tiles (the same f32 operations in
+/// the same order; the integer block sums, exact, by `vpdpbusd`). A one-row call converts every token's f16 block scales for that row alone — 16 scalar loads
 /// and inserts per token and group of eight blocks, half of the time of a decode batch; here
 /// they are converted once per call (a task's rows), tiles of up to [`TILE`] tokens.
 ///
@@ -314,8 +232,8 @@ macro_rules! batch_rows {
     };
 }
 
-/// One weight row · a [`TokenTile`]: the float operations of `q8_1_legacy_tile` /
-/// `q8_0_legacy_tile` exactly (one FMA per block into each token's accumulator, Q8_1's m·s
+/// One weight row · a [`TokenTile`]: the float operations of AVX2's `q8_1_family` /
+/// `q8_0_family` exactly (one FMA per block into each token's accumulator, Q8_1's m·s
 /// in a scalar), every per-block scalar broadcast from memory.
 macro_rules! row_tile {
     ($name:ident, $w_bytes:expr, $has_sum:expr, $unpack:ident, $dot:ident) => {
