@@ -467,6 +467,26 @@ fn smollm2_engine() -> Option<(PathBuf, Engine)> {
     Some((path, engine))
 }
 
+/// The qwen3moe Q8_0 fixture served with its experts on `nodes` loopback gRPC nodes (each
+/// expert on `replicas` of them), and the node processes.
+pub(crate) fn moe_server_on_nodes(
+    nodes: usize,
+    replicas: usize,
+    config: ServeConfig,
+) -> (TestServer, LocalNodes) {
+    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let opts = DistOptions {
+        nodes: Some(nodes),
+        replicas,
+        transport: TransportKind::Grpc,
+        launch: Some(launch_options()),
+        ..DistOptions::default()
+    };
+    let dist = open_distributed(&path, &opts).unwrap();
+    let local = dist.local_nodes.unwrap();
+    (TestServer::start(dist.engine, config), local)
+}
+
 /// Eight short prompts for the MoE fixtures' concurrent-client tests.
 pub(crate) const MOE_PROMPTS: [&str; 8] = [
     "hello world",
@@ -1221,16 +1241,7 @@ pub(crate) fn wait_health(server: &TestServer, want: u16, within: Duration) -> S
 /// its return are the answers before.
 #[test]
 fn server_health_follows_a_node_that_stops_and_returns() {
-    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
-    let opts = DistOptions {
-        nodes: Some(2),
-        transport: TransportKind::Grpc,
-        launch: Some(launch_options()),
-        ..DistOptions::default()
-    };
-    let dist = open_distributed(&path, &opts).unwrap();
-    let mut nodes = dist.local_nodes.unwrap();
-    let server = TestServer::start(dist.engine, config("qwen3moe"));
+    let (server, mut nodes) = moe_server_on_nodes(2, 1, config("qwen3moe"));
     let request = json!({"prompt": "the cat sat", "max_tokens": 12, "temperature": 0});
     let before = server.post_ok("/v1/completions", &request);
     nodes.kill(1);
@@ -1253,18 +1264,9 @@ fn server_health_follows_a_node_that_stops_and_returns() {
 /// address, which then gets dispatches again.
 #[test]
 fn server_loses_no_request_when_one_of_three_nodes_dies() {
-    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
-    let opts = DistOptions {
-        nodes: Some(3),
-        replicas: 2,
-        transport: TransportKind::Grpc,
-        launch: Some(launch_options()),
-        ..DistOptions::default()
-    };
-    let dist = open_distributed(&path, &opts).unwrap();
-    let mut nodes = dist.local_nodes.unwrap();
-    let server = TestServer::start(
-        dist.engine,
+    let (server, mut nodes) = moe_server_on_nodes(
+        3,
+        2,
         ServeConfig {
             n_parallel: 8,
             prefill_chunk: 4,

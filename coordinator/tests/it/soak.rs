@@ -15,14 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coordinator::distributed::connect::{open_distributed, DistOptions};
 use coordinator::distributed::PROBE_INTERVAL;
 use coordinator::server::ServeConfig;
-use proto::transport::TransportKind;
 use serde_json::{json, Value};
 
-use crate::server::{config, http, launch_options, sse_data, wait_health, TestServer, MOE_PROMPTS};
-use crate::support::fixtures;
+use crate::server::{config, http, moe_server_on_nodes, sse_data, wait_health, MOE_PROMPTS};
 
 const CLIENTS: usize = 4;
 const MAX_TOKENS: usize = 32;
@@ -123,18 +120,9 @@ struct Sample {
 #[test]
 fn soak_with_periodic_node_kills() {
     let duration = soak_duration();
-    let path = fixtures().join("qwen3moe/model-q8_0.gguf");
-    let opts = DistOptions {
-        nodes: Some(3),
-        replicas: 2,
-        transport: TransportKind::Grpc,
-        launch: Some(launch_options()),
-        ..DistOptions::default()
-    };
-    let dist = open_distributed(&path, &opts).unwrap();
-    let mut nodes = dist.local_nodes.unwrap();
-    let server = TestServer::start(
-        dist.engine,
+    let (server, mut nodes) = moe_server_on_nodes(
+        3,
+        2,
         ServeConfig {
             n_parallel: CLIENTS,
             prefill_chunk: 8,
