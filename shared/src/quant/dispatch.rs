@@ -251,13 +251,19 @@ static AVX2: Kernels = {
     let (dot, gemm, quantize) = avx2_tables();
     let mut rows: [Option<DotFn>; N_TYPES] = [None; N_TYPES];
     rows[slot(GgmlType::Q8_0)] = Some(super::x86_64::avx2::dot_rows_q8_0);
+    let mut batch_rows: [Option<BatchRowsFn>; N_TYPES] = [None; N_TYPES];
+    batch_rows[slot(GgmlType::Q4_0)] = Some(super::x86_64::avx2::batch_rows_q4_0);
+    batch_rows[slot(GgmlType::Q4_1)] = Some(super::x86_64::avx2::batch_rows_q4_1);
+    batch_rows[slot(GgmlType::Q5_0)] = Some(super::x86_64::avx2::batch_rows_q5_0);
+    batch_rows[slot(GgmlType::Q5_1)] = Some(super::x86_64::avx2::batch_rows_q5_1);
+    batch_rows[slot(GgmlType::Q8_0)] = Some(super::x86_64::avx2::batch_rows_q8_0);
     Kernels {
         isa: Isa::Avx2,
         dot,
         gemm,
         quantize,
         rows,
-        batch_rows: [None; N_TYPES],
+        batch_rows,
     }
 };
 

@@ -826,6 +826,244 @@ pub(super) fn unpack_q5_1(wb: &[u8]) -> __m256i {
 q8_1_family!(q4_1_tile, 20, unpack_q4_1);
 q8_1_family!(q5_1_tile, 24, unpack_q5_1);
 
+/// Tokens per tile of the rows × tokens kernels (eight accumulators and the Q8_1 sums'
+/// vector fit in AVX2's 16 registers).
+pub(super) const BATCH_TILE: usize = 8;
+
+/// The activation side of a tile of `B` tokens, laid out for [`batch_rows`]' inner loop:
+/// block i's quants of every token side by side (one pointer, constant offsets: eight
+/// separate token rows would not fit in the general registers), every block scale (and Q8_1
+/// sum) converted from f16 once for all the weight rows.
+pub(super) struct TokenTile<const B: usize> {
+    /// `[block][token]` quants.
+    pub(super) quants: Vec<[[u8; 32]; B]>,
+    /// `[token][block]` scales, with a group's worth of zeros after the last block (a short
+    /// last group loads them into lanes no block uses).
+    scales: Vec<f32>,
+    /// `[block][token]` sums (Q8_1's `s`, zero past token `B`; empty for Q8_0).
+    pub(super) sums: Vec<[f32; BATCH_TILE]>,
+    nb: usize,
+}
+
+impl<const B: usize> TokenTile<B> {
+    /// `xs`: `B` activation rows of `nb` blocks of `x_bytes` (Q8_0: 34, Q8_1: 36; the
+    /// quants are the last 32 bytes of a block, the f16 scale the first two, Q8_1's f16 sum
+    /// the next two).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn new(xs: &[u8], nb: usize, x_bytes: usize, has_sum: bool) -> TokenTile<B> {
+        let x_row = nb * x_bytes;
+        let mut quants = vec![[[0u8; 32]; B]; nb];
+        let mut scales = vec![0.0f32; B * nb + GROUP];
+        let mut sums = vec![[0.0f32; BATCH_TILE]; if has_sum { nb } else { 0 }];
+        for t in 0..B {
+            let row = &xs[t * x_row..(t + 1) * x_row];
+            for (i, block) in row.chunks_exact(x_bytes).enumerate() {
+                quants[i][t].copy_from_slice(&block[x_bytes - 32..]);
+                scales[t * nb + i] = f16_at(block, 0);
+                if has_sum {
+                    sums[i][t] = f16_at(block, 2);
+                }
+            }
+        }
+        TokenTile {
+            quants,
+            scales,
+            sums,
+            nb,
+        }
+    }
+
+    /// Token `t`'s scales of blocks `g0..g0 + GROUP`.
+    #[inline]
+    pub(super) fn group_scales(&self, t: usize, g0: usize) -> &[f32; GROUP] {
+        let at = t * self.nb + g0;
+        self.scales[at..at + GROUP]
+            .try_into()
+            .unwrap_or(&[0.0; GROUP])
+    }
+}
+
+/// Several weight rows times several tokens for the legacy quants and Q8_0, each value
+/// bit-identical to AVX2's `q8_0_family` / `q8_1_family` tiles (the same f32 operations in
+/// the same order; the integer block sums, exact, by `vpdpbusd`). A one-row call converts every token's f16 block scales for that row alone — 16 scalar loads
+/// and inserts per token and group of eight blocks, half of the time of a decode batch; here
+/// they are converted once per call (a task's rows), tiles of up to [`TILE`] tokens.
+///
+/// `w` holds whole weight rows, `xs` whole activation rows; `out[r * stride + t]` gets row
+/// `r` · token `t`. Lengths are checked by `dispatch`.
+macro_rules! batch_rows {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $w_bytes:expr, $x_bytes:expr, $has_sum:expr, $row:ident) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(crate) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn tile<const B: usize>(
+                w: &[u8],
+                xs: &[u8],
+                nb: usize,
+                out: &mut [f32],
+                stride: usize,
+                t0: usize,
+            ) {
+                let tokens = TokenTile::<B>::new(xs, nb, $x_bytes, $has_sum);
+                for (r, wr) in w.chunks_exact(nb * $w_bytes).enumerate() {
+                    let values = $row::<B>(wr, &tokens);
+                    out[r * stride + t0..r * stride + t0 + B].copy_from_slice(&values);
+                }
+            }
+            let nb = n / 32;
+            let x_row = nb * $x_bytes;
+            if x_row == 0 || w.is_empty() {
+                return;
+            }
+            let n_tokens = xs.len() / x_row;
+            let mut t0 = 0;
+            while t0 < n_tokens {
+                let b = (n_tokens - t0).min(BATCH_TILE);
+                let x = &xs[t0 * x_row..(t0 + b) * x_row];
+                match b {
+                    8 => tile::<8>(w, x, nb, out, stride, t0),
+                    7 => tile::<7>(w, x, nb, out, stride, t0),
+                    6 => tile::<6>(w, x, nb, out, stride, t0),
+                    5 => tile::<5>(w, x, nb, out, stride, t0),
+                    4 => tile::<4>(w, x, nb, out, stride, t0),
+                    3 => tile::<3>(w, x, nb, out, stride, t0),
+                    2 => tile::<2>(w, x, nb, out, stride, t0),
+                    _ => tile::<1>(w, x, nb, out, stride, t0),
+                }
+                t0 += b;
+            }
+        }
+    };
+}
+
+/// One weight row · a [`TokenTile`]: the float operations of AVX2's `q8_1_family` /
+/// `q8_0_family` exactly (one FMA per block into each token's accumulator, Q8_1's m·s
+/// in a scalar), every per-block scalar broadcast from memory.
+macro_rules! row_tile {
+    ($name:ident, $features:literal, $w_bytes:expr, $has_sum:expr, $unpack:ident, $dot:ident) => {
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn $name<const B: usize>(w: &[u8], x: &TokenTile<B>) -> [f32; B] {
+            let w_blocks = w.as_chunks::<$w_bytes>().0;
+            let mut acc = [_mm256_setzero_ps(); B];
+            // Every token's scalar m·s chain in one lane: a vector FMA is the same IEEE
+            // operation per lane as the scalar one.
+            let mut summs = _mm256_setzero_ps();
+            for (g, w_group) in w_blocks.chunks(GROUP).enumerate() {
+                let count = w_group.len();
+                let g0 = g * GROUP;
+                prefetch_span(w, g0 * $w_bytes, (g0 + count) * $w_bytes);
+                let wd = f16x8(count, |k| u16_at(&w_group[k], 0));
+                let mut wm = [0.0f32; GROUP];
+                if $has_sum {
+                    store8(&mut wm, f16x8(count, |k| u16_at(&w_group[k], 2)));
+                }
+                let mut scales = [[0.0f32; GROUP]; B];
+                for t in 0..B {
+                    store8(
+                        &mut scales[t],
+                        _mm256_mul_ps(wd, load8(x.group_scales(t, g0))),
+                    );
+                }
+                let quants = &x.quants[g0..g0 + count];
+                let sums = if $has_sum {
+                    &x.sums[g0..g0 + count]
+                } else {
+                    &[][..]
+                };
+                for (k, wb) in w_group.iter().enumerate() {
+                    let wq = $unpack(wb);
+                    let xq = &quants[k];
+                    for t in 0..B {
+                        let sumi = $dot(wq, ld(&xq[t], 0));
+                        let scale = _mm256_set1_ps(scales[t][k]);
+                        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sumi), acc[t]);
+                    }
+                    if $has_sum {
+                        let m = _mm256_set1_ps(wm[k]);
+                        summs = _mm256_fmadd_ps(m, load8(&sums[k]), summs);
+                    }
+                }
+            }
+            let mut out = hsum_each(&acc);
+            if $has_sum {
+                let mut m = [0.0f32; BATCH_TILE];
+                store8(&mut m, summs);
+                for (o, m) in out.iter_mut().zip(m) {
+                    *o += m;
+                }
+            }
+            out
+        }
+    };
+}
+
+pub(super) use {batch_rows, row_tile};
+
+row_tile!(
+    q4_0_row_tile,
+    "avx2,fma,f16c",
+    18,
+    false,
+    unpack_q4_0,
+    q8_0_block_dot
+);
+row_tile!(
+    q5_0_row_tile,
+    "avx2,fma,f16c",
+    22,
+    false,
+    unpack_q5_0,
+    q8_0_block_dot
+);
+row_tile!(
+    q8_0_row_tile,
+    "avx2,fma,f16c",
+    34,
+    false,
+    unpack_q8_0,
+    q8_0_block_dot
+);
+row_tile!(
+    q4_1_row_tile,
+    "avx2,fma,f16c",
+    20,
+    true,
+    unpack_q4_1,
+    dot_u8_i8
+);
+row_tile!(
+    q5_1_row_tile,
+    "avx2,fma,f16c",
+    24,
+    true,
+    unpack_q5_1,
+    dot_u8_i8
+);
+
+batch_rows!(
+    /// Q4_0 rows · Q8_0 tokens.
+    batch_rows_q4_0, "avx2,fma,f16c", 18, 34, false, q4_0_row_tile
+);
+batch_rows!(
+    /// Q5_0 rows · Q8_0 tokens.
+    batch_rows_q5_0, "avx2,fma,f16c", 22, 34, false, q5_0_row_tile
+);
+batch_rows!(
+    /// Q8_0 rows · Q8_0 tokens.
+    batch_rows_q8_0, "avx2,fma,f16c", 34, 34, false, q8_0_row_tile
+);
+batch_rows!(
+    /// Q4_1 rows · Q8_1 tokens.
+    batch_rows_q4_1, "avx2,fma,f16c", 20, 36, true, q4_1_row_tile
+);
+batch_rows!(
+    /// Q5_1 rows · Q8_1 tokens.
+    batch_rows_q5_1, "avx2,fma,f16c", 24, 36, true, q5_1_row_tile
+);
+
 // ---------------------------------------------------------------------------------------------
 // K-quants against Q8_K.
 
