@@ -1000,69 +1000,40 @@ macro_rules! row_tile {
     };
 }
 
-pub(super) use {batch_rows, row_tile};
+/// Every rows × tokens kernel of one level: `$signed` is the Q8_0-activation block dot
+/// product, `$unsigned` the Q8_1 one (exact integer sums, so the levels agree bit for bit).
+macro_rules! legacy_batch_rows {
+    ($features:literal, $signed:ident, $unsigned:ident) => {
+        row_tile!(q4_0_row_tile, $features, 18, false, unpack_q4_0, $signed);
+        row_tile!(q5_0_row_tile, $features, 22, false, unpack_q5_0, $signed);
+        row_tile!(q8_0_row_tile, $features, 34, false, unpack_q8_0, $signed);
+        row_tile!(q4_1_row_tile, $features, 20, true, unpack_q4_1, $unsigned);
+        row_tile!(q5_1_row_tile, $features, 24, true, unpack_q5_1, $unsigned);
+        batch_rows!(
+            /// Q4_0 rows · Q8_0 tokens.
+            batch_rows_q4_0, $features, 18, 34, false, q4_0_row_tile
+        );
+        batch_rows!(
+            /// Q5_0 rows · Q8_0 tokens.
+            batch_rows_q5_0, $features, 22, 34, false, q5_0_row_tile
+        );
+        batch_rows!(
+            /// Q8_0 rows · Q8_0 tokens.
+            batch_rows_q8_0, $features, 34, 34, false, q8_0_row_tile
+        );
+        batch_rows!(
+            /// Q4_1 rows · Q8_1 tokens.
+            batch_rows_q4_1, $features, 20, 36, true, q4_1_row_tile
+        );
+        batch_rows!(
+            /// Q5_1 rows · Q8_1 tokens.
+            batch_rows_q5_1, $features, 24, 36, true, q5_1_row_tile
+        );
+    };
+}
+pub(super) use {batch_rows, legacy_batch_rows, row_tile};
 
-row_tile!(
-    q4_0_row_tile,
-    "avx2,fma,f16c",
-    18,
-    false,
-    unpack_q4_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q5_0_row_tile,
-    "avx2,fma,f16c",
-    22,
-    false,
-    unpack_q5_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q8_0_row_tile,
-    "avx2,fma,f16c",
-    34,
-    false,
-    unpack_q8_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q4_1_row_tile,
-    "avx2,fma,f16c",
-    20,
-    true,
-    unpack_q4_1,
-    dot_u8_i8
-);
-row_tile!(
-    q5_1_row_tile,
-    "avx2,fma,f16c",
-    24,
-    true,
-    unpack_q5_1,
-    dot_u8_i8
-);
-
-batch_rows!(
-    /// Q4_0 rows · Q8_0 tokens.
-    batch_rows_q4_0, "avx2,fma,f16c", 18, 34, false, q4_0_row_tile
-);
-batch_rows!(
-    /// Q5_0 rows · Q8_0 tokens.
-    batch_rows_q5_0, "avx2,fma,f16c", 22, 34, false, q5_0_row_tile
-);
-batch_rows!(
-    /// Q8_0 rows · Q8_0 tokens.
-    batch_rows_q8_0, "avx2,fma,f16c", 34, 34, false, q8_0_row_tile
-);
-batch_rows!(
-    /// Q4_1 rows · Q8_1 tokens.
-    batch_rows_q4_1, "avx2,fma,f16c", 20, 36, true, q4_1_row_tile
-);
-batch_rows!(
-    /// Q5_1 rows · Q8_1 tokens.
-    batch_rows_q5_1, "avx2,fma,f16c", 24, 36, true, q5_1_row_tile
-);
+legacy_batch_rows!("avx2,fma,f16c", q8_0_block_dot, dot_u8_i8);
 
 // ---------------------------------------------------------------------------------------------
 // K-quants against Q8_K.

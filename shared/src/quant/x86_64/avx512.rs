@@ -16,10 +16,10 @@ use std::arch::x86_64::*;
 
 use super::avx2::{
     batch_rows, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32,
-    k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, load8, prefetch_span,
-    q4k_quants, q6k_quants, q8_0_rows, row_tile, rows_driver, store8, token_blocks, u16_at,
-    unpack_q4_0, unpack_q4_1, unpack_q5_0, unpack_q5_1, unpack_q8_0, TokenTile, BATCH_TILE, GROUP,
-    I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, legacy_batch_rows,
+    load8, prefetch_span, q4k_quants, q6k_quants, q8_0_rows, row_tile, rows_driver, store8,
+    token_blocks, u16_at, unpack_q4_0, unpack_q4_1, unpack_q5_0, unpack_q5_1, unpack_q8_0,
+    TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -131,66 +131,10 @@ fn u8_i8_block_dot(wq: __m256i, xq: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq)
 }
 
-row_tile!(
-    q4_0_row_tile,
+legacy_batch_rows!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    18,
-    false,
-    unpack_q4_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q5_0_row_tile,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    22,
-    false,
-    unpack_q5_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q8_0_row_tile,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    34,
-    false,
-    unpack_q8_0,
-    q8_0_block_dot
-);
-row_tile!(
-    q4_1_row_tile,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    20,
-    true,
-    unpack_q4_1,
+    q8_0_block_dot,
     u8_i8_block_dot
-);
-row_tile!(
-    q5_1_row_tile,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    24,
-    true,
-    unpack_q5_1,
-    u8_i8_block_dot
-);
-
-batch_rows!(
-    /// Q4_0 rows · Q8_0 tokens.
-    batch_rows_q4_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 18, 34, false, q4_0_row_tile
-);
-batch_rows!(
-    /// Q5_0 rows · Q8_0 tokens.
-    batch_rows_q5_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 22, 34, false, q5_0_row_tile
-);
-batch_rows!(
-    /// Q8_0 rows · Q8_0 tokens.
-    batch_rows_q8_0, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 34, 34, false, q8_0_row_tile
-);
-batch_rows!(
-    /// Q4_1 rows · Q8_1 tokens.
-    batch_rows_q4_1, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 20, 36, true, q4_1_row_tile
-);
-batch_rows!(
-    /// Q5_1 rows · Q8_1 tokens.
-    batch_rows_q5_1, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", 24, 36, true, q5_1_row_tile
 );
 
 /// Sum of a token's accumulation chains.
