@@ -47,6 +47,8 @@ pub struct NodeCore {
     inventory: Inventory,
     kernels: &'static Kernels,
     pool: Option<rayon::ThreadPool>,
+    /// One compute thread: dispatches are computed serially on the calling thread.
+    inline: bool,
     /// `--numa-node`: the pool's threads bind themselves to the node's units.
     pinning: Option<Arc<Pinning>>,
     started: Instant,
@@ -157,7 +159,10 @@ impl NodeCore {
             weights.mapped_bytes() + weights.copied_bytes(),
             slices,
         )?;
-        let pool = if threads > 0 {
+        // One unpinned compute thread: the thread that receives a dispatch computes it
+        // (no hand-off to a pool thread and back).
+        let inline = threads == 1 && pinning.is_none();
+        let pool = if threads > 0 && !inline {
             let mut builder = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("expert-{i}"));
@@ -180,6 +185,7 @@ impl NodeCore {
             inventory,
             kernels: Kernels::get(),
             pool,
+            inline,
             pinning,
             started: Instant::now(),
             counters: Counters::default(),
@@ -292,6 +298,7 @@ impl NodeCore {
         };
         let result = match &self.pool {
             Some(pool) => pool.install(&mut run),
+            None if self.inline => shared::parallel::serial(&mut run),
             None => run(),
         };
         result.map_err(|e| RemoteError {

@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod membw;
 pub mod models;
 pub mod moe;
+pub mod parallel;
 pub mod placement;
 pub mod profile;
 pub mod quant;

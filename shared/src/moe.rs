@@ -362,32 +362,35 @@ pub fn compute_routed_segments(
     // Each expert's output rows, one per slot routed to it.
     // Per expert: its assignment slots and their output rows.
     type SlotRows = (Vec<usize>, Vec<f32>);
-    let per_expert: Vec<Result<SlotRows, MoeError>> = by_expert
-        .into_par_iter()
-        .map(|(expert, slots)| {
-            let tokens: Vec<usize> = slots
-                .iter()
-                .map(|&s| assignments[s].token as usize)
-                .collect();
-            let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
-            let slices = source.expert(expert);
-            if slices.is_empty() {
-                return Err(MoeError::NotHeld { expert });
+    let one_expert = |(expert, slots): (u32, Vec<usize>)| -> Result<SlotRows, MoeError> {
+        let tokens: Vec<usize> = slots
+            .iter()
+            .map(|&s| assignments[s].token as usize)
+            .collect();
+        let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
+        let slices = source.expert(expert);
+        if slices.is_empty() {
+            return Err(MoeError::NotHeld { expert });
+        }
+        let mut sum: Option<Vec<f32>> = None;
+        for m in &slices {
+            m.validate(n_embd)?;
+            let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+            let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+            let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens, &expert_segments);
+            match &mut sum {
+                None => sum = Some(rows),
+                Some(s) => s.iter_mut().zip(&rows).for_each(|(a, b)| *a += b),
             }
-            let mut sum: Option<Vec<f32>> = None;
-            for m in &slices {
-                m.validate(n_embd)?;
-                let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
-                let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
-                let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens, &expert_segments);
-                match &mut sum {
-                    None => sum = Some(rows),
-                    Some(s) => s.iter_mut().zip(&rows).for_each(|(a, b)| *a += b),
-                }
-            }
-            Ok((slots, sum.unwrap_or_default()))
-        })
-        .collect();
+        }
+        Ok((slots, sum.unwrap_or_default()))
+    };
+    // A node with one compute thread computes on the thread that got the dispatch.
+    let per_expert: Vec<Result<SlotRows, MoeError>> = if crate::parallel::is_serial() {
+        by_expert.into_iter().map(one_expert).collect()
+    } else {
+        by_expert.into_par_iter().map(one_expert).collect()
+    };
 
     let mut slot_rows: Vec<&[f32]> = vec![&[]; assignments.len()];
     for r in &per_expert {

@@ -637,6 +637,12 @@ fn run_chunks(
         crate::profile::work(|| task(weights, dst));
         return;
     }
+    if crate::parallel::is_serial() {
+        for (w, d) in weights.chunks(weight_chunk).zip(dst.chunks_mut(dst_chunk)) {
+            crate::profile::work(|| task(w, d));
+        }
+        return;
+    }
     weights
         .par_chunks(weight_chunk)
         .zip(dst.par_chunks_mut(dst_chunk))
@@ -650,7 +656,7 @@ const MIN_TASK_BYTES: usize = 32 * 1024;
 /// pool gets about four tasks (for balance), and never under [`MIN_TASK_BYTES`] or one row.
 fn rows_per_task(n_rows: usize, row_bytes: usize) -> usize {
     let by_bytes = TASK_BYTES.div_ceil(row_bytes);
-    let by_balance = n_rows.div_ceil(4 * rayon::current_num_threads());
+    let by_balance = n_rows.div_ceil(4 * crate::parallel::threads());
     let floor = MIN_TASK_BYTES.div_ceil(row_bytes);
     by_bytes.min(by_balance).max(floor).max(1)
 }
