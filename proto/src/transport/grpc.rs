@@ -46,7 +46,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::tls::{client_config, common_name, server_config, ALPN_H2};
 use super::{
-    check_size, coordinator_message_kind, handle_in_place, CallFuture, ClientTls, NodeLink,
+    check_size, coordinator_message_kind, handle_blocking, CallFuture, ClientTls, NodeLink,
     NodeService, ServerTls, Stop, TransportError, SHUTDOWN_GRACE,
 };
 use crate::limits::MAX_MESSAGE_BYTES;
@@ -508,7 +508,7 @@ async fn run_session(
         };
         debug!(kind = coordinator_message_kind(&msg), "message");
         let reply = tokio::select! {
-            reply = handle_in_place(&service, msg) => reply,
+            reply = handle_blocking(&service, msg) => reply,
             () = stop.grace_over() => {
                 warn!("in-flight message abandoned at shutdown");
                 break Some(Status::unavailable("the node shut down during the call"));

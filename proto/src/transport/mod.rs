@@ -20,10 +20,9 @@
 //! [`TransportError::Tls`] from `connect`, on both transports.
 //!
 //! Transports only move messages and enforce [`MAX_MESSAGE_BYTES`]: every check of a
-//! message's content stays in [`convert`](crate::convert). A node's service computes
-//! experts, so it is never called where it would hold up other async tasks: servers call
-//! it with `block_in_place` (their connection's calls come one at a time), in-process
-//! links on a blocking thread (`spawn_blocking`). Callers apply deadlines with `tokio::time::timeout`; a link whose peer
+//! message's content stays in [`convert`](crate::convert). A node's service is called on a
+//! blocking thread (`tokio::task::spawn_blocking`), never on an async worker, since it
+//! computes experts. Callers apply deadlines with `tokio::time::timeout`; a link whose peer
 //! went away answers [`TransportError::Closed`] (or `Connect`) naming the peer, never hangs.
 //!
 //! Servers take an already-bound socket and a shutdown future: when it resolves they stop
@@ -110,8 +109,8 @@ impl FromStr for TransportKind {
 /// What an expert node does with the coordinator's messages, whatever the transport.
 pub trait NodeService: Send + Sync + 'static {
     /// Answers one coordinator message. May block for a long time (computes experts):
-    /// transports call it where no other async task waits on its thread
-    /// (`block_in_place` or `spawn_blocking`).
+    /// transports call it on a blocking thread (`tokio::task::spawn_blocking`), never on an
+    /// async worker.
     fn handle(&self, msg: wire::CoordinatorMessage) -> wire::NodeMessage;
 }
 
@@ -200,9 +199,6 @@ fn check_size(peer: &str, msg: &impl Message) -> Result<usize, TransportError> {
 }
 
 /// Calls `service` on a blocking thread. `Err` carries a description of its panic.
-///
-/// For callers that may have several calls in flight at once on one runtime (in-process
-/// nodes): each gets its own thread.
 async fn handle_blocking(
     service: &Arc<dyn NodeService>,
     msg: wire::CoordinatorMessage,
@@ -217,26 +213,6 @@ async fn handle_blocking(
                 format!("the service's task was cancelled: {e}")
             }
         })
-}
-
-/// Calls `service` for a server's connection, whose calls come one at a time: on this
-/// worker thread itself where the runtime is multi-threaded (`block_in_place`: the
-/// worker's other tasks move to another thread), which saves each dispatch two thread
-/// hand-offs (to a blocking thread and back); on a blocking thread otherwise.
-async fn handle_in_place(
-    service: &Arc<dyn NodeService>,
-    msg: wire::CoordinatorMessage,
-) -> Result<wire::NodeMessage, String> {
-    if tokio::runtime::Handle::current().runtime_flavor()
-        != tokio::runtime::RuntimeFlavor::MultiThread
-    {
-        return handle_blocking(service, msg).await;
-    }
-    let service = &**service;
-    tokio::task::block_in_place(|| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(msg)))
-    })
-    .map_err(|_| "the service panicked".to_string())
 }
 
 /// The name of a message's kind, for logs.

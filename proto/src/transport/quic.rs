@@ -39,7 +39,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::tls::{client_config, common_name, server_config, ALPN};
 use super::{
-    check_size, coordinator_message_kind, handle_in_place, CallFuture, ClientTls, NodeLink,
+    check_size, coordinator_message_kind, handle_blocking, CallFuture, ClientTls, NodeLink,
     NodeService, ServerTls, Stop, TlsIdentity, TransportError, SHUTDOWN_GRACE,
 };
 use crate::framing::{self, FrameError, HEADER_BYTES};
@@ -592,7 +592,7 @@ async fn serve_stream(
     };
     debug!(kind = coordinator_message_kind(&msg), "message");
     let reply = tokio::select! {
-        reply = handle_in_place(&service, msg) => reply,
+        reply = handle_blocking(&service, msg) => reply,
         () = stop.grace_over() => {
             warn!("in-flight message abandoned at shutdown");
             reset(&mut send, CODE_SHUTDOWN);
