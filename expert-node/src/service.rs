@@ -12,10 +12,12 @@ use std::time::Instant;
 
 use proto::transport::NodeService;
 use proto::{
-    wire, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply, Inventory,
-    Message, Partials, ProtoError, RemoteError,
+    wire, DenseStage, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply,
+    Inventory, Message, Partials, ProtoError, RemoteError,
 };
-use shared::moe::{compute_dense_segments, compute_routed_segments, ExpertSource, FfnMatrices};
+use shared::moe::{
+    compute_routed_segments, dense_down_segments, dense_hidden_segments, ExpertSource, FfnMatrices,
+};
 use shared::placement::Part;
 use shared::quant::dispatch::Kernels;
 use tracing::{debug, info, warn};
@@ -70,13 +72,6 @@ pub fn ffn_part(p: Part) -> FfnPart {
     match p {
         Part::Routed => FfnPart::Routed,
         Part::Dense => FfnPart::Dense,
-    }
-}
-
-fn placement_part(p: FfnPart) -> Part {
-    match p {
-        FfnPart::Routed => Part::Routed,
-        FfnPart::Dense => Part::Dense,
     }
 }
 
@@ -272,7 +267,32 @@ impl NodeCore {
             .map_err(|e: ProtoError| RemoteError::from_proto_error(&e))?;
         let n_tokens = req.n_tokens();
         let t0 = Instant::now();
-        let mut out = vec![0.0f32; n_tokens * facts.n_embd];
+        let dense = match req.part {
+            FfnPart::Routed => Vec::new(),
+            FfnPart::Dense => self.weights.expert(req.layer, Part::Dense, 0),
+        };
+        // A row of the answer: the partial sum (routed), or the node's slices of the hidden
+        // activation or of down's output (the two rounds of a dense part).
+        let width = match (req.part, req.dense_stage) {
+            (FfnPart::Routed, _) => facts.n_embd,
+            (FfnPart::Dense, DenseStage::Hidden) => dense.iter().map(FfnMatrices::n_ff).sum(),
+            (FfnPart::Dense, DenseStage::Down) => {
+                let n_ff = dense.first().map_or(0, |m| m.down.n_cols);
+                let got = req.inputs[0].n_cols();
+                if got != n_ff {
+                    return Err(RemoteError {
+                        code: wire::ErrorCode::BadRequest,
+                        message: format!(
+                            "layer {}: the hidden rows of a DENSE_STAGE_DOWN dispatch are {got} \
+                             wide; the dense part's n_ff is {n_ff}",
+                            req.layer
+                        ),
+                    });
+                }
+                dense.iter().map(|m| m.down.n_rows).sum()
+            }
+        };
+        let mut out = vec![0.0f32; n_tokens * width];
         let segments = (!req.segments.is_empty()).then_some(req.segments.as_slice());
         let mut run = || match req.part {
             FfnPart::Routed => {
@@ -289,12 +309,19 @@ impl NodeCore {
                     &mut out,
                 )
             }
-            FfnPart::Dense => {
-                let slices = self
-                    .weights
-                    .expert(req.layer, placement_part(FfnPart::Dense), 0);
-                compute_dense_segments(self.kernels, &slices, &req.inputs, segments, &mut out)
-            }
+            FfnPart::Dense => match req.dense_stage {
+                DenseStage::Hidden => {
+                    dense_hidden_segments(self.kernels, &dense, &req.inputs, segments, &mut out)
+                }
+                DenseStage::Down => dense_down_segments(
+                    self.kernels,
+                    &dense,
+                    &req.inputs[0],
+                    facts.n_embd,
+                    segments,
+                    &mut out,
+                ),
+            },
         };
         let result = match &self.pool {
             Some(pool) => pool.install(&mut run),
@@ -315,6 +342,7 @@ impl NodeCore {
         c.assignments
             .fetch_add(req.assignments.len() as u64, Ordering::Relaxed);
         debug!(
+            node = %self.name,
             step_id = req.step_id,
             layer = req.layer,
             n_tokens,
@@ -322,7 +350,7 @@ impl NodeCore {
             us = t0.elapsed().as_micros() as u64,
             "dispatch"
         );
-        Partials::new(n_tokens, facts.n_embd, out).map_err(|e| RemoteError {
+        Partials::new(n_tokens, width, out).map_err(|e| RemoteError {
             code: wire::ErrorCode::Internal,
             message: format!("layer {}: result {e}", req.layer),
         })
@@ -346,7 +374,15 @@ impl NodeCore {
                     .map(|e| bytes(self.weights.expert(req.layer, Part::Routed, e)))
                     .sum()
             }
-            FfnPart::Dense => bytes(self.weights.expert(req.layer, Part::Dense, 0)),
+            FfnPart::Dense => {
+                let slices = self.weights.expert(req.layer, Part::Dense, 0);
+                (slices.iter())
+                    .map(|m| match req.dense_stage {
+                        DenseStage::Hidden => m.gate.data.len() + m.up.data.len(),
+                        DenseStage::Down => m.down.data.len(),
+                    } as u64)
+                    .sum()
+            }
         }
     }
 

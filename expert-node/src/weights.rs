@@ -18,7 +18,7 @@ use shared::gguf::{model_identity, GgufFile, TensorInfo};
 use shared::models::HParams;
 use shared::moe::FfnMatrices;
 use shared::placement::split::{read_split_info, split_tensor_name};
-use shared::placement::{FfnTensors, Part, RowSource, SliceSpec};
+use shared::placement::{dense_down_rows, FfnTensors, Part, RowSource, SliceSpec};
 use shared::quant::matmul::WeightMatrix;
 use shared::quant::GgmlType;
 use tracing::{info, warn};
@@ -229,10 +229,13 @@ impl NodeWeights {
             from_split_file,
         };
         // Check every view once so that serving never meets a bad shape.
-        for experts in me.layers.values() {
+        for ((_, part), experts) in &me.layers {
             for slices in experts.values() {
                 for s in slices {
-                    me.matrices(s).validate(facts.n_embd)?;
+                    match part {
+                        Part::Routed => me.matrices(s).validate(facts.n_embd)?,
+                        Part::Dense => me.matrices(s).validate_dense(facts.n_embd)?,
+                    }
                 }
             }
         }
@@ -428,8 +431,9 @@ impl Loader<'_> {
         Ok([g, u, d])
     }
 
-    /// A slice of an ordinary model file: rows of gate and up (contiguous), columns of down
-    /// (contiguous only for the whole range; otherwise read into memory).
+    /// A slice of an ordinary model file: rows of gate and up (contiguous); for a routed
+    /// expert, columns of down (contiguous only for the whole range; otherwise read into
+    /// memory), for a dense part, its share of down's rows ([`dense_down_rows`]).
     fn model_slice(&mut self, s: &SliceSpec, hp: &HParams) -> Result<[PendingMat; 3], NodeError> {
         let file = self.file;
         let t = FfnTensors::find(file, hp, s.layer as usize, s.part)?.ok_or_else(|| {
@@ -466,9 +470,22 @@ impl Loader<'_> {
         let gate = rows_of(&t.gate);
         let up = rows_of(&t.up);
 
-        // down: columns [ff_start, ff_start + ff_len) of each of the expert's n_embd rows.
+        // A dense part is split exactly, in two rounds: its slice computes whole rows of
+        // down (its share of them, from the tokens' whole hidden rows), contiguous here.
         let down = t.down;
         let rb = down.row_bytes();
+        if s.part == Part::Dense {
+            let rows = dense_down_rows(ff_start, ff_len, n_ff, n_embd);
+            let src = self.region(down, rows.start as u64 * rb, rows.len() as u64 * rb);
+            let down_mat = PendingMat {
+                src,
+                ty: down.ty,
+                n_rows: rows.len(),
+                n_cols: n_ff,
+            };
+            return Ok([gate, up, down_mat]);
+        }
+        // down: columns [ff_start, ff_start + ff_len) of each of the expert's n_embd rows.
         let expert_start = (expert * n_embd) as u64 * rb;
         let down_mat = if ff_start == 0 && ff_len == n_ff {
             let src = self.region(down, expert_start, n_embd as u64 * rb);

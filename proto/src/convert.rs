@@ -15,9 +15,9 @@ use shared::quant::GgmlType;
 
 use crate::error::ProtoError;
 use crate::limits::{
-    MAX_DISPATCH_ASSIGNMENTS, MAX_DISPATCH_INPUTS, MAX_DISPATCH_TOKENS, MAX_DISPATCH_VALUES,
-    MAX_ERROR_MESSAGE_BYTES, MAX_EXPERTS, MAX_INVENTORY_SLICES, MAX_LAYERS, MAX_NAME_BYTES,
-    MAX_N_EMBD,
+    MAX_DENSE_N_FF, MAX_DISPATCH_ASSIGNMENTS, MAX_DISPATCH_INPUTS, MAX_DISPATCH_TOKENS,
+    MAX_DISPATCH_VALUES, MAX_ERROR_MESSAGE_BYTES, MAX_EXPERTS, MAX_INVENTORY_SLICES, MAX_LAYERS,
+    MAX_NAME_BYTES, MAX_N_EMBD,
 };
 use crate::wire;
 use crate::PROTOCOL_VERSION;
@@ -151,6 +151,39 @@ impl From<HelloReply> for wire::HelloReply {
             model_identity: h.model_identity.to_vec(),
             inventory: Some(h.inventory.into()),
             error: h.error.map(Into::into),
+        }
+    }
+}
+
+/// The round of a dense part a dispatch asks for (see `DenseStage` in moeshard.proto).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DenseStage {
+    /// Routed dispatches; for a dense part, the node's rows of gate and up and their
+    /// SwiGLU: its slice of each token's hidden activation.
+    #[default]
+    Hidden,
+    /// A dense part's node's rows of down, from each token's whole hidden activation.
+    Down,
+}
+
+impl DenseStage {
+    fn from_wire(value: i32) -> Result<DenseStage, ProtoError> {
+        match wire::DenseStage::try_from(value) {
+            Ok(wire::DenseStage::Hidden) => Ok(DenseStage::Hidden),
+            Ok(wire::DenseStage::Down) => Ok(DenseStage::Down),
+            Err(_) => Err(ProtoError::UnknownEnum {
+                field: "dispatch.dense_stage",
+                value,
+            }),
+        }
+    }
+}
+
+impl From<DenseStage> for wire::DenseStage {
+    fn from(s: DenseStage) -> Self {
+        match s {
+            DenseStage::Hidden => wire::DenseStage::Hidden,
+            DenseStage::Down => wire::DenseStage::Down,
         }
     }
 }
@@ -375,12 +408,16 @@ impl DispatchContext<'_> {
 /// was given) with a finite weight, no (token, expert) twice. Assignments keep their wire
 /// order (routing rank order per token). For [`FfnPart::Dense`], no assignments (every
 /// token goes through the layer's dense part) and, if an inventory was given, it serves
-/// that dense part.
+/// that dense part. A [`DenseStage::Down`] dispatch has one input whose rows are the
+/// dense part's `n_ff` wide (at most [`MAX_DENSE_N_FF`]; the node checks the width
+/// against its weights), not `n_embd`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchRequest {
     pub step_id: u64,
     pub layer: u32,
     pub part: FfnPart,
+    /// [`DenseStage::Hidden`] for routed dispatches.
+    pub dense_stage: DenseStage,
     pub inputs: Vec<Activations>,
     pub assignments: Vec<Assignment>,
     /// Lengths of the runs of rows that belong to one sequence (empty: one sequence);
@@ -398,16 +435,22 @@ impl DispatchRequest {
     pub fn from_wire(m: wire::Dispatch, ctx: &DispatchContext<'_>) -> Result<Self, ProtoError> {
         let n_tokens = m.n_tokens as usize;
         let n_embd = m.n_embd as usize;
+        let dense_stage = DenseStage::from_wire(m.dense_stage)?;
+        let down = dense_stage == DenseStage::Down;
         nonzero("dispatch.n_tokens", n_tokens)?;
         limit("dispatch.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
         nonzero("dispatch.n_embd", n_embd)?;
-        limit("dispatch.n_embd", n_embd, MAX_N_EMBD)?;
+        limit(
+            "dispatch.n_embd",
+            n_embd,
+            if down { MAX_DENSE_N_FF } else { MAX_N_EMBD },
+        )?;
         limit(
             "dispatch.n_tokens * n_embd",
             n_tokens * n_embd,
             MAX_DISPATCH_VALUES,
         )?;
-        if n_embd != ctx.n_embd {
+        if !down && n_embd != ctx.n_embd {
             return Err(ProtoError::NEmbdMismatch {
                 got: n_embd,
                 want: ctx.n_embd,
@@ -421,8 +464,15 @@ impl DispatchRequest {
         }
         let part = FfnPart::from_wire("dispatch.part", m.part)?;
         match part {
+            FfnPart::Routed if down => return Err(ProtoError::StageOnRouted { layer: m.layer }),
             FfnPart::Routed => nonzero("dispatch.assignments", m.assignments.len())?,
             FfnPart::Dense => {
+                if down && m.inputs.len() != 1 {
+                    return Err(ProtoError::DenseDownInputs {
+                        layer: m.layer,
+                        got: m.inputs.len(),
+                    });
+                }
                 if !m.assignments.is_empty() {
                     return Err(ProtoError::DenseAssignments {
                         layer: m.layer,
@@ -551,6 +601,7 @@ impl DispatchRequest {
             step_id: m.step_id,
             layer: m.layer,
             part,
+            dense_stage,
             inputs,
             assignments,
             segments,
@@ -587,6 +638,7 @@ impl From<DispatchRequest> for wire::Dispatch {
                 .collect(),
             part: wire::FfnPart::from(d.part).into(),
             segments: d.segments.iter().map(|&l| l as u32).collect(),
+            dense_stage: wire::DenseStage::from(d.dense_stage).into(),
         }
     }
 }
@@ -603,7 +655,7 @@ impl Partials {
     /// Checks the shape against the limits and `data.len() == n_tokens * n_embd`.
     pub fn new(n_tokens: usize, n_embd: usize, data: Vec<f32>) -> Result<Partials, ProtoError> {
         limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
-        limit("partials.n_embd", n_embd, MAX_N_EMBD)?;
+        limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
         limit(
             "partials.n_tokens * n_embd",
             n_tokens * n_embd,
@@ -653,7 +705,13 @@ impl TryFrom<wire::Partials> for Partials {
     fn try_from(m: wire::Partials) -> Result<Self, ProtoError> {
         let (n_tokens, n_embd) = (m.n_tokens as usize, m.n_embd as usize);
         limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
-        limit("partials.n_embd", n_embd, MAX_N_EMBD)?;
+        // A dense part's first round answers rows of its hidden width (up to n_ff).
+        limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
+        limit(
+            "partials.n_tokens * n_embd",
+            n_tokens * n_embd,
+            MAX_DISPATCH_VALUES,
+        )?;
         let want = n_tokens * n_embd * 4;
         if m.data.len() != want {
             return Err(ProtoError::BadLength {

@@ -34,11 +34,14 @@ pub mod wire {
 }
 
 pub use convert::{
-    partials_from_reply, DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, FfnPart,
-    Hello, HelloReply, Inventory, Partials, RemoteError, MODEL_IDENTITY_BYTES,
+    partials_from_reply, DenseStage, DispatchContext, DispatchRequest, DispatchResponse,
+    ExpertSlice, FfnPart, Hello, HelloReply, Inventory, Partials, RemoteError,
+    MODEL_IDENTITY_BYTES,
 };
 pub use error::ProtoError;
 pub use prost::Message;
 
 /// Version of the coordinator ↔ expert-node protocol; a node refuses a peer whose version differs.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: dense parts are split in two rounds (`Dispatch.dense_stage`), a dense slice holds rows
+/// of down.
+pub const PROTOCOL_VERSION: u32 = 2;

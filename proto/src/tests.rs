@@ -63,6 +63,7 @@ fn good_dispatch() -> wire::Dispatch {
         step_id: 42,
         layer: 1,
         part: FfnPart::Routed,
+        dense_stage: DenseStage::Hidden,
         inputs: vec![
             Activations::quantize(k, GgmlType::Q4_K, &x, N_EMBD),
             Activations::quantize(k, GgmlType::F16, &x, N_EMBD),

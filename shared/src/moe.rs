@@ -18,7 +18,8 @@ use thiserror::Error;
 
 use crate::quant::dispatch::Kernels;
 use crate::quant::matmul::{
-    matmul_segments, matmul_vec_dot_segments, Activations, Segments, WeightMatrix,
+    matmul_segments, matmul_unrepacked_segments, matmul_vec_dot_segments, Activations, Segments,
+    WeightMatrix,
 };
 use crate::quant::GgmlType;
 
@@ -203,6 +204,29 @@ impl FfnMatrices<'_> {
         }
         Ok(())
     }
+
+    /// Checks a dense part's slice (the exact two-round split): gate and up `ff × n_embd`,
+    /// down whole rows of the FFN (`rows × n_ff`, `ff ≤ n_ff`, `rows ≤ n_embd`).
+    pub fn validate_dense(&self, n_embd: usize) -> Result<(), MoeError> {
+        let (g, u, d) = (&self.gate, &self.up, &self.down);
+        for (what, w) in [("gate", g), ("up", u), ("down", d)] {
+            WeightMatrix::new(w.ty, w.n_rows, w.n_cols, w.data)
+                .map_err(|e| MoeError::Shape(format!("{what}: {e}")))?;
+        }
+        if g.n_cols != n_embd || u.n_cols != n_embd || g.n_rows != u.n_rows {
+            return Err(MoeError::Shape(format!(
+                "gate {}x{} and up {}x{} for n_embd {n_embd}",
+                g.n_rows, g.n_cols, u.n_rows, u.n_cols
+            )));
+        }
+        if d.n_cols < g.n_rows || d.n_rows > n_embd {
+            return Err(MoeError::Shape(format!(
+                "down rows {}x{} do not fit gate {}x{}",
+                d.n_rows, d.n_cols, g.n_rows, g.n_cols
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The routed experts of one layer as a node holds them.
@@ -257,9 +281,8 @@ fn find_input(inputs: &[Activations], ty: GgmlType) -> Result<&Activations, MoeE
         .ok_or(MoeError::MissingInput(ty))
 }
 
-/// Checks that every input has `n_tokens` rows of `n_embd` and `out` room for the result;
-/// returns `n_tokens`.
-fn check_io(inputs: &[Activations], n_embd: usize, out: &[f32]) -> Result<usize, MoeError> {
+/// Checks that every input has the same number of rows, of `n_embd`; returns it.
+fn check_inputs(inputs: &[Activations], n_embd: usize) -> Result<usize, MoeError> {
     let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
     for x in inputs {
         if x.n_cols() != n_embd || x.n_tokens() != n_tokens {
@@ -270,6 +293,13 @@ fn check_io(inputs: &[Activations], n_embd: usize, out: &[f32]) -> Result<usize,
             )));
         }
     }
+    Ok(n_tokens)
+}
+
+/// Checks that every input has `n_tokens` rows of `n_embd` and `out` room for the result;
+/// returns `n_tokens`.
+fn check_io(inputs: &[Activations], n_embd: usize, out: &[f32]) -> Result<usize, MoeError> {
+    let n_tokens = check_inputs(inputs, n_embd)?;
     if out.len() != n_tokens * n_embd {
         return Err(MoeError::Shape(format!(
             "output of {} values for {n_tokens} tokens x {n_embd}",
@@ -411,22 +441,15 @@ pub fn compute_routed_segments(
     Ok(())
 }
 
-/// A dense FFN (a dense layer's, or a shared expert) over every token: down(silu(gate·x) ⊙
-/// up·x) summed over `slices` in order, into `out` (`n_tokens × n_embd`, overwritten).
+/// The first round of a dense FFN (a dense layer's, or a shared expert) split over nodes:
+/// for every token, silu(gate·x) ⊙ up·x of the gate and up rows `slices` hold, the slices
+/// side by side in their order, into `out` (`n_tokens × Σ slice rows`, overwritten).
 ///
-/// The float order is ggml's 2-D `MUL_MAT` (as the coordinator's own dense FFN computes it),
-/// so one node holding the whole FFN computes exactly what the single-process engine does.
-pub fn compute_dense(
-    kernels: &Kernels,
-    slices: &[FfnMatrices<'_>],
-    inputs: &[Activations],
-    out: &mut [f32],
-) -> Result<(), MoeError> {
-    compute_dense_segments(kernels, slices, inputs, None, out)
-}
-
-/// [`compute_dense`] for a batch of several sequences' tokens (see [`Segments`]).
-pub fn compute_dense_segments(
+/// A dense slice's `down` is whole rows of down (`rows × n_ff`, see [`dense_down_segments`]);
+/// its `n_cols` is the whole FFN's `n_ff`, which decides, as for the whole matrix on the
+/// coordinator, whether ggml would have repacked gate and up (Q4_K with a multiple of 8
+/// rows): every row then comes out exactly as the single-process engine computes it.
+pub fn dense_hidden_segments(
     kernels: &Kernels,
     slices: &[FfnMatrices<'_>],
     inputs: &[Activations],
@@ -435,30 +458,100 @@ pub fn compute_dense_segments(
 ) -> Result<(), MoeError> {
     let first = slices.first().ok_or(MoeError::NotHeld { expert: 0 })?;
     let n_embd = first.gate.n_cols;
-    let n_tokens = check_io(inputs, n_embd, out)?;
+    let width: usize = slices.iter().map(FfnMatrices::n_ff).sum();
+    let n_tokens = check_inputs(inputs, n_embd)?;
+    if out.len() != n_tokens * width {
+        return Err(MoeError::Shape(format!(
+            "output of {} values for {n_tokens} tokens x {width}",
+            out.len()
+        )));
+    }
     sequence_of_tokens(n_tokens, segments)?;
-    for (i, m) in slices.iter().enumerate() {
-        m.validate(n_embd)?;
+    let mut col = 0;
+    for m in slices {
+        m.validate_dense(n_embd)?;
         let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
         let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
         let n_ff = m.n_ff();
+        let repack = m.down.n_cols.is_multiple_of(8);
         let mut gate = vec![0.0f32; n_tokens * n_ff];
-        matmul_segments(kernels, &m.gate, x_gate, segments, &mut gate);
+        matmul_dense(kernels, &m.gate, x_gate, segments, repack, &mut gate);
         let mut up = vec![0.0f32; n_tokens * n_ff];
-        matmul_segments(kernels, &m.up, x_up, segments, &mut up);
-        let hidden = crate::profile::work(|| {
+        matmul_dense(kernels, &m.up, x_up, segments, repack, &mut up);
+        crate::profile::work(|| {
             crate::ggml_math::swiglu_in_place(&mut gate, &up);
-            Activations::quantize(kernels, m.down.ty, &gate, n_ff)
+            for (t, row) in gate.chunks_exact(n_ff).enumerate() {
+                out[t * width + col..t * width + col + n_ff].copy_from_slice(row);
+            }
         });
-        if i == 0 {
-            matmul_segments(kernels, &m.down, &hidden, segments, out);
-        } else {
-            let mut part = vec![0.0f32; n_tokens * n_embd];
-            matmul_segments(kernels, &m.down, &hidden, segments, &mut part);
-            out.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-        }
+        col += n_ff;
     }
     Ok(())
+}
+
+/// The second round of a dense FFN split over nodes: the rows of down `slices` hold, from
+/// every token's whole hidden row `hidden` (`n_tokens × n_ff`, quantized for down), side by
+/// side in slice order into `out` (`n_tokens × Σ down rows`, overwritten). Each value is one
+/// whole dot product over `n_ff`, so the rows of all nodes together are exactly the
+/// single-process result. `n_embd` (the model's hidden size, down's full row count) decides
+/// whether ggml would have repacked down.
+pub fn dense_down_segments(
+    kernels: &Kernels,
+    slices: &[FfnMatrices<'_>],
+    hidden: &Activations,
+    n_embd: usize,
+    segments: Segments<'_>,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let n_tokens = hidden.n_tokens();
+    let width: usize = slices.iter().map(|m| m.down.n_rows).sum();
+    if out.len() != n_tokens * width {
+        return Err(MoeError::Shape(format!(
+            "output of {} values for {n_tokens} tokens x {width}",
+            out.len()
+        )));
+    }
+    sequence_of_tokens(n_tokens, segments)?;
+    let repack = n_embd.is_multiple_of(8);
+    let mut col = 0;
+    for m in slices {
+        m.validate_dense(m.gate.n_cols)?;
+        let d = &m.down;
+        if hidden.n_cols() != d.n_cols || hidden.ty() != d.ty.vec_dot_type() {
+            return Err(MoeError::Shape(format!(
+                "hidden rows of {} {} for down rows of {} {}",
+                hidden.n_cols(),
+                hidden.ty(),
+                d.n_cols,
+                d.ty
+            )));
+        }
+        let mut rows = vec![0.0f32; n_tokens * d.n_rows];
+        matmul_dense(kernels, d, hidden, segments, repack, &mut rows);
+        crate::profile::work(|| {
+            for (t, row) in rows.chunks_exact(d.n_rows.max(1)).enumerate() {
+                out[t * width + col..t * width + col + d.n_rows].copy_from_slice(row);
+            }
+        });
+        col += d.n_rows;
+    }
+    Ok(())
+}
+
+/// A 2-D `MUL_MAT` of a slice of a dense matrix, repacked or not as the whole matrix would be.
+fn matmul_dense(
+    kernels: &Kernels,
+    w: &WeightMatrix<'_>,
+    x: &Activations,
+    segments: Segments<'_>,
+    repack: bool,
+    out: &mut [f32],
+) {
+    if repack {
+        matmul_segments(kernels, w, x, segments, out);
+    } else {
+        matmul_unrepacked_segments(kernels, w, x, segments, out);
+    }
 }
 
 /// down(silu(gate·x) ⊙ up·x) of one expert (slice) for the given tokens (rows in token order).

@@ -33,11 +33,14 @@ use std::time::{Duration, Instant};
 
 use proto::transport::{NodeLink, TransportError};
 use proto::{
-    partials_from_reply, wire, DispatchRequest, FfnPart, Hello, HelloReply, Partials, ProtoError,
+    partials_from_reply, wire, DenseStage, DispatchRequest, FfnPart, Hello, HelloReply, Partials,
+    ProtoError,
 };
 use shared::moe::Assignment;
 use shared::placement::{identity_hex, Part, ResolvedPlan, SliceSpec};
+use shared::quant::dispatch::Kernels;
 use shared::quant::matmul::{Activations, Segments};
+use shared::quant::GgmlType;
 use tracing::{debug, error, info, warn};
 
 use crate::histogram::{Histogram, DISPATCH_BUCKETS};
@@ -210,6 +213,26 @@ struct NodeWork {
     /// Global token index of each local row, ascending.
     tokens: Vec<usize>,
     assignments: Vec<Assignment>,
+}
+
+/// One round of dispatches of a layer: the routed experts, or one of the two rounds of an
+/// exactly split dense part (DESIGN: every node's SwiGLU slice first, then whole rows of
+/// down from the joined hidden rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Round {
+    Routed,
+    DenseHidden,
+    DenseDown,
+}
+
+impl Round {
+    fn wire(self) -> (FfnPart, DenseStage) {
+        match self {
+            Round::Routed => (FfnPart::Routed, DenseStage::Hidden),
+            Round::DenseHidden => (FfnPart::Dense, DenseStage::Hidden),
+            Round::DenseDown => (FfnPart::Dense, DenseStage::Down),
+        }
+    }
 }
 
 /// The runs of `tokens` (ascending batch rows) that belong to one sequence, given the
@@ -563,10 +586,12 @@ impl RemoteExperts {
         }
     }
 
-    /// The dense part's slices whose replicas pass `keep`, each on one live replica.
+    /// The dense part's slices whose replicas pass `keep`, each on one live replica; in the
+    /// down round, only nodes whose slices hold some of down's rows.
     fn route_dense(
         &self,
         layer: usize,
+        round: Round,
         n_tokens: usize,
         live: &[bool],
         keep: &dyn Fn(&[usize]) -> bool,
@@ -582,6 +607,9 @@ impl RemoteExperts {
         }
         nodes.sort_unstable();
         nodes.dedup();
+        if round == Round::DenseDown {
+            nodes.retain(|&n| self.answer_width(n, layer, round) > 0);
+        }
         Ok(nodes
             .into_iter()
             .map(|node| NodeWork {
@@ -590,6 +618,44 @@ impl RemoteExperts {
                 assignments: Vec::new(),
             })
             .collect())
+    }
+
+    /// The layer's dense part's intermediate size.
+    fn dense_n_ff(&self, layer: usize) -> Result<usize, EngineError> {
+        (self.plan.shape().layers.get(layer))
+            .and_then(|l| l.dense)
+            .map(|d| d.n_ff)
+            .ok_or_else(|| EngineError::Node(format!("layer {layer} has no dense part")))
+    }
+
+    /// Where a node's answer in a dense round goes in the joined row: per dense slice it
+    /// holds of the layer (ff order), its ff rows (hidden round) or its rows of down.
+    fn dense_places(&self, node: usize, layer: usize, round: Round) -> Vec<std::ops::Range<usize>> {
+        let n_ff = self.dense_n_ff(layer).unwrap_or(0);
+        (self.plan.node_slices(node).into_iter())
+            .filter(|s| s.layer as usize == layer && s.part == Part::Dense)
+            .map(|s| match round {
+                Round::DenseDown => shared::placement::dense_down_rows(
+                    s.ff_start as usize,
+                    s.ff_len as usize,
+                    n_ff,
+                    self.n_embd,
+                ),
+                _ => s.ff(),
+            })
+            .collect()
+    }
+
+    /// The width of a node's answer rows in `round`.
+    fn answer_width(&self, node: usize, layer: usize, round: Round) -> usize {
+        match round {
+            Round::Routed => self.n_embd,
+            _ => self
+                .dense_places(node, layer, round)
+                .iter()
+                .map(|r| r.len())
+                .sum(),
+        }
     }
 
     fn no_live_replica(
@@ -618,7 +684,7 @@ impl RemoteExperts {
         &self,
         step_id: u64,
         layer: usize,
-        part: FfnPart,
+        round: Round,
         n_tokens: usize,
         inputs: &[Activations],
         work: &[NodeWork],
@@ -631,12 +697,14 @@ impl RemoteExperts {
             } else {
                 inputs.iter().map(|x| x.gather(&w.tokens)).collect()
             };
+            let (part, dense_stage) = round.wire();
             let msg = wire::CoordinatorMessage {
                 body: Some(wire::coordinator_message::Body::Dispatch(
                     DispatchRequest {
                         step_id,
                         layer: layer as u32,
                         part,
+                        dense_stage,
                         inputs: rows,
                         assignments: w.assignments.clone(),
                         segments: local_segments(&w.tokens, segments),
@@ -647,7 +715,11 @@ impl RemoteExperts {
             let slot = &self.table.nodes[w.node];
             let link = slot.link();
             let tx = tx.clone();
-            let (node, n_rows, n_embd) = (w.node, w.tokens.len(), self.n_embd);
+            let (node, n_rows, n_embd) = (
+                w.node,
+                w.tokens.len(),
+                self.answer_width(w.node, layer, round),
+            );
             let timeout = slot.times.deadline(&self.policy.deadline, n_rows);
             let table = Arc::clone(&self.table);
             self.runtime.spawn(async move {
@@ -676,35 +748,48 @@ impl RemoteExperts {
     fn run_step(
         &self,
         layer: usize,
-        part: FfnPart,
+        round: Round,
         inputs: &[Activations],
         assignments: &[Assignment],
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
+        // The widest rows the round moves: the hidden size, or a dense part's n_ff.
+        let width = self.n_embd.max(match round {
+            Round::Routed => 0,
+            Round::DenseHidden | Round::DenseDown => self.dense_n_ff(layer)?,
+        });
         let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
-            .min(proto::limits::MAX_DISPATCH_VALUES / self.n_embd.max(1));
+            .min(proto::limits::MAX_DISPATCH_VALUES / width.max(1));
         if n_tokens > max_tokens {
             return Err(EngineError::Node(format!(
                 "layer {layer}: a dispatch of {n_tokens} tokens exceeds the protocol's limit of \
-                 {max_tokens} tokens for n_embd {}: evaluate the prompt in smaller batches",
-                self.n_embd
+                 {max_tokens} tokens for rows of {width}: evaluate the prompt in smaller batches"
             )));
         }
         let live = self.live();
         let all = |_: &[usize]| true;
-        let (work, dropped) = match part {
-            FfnPart::Routed => self.route(layer, n_tokens, assignments, &live, &all)?,
-            FfnPart::Dense => (self.route_dense(layer, n_tokens, &live, &all)?, Vec::new()),
+        let (work, dropped) = match round {
+            Round::Routed => self.route(layer, n_tokens, assignments, &live, &all)?,
+            Round::DenseHidden | Round::DenseDown => (
+                self.route_dense(layer, round, n_tokens, &live, &all)?,
+                Vec::new(),
+            ),
         };
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        self.spawn_round(step_id, layer, part, n_tokens, inputs, &work, segments, &tx);
+        self.spawn_round(
+            step_id, layer, round, n_tokens, inputs, &work, segments, &tx,
+        );
         // What a retry needs once the caller's borrows are gone.
         let inputs = inputs.to_vec();
         let assignments = assignments.to_vec();
         let segments: Option<Vec<usize>> = segments.map(<[usize]>::to_vec);
-        let n_embd = self.n_embd;
+        // The width of the round's result rows.
+        let n_embd = match round {
+            Round::Routed | Round::DenseDown => self.n_embd,
+            Round::DenseHidden => self.dense_n_ff(layer)?,
+        };
         Ok(Pending::new(move |out: &mut [f32]| {
             if out.len() != n_tokens * n_embd {
                 return Err(EngineError::Node(format!(
@@ -759,8 +844,8 @@ impl RemoteExperts {
                 let was_failed = |replicas: &[usize]| {
                     pick_live(replicas, layer, &before).is_some_and(|n| failed.contains(&n))
                 };
-                let retry = match part {
-                    FfnPart::Routed if self.policy.degraded => {
+                let retry = match round {
+                    Round::Routed if self.policy.degraded => {
                         // Whatever is lost now must be lost for every token of the step, and
                         // some of a lost expert's slices may already be summed: start the
                         // step over on the live nodes.
@@ -771,10 +856,12 @@ impl RemoteExperts {
                                 w
                             })
                     }
-                    FfnPart::Routed => self
+                    Round::Routed => self
                         .route(layer, n_tokens, &assignments, &live, &was_failed)
                         .map(|(w, _)| w),
-                    FfnPart::Dense => self.route_dense(layer, n_tokens, &live, &was_failed),
+                    Round::DenseHidden | Round::DenseDown => {
+                        self.route_dense(layer, round, n_tokens, &live, &was_failed)
+                    }
                 };
                 work = retry.map_err(|e| {
                     let why = match e {
@@ -791,13 +878,35 @@ impl RemoteExperts {
                 self.spawn_round(
                     step_id,
                     layer,
-                    part,
+                    round,
                     n_tokens,
                     &inputs,
                     &work,
                     segments.as_deref(),
                     &tx,
                 );
+            }
+            if round != Round::Routed {
+                // Each node's slices of the hidden rows (or of the output rows) go to their
+                // places; a slice answered twice (by a failed node, then by a replica) is
+                // the same values.
+                for (node, _, p) in &done {
+                    let places = self.dense_places(*node, layer, round);
+                    let w = p.n_embd();
+                    for (src, dst) in p
+                        .data()
+                        .chunks_exact(w.max(1))
+                        .zip(out.chunks_exact_mut(n_embd))
+                    {
+                        let mut at = 0;
+                        for r in &places {
+                            dst[r.clone()].copy_from_slice(&src[at..at + r.len()]);
+                            at += r.len();
+                        }
+                    }
+                }
+                debug!(step_id, layer, ?round, answers = done.len(), "gathered");
+                return Ok(());
             }
             // Add in the plan's node order (then retries): a token's first partial is
             // copied, the next added.
@@ -905,7 +1014,7 @@ impl ExpertExecutor for RemoteExperts {
         assignments: &[Assignment],
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
-        self.run_step(layer, FfnPart::Routed, inputs, assignments, segments)
+        self.run_step(layer, Round::Routed, inputs, assignments, segments)
     }
 
     fn node_stats(&self) -> Vec<(String, Result<wire::Stats, EngineError>)> {
@@ -1009,9 +1118,23 @@ impl ExpertExecutor for RemoteExperts {
         &self,
         layer: usize,
         inputs: &[Activations],
+        down_type: GgmlType,
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
-        self.run_step(layer, FfnPart::Dense, inputs, &[], segments)
+        let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
+        let n_ff = self.dense_n_ff(layer)?;
+        // The first round starts now (the nodes work while the coordinator computes the
+        // routed experts' gathering); the second needs its answers.
+        let hidden_round = self.run_step(layer, Round::DenseHidden, inputs, &[], segments)?;
+        let segments: Option<Vec<usize>> = segments.map(<[usize]>::to_vec);
+        Ok(Pending::new(move |out: &mut [f32]| {
+            let mut hidden = vec![0.0f32; n_tokens * n_ff];
+            hidden_round.wait(&mut hidden)?;
+            // Quantized once, as the single-process engine quantizes it for down.
+            let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
+            self.run_step(layer, Round::DenseDown, &[hidden], &[], segments.as_deref())?
+                .wait(out)
+        }))
     }
 }
 

@@ -52,11 +52,13 @@ pub trait ExpertExecutor: Send + Sync {
     }
 
     /// Starts layer `layer`'s dense part for every token of `inputs` (quantized to the
-    /// dense gate/up types); only called where [`ExpertExecutor::places_dense`] is true.
+    /// dense gate/up types); `down_type` is its down matrix's type, for which the joined
+    /// hidden rows are quantized. Only called where [`ExpertExecutor::places_dense`] is true.
     fn start_dense(
         &self,
         layer: usize,
         _inputs: &[Activations],
+        _down_type: GgmlType,
         _segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         Err(EngineError::Node(format!(

@@ -747,7 +747,12 @@ impl Model {
                 n_embd,
             ));
         }
-        Ok(DenseResult::Remote(experts.start_dense(il, &inputs, seg)?))
+        Ok(DenseResult::Remote(experts.start_dense(
+            il,
+            &inputs,
+            f.down.info.ty,
+            seg,
+        )?))
     }
 
     fn dense_ffn(&self, f: &DenseFfn, cur: &[f32], seg: Segments<'_>) -> Vec<f32> {

@@ -4,7 +4,8 @@
 //! intermediate dimension `ff`). A node holding rows `a..b` of an expert's
 //! `gate` and `up` and the same columns of its `down` returns an exact partial
 //! sum of that expert's output, so slices of one expert on several nodes add up
-//! to the whole.
+//! to the whole. A dense part's slice holds rows of `down` instead
+//! ([`dense_down_rows`]): dense parts are split exactly, in two rounds.
 //!
 //! Two human-edited TOML files, both described with examples in
 //! `docs/placement.md`:
@@ -45,6 +46,32 @@ pub use self::ids::IdList;
 pub use self::plan::{Plan, PlanEntry, PLAN_VERSION};
 pub use self::resolve::{PlacedSlice, ResolvedPlan, SliceSpec};
 pub use self::shape::{FfnShape, FfnTensors, LayerShape, ModelShape, RowSource};
+
+/// The rows of a dense part's `ffn_down` (`n_embd` rows of `n_ff`) that the node holding
+/// rows `ff_start..ff_start + ff_len` of its gate and up computes.
+///
+/// A dense part is split exactly, in two rounds: every node computes its rows of gate and
+/// up and their SwiGLU, the coordinator joins each token's whole hidden row and quantizes
+/// it once, and every node computes whole rows of down from it — a share of down's rows
+/// in proportion to its share of `n_ff`, cut at multiples of 16 rows (a Q4_K down that
+/// ggml repacks in groups of 8 rows is cut between groups). The dense slices of a layer
+/// tile `0..n_embd` as their ff rows tile `0..n_ff`; a thin slice may get no row.
+pub fn dense_down_rows(
+    ff_start: usize,
+    ff_len: usize,
+    n_ff: usize,
+    n_embd: usize,
+) -> std::ops::Range<usize> {
+    let cut = |ff: usize| {
+        if ff >= n_ff {
+            n_embd
+        } else {
+            let share = (ff as u128 * n_embd as u128 / n_ff.max(1) as u128) as usize;
+            share / 16 * 16
+        }
+    };
+    cut(ff_start)..cut(ff_start + ff_len)
+}
 
 /// Which feed-forward network of a layer a slice belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

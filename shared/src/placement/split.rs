@@ -12,8 +12,10 @@
 //!   `moeshard.blk.{L}.{routed|dense}.{E}.ffn_gate` `[n_embd, ff_len]` (rows
 //!   `ff_start..` of that expert's gate), `.ffn_up` likewise, `.ffn_down`
 //!   `[ff_len, n_embd]` (for each of down's `n_embd` rows, the byte range of
-//!   columns `ff_start..ff_start+ff_len`, block aligned). A merged
-//!   `ffn_gate_up_exps` is split into its gate and up halves. Nothing else.
+//!   columns `ff_start..ff_start+ff_len`, block aligned) — for a dense part
+//!   instead `[n_ff, rows]`: the whole rows of down it computes
+//!   ([`super::dense_down_rows`]). A merged `ffn_gate_up_exps` is split into its
+//!   gate and up halves. Nothing else.
 //!
 //! Tensor names carry no row range, so a split file holds at most one slice
 //! of each (layer, part, expert): [`write_node_file`] refuses a node that the
@@ -222,10 +224,21 @@ fn check_spec(
     }
     let n_embd = hp.n_embd as u64;
     let ff_len = u64::from(spec.ff_len);
-    for (matrix, expected) in
-        MATRICES
-            .into_iter()
-            .zip([[n_embd, ff_len], [n_embd, ff_len], [ff_len, n_embd]])
+    let down = match spec.part {
+        Part::Routed => [ff_len, n_embd],
+        Part::Dense => {
+            let rows = super::dense_down_rows(
+                spec.ff_start as usize,
+                spec.ff_len as usize,
+                n_ff,
+                hp.n_embd,
+            );
+            [n_ff as u64, rows.len() as u64]
+        }
+    };
+    for (matrix, expected) in MATRICES
+        .into_iter()
+        .zip([[n_embd, ff_len], [n_embd, ff_len], down])
     {
         let name = split_tensor_name(spec.layer, spec.part, spec.expert, matrix);
         let info = file
@@ -237,7 +250,10 @@ fn check_spec(
                 info.ne
             )));
         }
-        if matrix == "ffn_down" && !(spec.ff_start as usize).is_multiple_of(info.ty.block_elems()) {
+        if matrix == "ffn_down"
+            && spec.part == Part::Routed
+            && !(spec.ff_start as usize).is_multiple_of(info.ty.block_elems())
+        {
             return Err(bad(format!(
                 "ff_start is not a multiple of the {} block size {}",
                 info.ty,
@@ -351,7 +367,11 @@ pub fn write_node_file(
             [n_embd, len],
         ));
         descs.push(TensorDesc::new(name("ffn_up"), t.up.info.ty, [n_embd, len]));
-        descs.push(TensorDesc::new(name("ffn_down"), t.down.ty, [len, n_embd]));
+        let down = match s.part {
+            Part::Routed => [len, n_embd],
+            Part::Dense => [t.n_ff as u64, dense_rows(t, s).len() as u64],
+        };
+        descs.push(TensorDesc::new(name("ffn_down"), t.down.ty, down));
     }
 
     let mut writer = GgufWriter::create(out, metadata, descs)?;
@@ -366,9 +386,15 @@ pub fn write_node_file(
             done += bytes.len() as u64;
             progress(done, total);
         }
-        for piece in down_columns(model, t, s)? {
-            writer.write_tensor_part(piece)?;
-            done += piece.len() as u64;
+        if s.part == Part::Dense {
+            let bytes = down_rows(model, t, s)?;
+            writer.write_tensor_data(bytes)?;
+            done += bytes.len() as u64;
+        } else {
+            for piece in down_columns(model, t, s)? {
+                writer.write_tensor_part(piece)?;
+                done += piece.len() as u64;
+            }
         }
         progress(done, total);
     }
@@ -382,6 +408,31 @@ pub fn write_node_file(
         .len();
     tracing::debug!(path = %out.display(), node = %node_name, n_slices = slices.len(), bytes = size, "wrote split file");
     Ok(size)
+}
+
+/// The rows of a dense part's down that slice `s` computes ([`super::dense_down_rows`]).
+fn dense_rows(t: &FfnTensors<'_>, s: &SliceSpec) -> std::ops::Range<usize> {
+    super::dense_down_rows(s.ff_start as usize, s.ff_len as usize, t.n_ff, t.n_embd)
+}
+
+/// The bytes of a dense part's down rows that slice `s` computes: contiguous.
+fn down_rows<'a>(
+    model: &'a GgufFile,
+    t: &FfnTensors<'_>,
+    s: &SliceSpec,
+) -> Result<&'a [u8], PlacementError> {
+    let info = t.down;
+    let row_bytes = info.row_bytes() as usize;
+    let rows = dense_rows(t, s);
+    model
+        .tensor_data(info)
+        .get(rows.start * row_bytes..rows.end * row_bytes)
+        .ok_or_else(|| {
+            PlacementError::Split(format!(
+                "tensor {} is shorter than its rows {rows:?}",
+                info.name
+            ))
+        })
 }
 
 /// The bytes of rows `s.ff()` of expert `s.expert`'s gate or up: contiguous.
