@@ -41,6 +41,10 @@ pub struct SynthConfig {
     /// real model's expert count and routing.
     pub hidden: Option<usize>,
     pub seed: u64,
+    /// Write the header and leave every tensor's data a hole (a sparse file of the full
+    /// size, reading as zeros): enough for `moeshard plan` and `inspect` on models far
+    /// larger than the disk.
+    pub header_only: bool,
     /// Worker threads; `None` is rayon's default (all cores).
     pub threads: Option<usize>,
     pub out: PathBuf,
@@ -70,12 +74,14 @@ pub enum Quant {
     Q4KM,
     /// llama-quantize's `Q2_K` mix (uniform Q2_K is not what anyone ships).
     Q2K,
+    /// llama-quantize's `Q3_K_M` mix.
+    Q3KM,
 }
 
 /// The `--quant` names, in the order they are listed in errors.
 const QUANT_NAMES: &[&str] = &[
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q4_K_M",
-    "Q5_K", "Q6_K",
+    "Q5_K", "Q6_K", "Q3_K_M",
 ];
 
 impl Quant {
@@ -85,6 +91,7 @@ impl Quant {
         let quant = match upper.as_str() {
             "Q4_K_M" => Some(Quant::Q4KM),
             "Q2_K" => Some(Quant::Q2K),
+            "Q3_K_M" => Some(Quant::Q3KM),
             _ if QUANT_NAMES.contains(&upper.as_str()) => {
                 GgmlType::from_name(&upper).map(Quant::Uniform)
             }
@@ -101,6 +108,7 @@ impl Quant {
             Quant::Uniform(t) => t.name().to_owned(),
             Quant::Q4KM => "Q4_K_M".to_owned(),
             Quant::Q2K => "Q2_K".to_owned(),
+            Quant::Q3KM => "Q3_K_M".to_owned(),
         }
     }
 }
@@ -246,6 +254,18 @@ pub fn synth(
             .map(|t| t.byte_len.next_multiple_of(align))
             .sum::<u64>();
     progress(writer.data_offset(), total);
+    if cfg.header_only {
+        for _ in 0..plan.tensors.len() {
+            writer.skip_tensor_data()?;
+        }
+        writer.finish()?;
+        progress(total, total);
+        return Ok(SynthReport {
+            bytes: total,
+            n_tensors: plan.tensors.len(),
+            fallbacks: plan.fallbacks,
+        });
+    }
     tracing::info!(
         shape = plan.shape.name,
         quant = %plan.quant.name(),
@@ -393,6 +413,10 @@ fn layer_of(name: &str) -> Option<usize> {
 /// counter is taken as the layer number; model-size special cases (70B
 /// dense, Falcon) and the user overrides (`--tensor-type`...) do not apply;
 /// MLA's `attn_k_b`/`attn_v_b` and the MTP block get the default type.
+///
+/// `Q3_K_M`: default Q3_K; `output` Q6_K; `attn_v` Q5_K on the first two layers, Q4_K
+/// after (Q8_0 with 8 experts); `ffn_down*` Q5_K on the first sixteenth of the layers,
+/// Q4_K after; `attn_output` Q4_K (Q5_K with 8 experts).
 pub fn tensor_type(quant: Quant, shape: &ModelShape, spec: &TensorSpec) -> GgmlType {
     if !is_quantized(spec) {
         return GgmlType::F32;
@@ -401,6 +425,7 @@ pub fn tensor_type(quant: Quant, shape: &ModelShape, spec: &TensorSpec) -> GgmlT
         Quant::Uniform(t) => return t,
         Quant::Q4KM => (GgmlType::Q4_K, true),
         Quant::Q2K => (GgmlType::Q2_K, false),
+        Quant::Q3KM => return q3km_type(shape, spec),
     };
     let name = spec.name.as_str();
     let n_layer = shape.n_layer_all();
@@ -446,6 +471,41 @@ pub fn tensor_type(quant: Quant, shape: &ModelShape, spec: &TensorSpec) -> GgmlT
         }
     }
     default
+}
+
+/// [`tensor_type`] under `Q3_K_M` (a quantized tensor).
+fn q3km_type(shape: &ModelShape, spec: &TensorSpec) -> GgmlType {
+    let name = spec.name.as_str();
+    let n_layer = shape.n_layer_all();
+    let layer = layer_of(name).unwrap_or(0);
+    let eight_experts = shape.n_expert == 8;
+    if name == "output.weight" {
+        GgmlType::Q6_K
+    } else if name.ends_with("attn_v.weight") {
+        if eight_experts {
+            GgmlType::Q8_0
+        } else if layer < 2 {
+            GgmlType::Q5_K
+        } else {
+            GgmlType::Q4_K
+        }
+    } else if name.ends_with("attn_k.weight") && eight_experts {
+        GgmlType::Q8_0
+    } else if name.contains("ffn_down") {
+        if layer < n_layer / 16 {
+            GgmlType::Q5_K
+        } else {
+            GgmlType::Q4_K
+        }
+    } else if name.ends_with("attn_output.weight") {
+        if eight_experts {
+            GgmlType::Q5_K
+        } else {
+            GgmlType::Q4_K
+        }
+    } else {
+        GgmlType::Q3_K
+    }
 }
 
 /// llama-quantize's `tensor_type_fallback`: a row of `ne0` that is not whole

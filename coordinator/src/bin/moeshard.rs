@@ -139,7 +139,7 @@ enum Command {
         /// Model shape: deepseek-v3, kimi-k2, glm-4.5, qwen3-235b-a22b, qwen3-30b-a3b, mixtral-8x7b
         #[arg(long)]
         shape: String,
-        /// Weight type for every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K) or a llama-quantize mix (Q4_K_M, Q2_K)
+        /// Weight type for every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K) or a llama-quantize mix (Q4_K_M, Q3_K_M, Q2_K)
         #[arg(long)]
         quant: String,
         /// Keep only the first N layers
@@ -148,6 +148,13 @@ enum Command {
         /// Vocabulary size instead of the model's
         #[arg(long)]
         vocab: Option<usize>,
+        /// Routed experts per MoE layer instead of the model's (top-k kept)
+        #[arg(long)]
+        experts: Option<usize>,
+        /// Write only the header: every tensor's data is left a hole (a sparse file reading as
+        /// zeros), for `plan` and `inspect` on models larger than the disk
+        #[arg(long)]
+        header_only: bool,
         /// Seed of the random weights (same seed, same bytes)
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -177,8 +184,24 @@ struct PlanArgs {
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// The cluster file (TOML): nodes with memory_bytes and read_bandwidth_gbs
-    #[arg(long)]
-    cluster: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "topology",
+        conflicts_with = "topology"
+    )]
+    cluster: Option<PathBuf>,
+    /// Instead of a cluster file, one node per NUMA node of this topology (`synthetic:<hwloc
+    /// description>`, `xml:<file>`, or `this` for this machine), named node0, node1… as
+    /// `--numa auto` names them, each with its own cores (unless --cores) and the memory and
+    /// bandwidth of --node-memory and --node-gbs
+    #[arg(long, value_name = "SPEC")]
+    topology: Option<String>,
+    /// With --topology: memory for weights per node (e.g. 768G; default: the NUMA node's memory)
+    #[arg(long, value_name = "BYTES", requires = "topology")]
+    node_memory: Option<String>,
+    /// With --topology: read bandwidth of each node's weights, GB/s
+    #[arg(long, value_name = "GBS", requires = "topology")]
+    node_gbs: Option<f64>,
     /// Routing statistics (JSON) recorded with --record-routing
     #[arg(long, value_name = "FILE", conflicts_with = "zipf")]
     routing_stats: Option<PathBuf>,
@@ -614,6 +637,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quant,
             layers,
             vocab,
+            experts,
+            header_only,
             seed,
             threads,
             out,
@@ -623,8 +648,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 quant,
                 layers,
                 vocab,
-                experts: None,
+                experts,
                 hidden: None,
+                header_only,
                 seed,
                 threads,
                 out: out.clone(),
@@ -921,8 +947,48 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         .map_or_else(KernelRates::default, KernelRates::uniform);
     let model = planner::ModelCost::from_gguf(&file, &rates)
         .with_context(|| format!("reading the expert sizes of {}", args.model.display()))?;
-    let cluster = Cluster::load(&args.cluster)?;
-    let nodes = PlannerNode::from_cluster(&cluster, args.cores);
+    let (nodes, placed_on) = match (&args.cluster, &args.topology) {
+        (Some(path), _) => {
+            let cluster = Cluster::load(path)?;
+            (
+                PlannerNode::from_cluster(&cluster, args.cores),
+                path.display().to_string(),
+            )
+        }
+        (None, Some(spec)) => {
+            let memory = match &args.node_memory {
+                Some(m) => Some(
+                    planner::parse_byte_size(m)
+                        .map_err(|e| anyhow::anyhow!("--node-memory {e}"))?,
+                ),
+                None => None,
+            };
+            if let Some(g) = args.node_gbs.filter(|g| !(g.is_finite() && *g > 0.0)) {
+                bail!("--node-gbs {g}: a bandwidth must be a positive number of GB/s");
+            }
+            let spec = (spec != "this").then_some(spec.as_str());
+            let topology = shared::topology::Topology::from_spec_or_detect(spec)?;
+            let nodes: Vec<PlannerNode> = topology
+                .compute_nodes()
+                .iter()
+                .enumerate()
+                .map(|(i, n)| PlannerNode {
+                    name: format!("node{i}"),
+                    memory_bytes: memory.or(Some(n.memory_bytes)).filter(|&b| b > 0),
+                    read_bandwidth_gbs: args
+                        .node_gbs
+                        .unwrap_or(planner::DEFAULT_READ_BANDWIDTH_GBS),
+                    bandwidth_declared: args.node_gbs.is_some(),
+                    cores: args.cores.or(Some(n.n_cores.max(1))),
+                })
+                .collect();
+            if nodes.is_empty() {
+                bail!("the topology has no NUMA node with cores to run an expert node on");
+            }
+            (nodes, format!("the NUMA nodes of {}", topology.source))
+        }
+        (None, None) => bail!("give --cluster FILE or --topology SPEC"),
+    };
     let replicate_bytes = planner::parse_byte_size(&args.replicate)
         .map_err(|e| anyhow::anyhow!("--replicate {e}"))?;
     let k = model.n_expert_used;
@@ -961,13 +1027,8 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         coordinator_cores: args.coordinator_cores,
         ..PlannerConfig::default()
     };
-    let mut planned = planner::plan(&model, &nodes, &routing, &config).with_context(|| {
-        format!(
-            "planning {} over {}",
-            args.model.display(),
-            args.cluster.display()
-        )
-    })?;
+    let mut planned = planner::plan(&model, &nodes, &routing, &config)
+        .with_context(|| format!("planning {} over {placed_on}", args.model.display()))?;
     planned.summary.notes.extend(notes);
     if let Some(out) = &args.out {
         planned.plan.save(out)?;

@@ -11,6 +11,7 @@ fn cfg(shape: &str, quant: &str) -> SynthConfig {
         experts: None,
         hidden: None,
         seed: 0,
+        header_only: false,
         threads: None,
         out: PathBuf::from("unused.gguf"),
     }
@@ -132,4 +133,27 @@ fn use_more_bits_matches_llama_quantize() {
     let more: Vec<usize> = (0..16).filter(|&i| use_more_bits(i, 16)).collect();
     // n/8 = 2, 7n/8 = 14: 0, 1, then (i-2)%3 == 2 → 4, 7, 10, 13, then 14, 15.
     assert_eq!(more, [0, 1, 4, 7, 10, 13, 14, 15]);
+}
+
+#[test]
+fn q3_k_m_mix() {
+    // Kimi-K2: 61 layers, n/16 = 3: ffn_down Q5_K on layers 0-2, Q4_K after.
+    let t = types(&plan(&cfg("kimi-k2", "Q3_K_M")).unwrap());
+    assert_eq!(t["output.weight"], GgmlType::Q6_K);
+    assert_eq!(t["token_embd.weight"], GgmlType::Q3_K);
+    assert_eq!(t["blk.0.ffn_down.weight"], GgmlType::Q5_K);
+    assert_eq!(t["blk.2.ffn_down_exps.weight"], GgmlType::Q5_K);
+    assert_eq!(t["blk.3.ffn_down_exps.weight"], GgmlType::Q4_K);
+    assert_eq!(t["blk.3.ffn_down_shexp.weight"], GgmlType::Q4_K);
+    assert_eq!(t["blk.40.ffn_up_exps.weight"], GgmlType::Q3_K);
+    assert_eq!(t["blk.40.attn_output.weight"], GgmlType::Q4_K);
+    assert_eq!(t["blk.40.attn_kv_a_norm.weight"], GgmlType::F32);
+    // GQA attention: attn_v Q5_K on the first two layers, Q4_K after.
+    let q = types(&plan(&cfg("qwen3-30b-a3b", "Q3_K_M")).unwrap());
+    assert_eq!(q["blk.1.attn_v.weight"], GgmlType::Q5_K);
+    assert_eq!(q["blk.2.attn_v.weight"], GgmlType::Q4_K);
+    assert_eq!(q["blk.2.attn_q.weight"], GgmlType::Q3_K);
+    let m = types(&plan(&cfg("mixtral-8x7b", "Q3_K_M")).unwrap());
+    assert_eq!(m["blk.5.attn_v.weight"], GgmlType::Q8_0);
+    assert_eq!(m["blk.5.attn_output.weight"], GgmlType::Q5_K);
 }

@@ -184,3 +184,82 @@ fn plan_refuses_what_does_not_fit_and_bad_statistics() {
     let out = moeshard(&["plan", "-m", m, "--cluster", &cluster, "--replicate", "3X"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 }
+
+/// `plan --topology`: the nodes of a synthetic one- and two-package machine, for Kimi-K2 at
+/// Q3_K_M (a header-only file) on a dual-socket Optane box — 6 × 128 GiB PMem DIMMs and
+/// 30 GB/s per socket, the dense part from DDR4. Two sockets slice every expert and
+/// predict a shorter step than one: each streams half of every routed expert.
+#[test]
+fn plan_over_a_synthetic_topology_predicts_dual_socket_kimi_k2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("kimi-k2-q3_k_m.gguf");
+    let model = model.to_str().unwrap();
+    ok(&moeshard(&[
+        "synth",
+        "--shape",
+        "kimi-k2",
+        "--quant",
+        "Q3_K_M",
+        "--header-only",
+        "--out",
+        model,
+    ]));
+    let predict = |topology: &str| -> serde_json::Value {
+        let out = ok(&moeshard(&[
+            "plan",
+            "-m",
+            model,
+            "--topology",
+            topology,
+            "--node-memory",
+            "768GiB",
+            "--node-gbs",
+            "30",
+            "--coordinator-gbs",
+            "80",
+            "--json",
+        ]));
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["summary"].clone()
+    };
+    let one = predict("synthetic:pack:1 numa:1 core:24 pu:2");
+    let two = predict("synthetic:pack:2 numa:1 core:24 pu:2");
+    let tps = |s: &serde_json::Value| s["prediction"]["tokens_per_s"].as_f64().unwrap();
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        (s["nodes"].as_array().unwrap().iter())
+            .map(|n| n["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&one), ["node0"]);
+    assert_eq!(names(&two), ["node0", "node1"]);
+    assert_eq!(two["mode"], "sliced", "{}", two["why"]);
+    assert_eq!(two["nodes"][0]["cores"], 24);
+    // Experts: ~5 GB of Q3_K/Q4_K per token over 30 GB/s per socket; the dense part
+    // (6.2 GB at 80 GB/s) is the same on both.
+    let (t1, t2) = (tps(&one), tps(&two));
+    eprintln!("Kimi-K2 Q3_K_M predicted decode: one socket {t1:.2} tok/s, two {t2:.2} tok/s");
+    assert!((2.0..3.0).contains(&t1), "one socket {t1}");
+    assert!(
+        t2 > 1.5 * t1 && t2 < 2.0 * t1,
+        "two sockets {t2} vs one {t1}"
+    );
+
+    // A bad bandwidth and a missing cluster are usage errors naming the flag.
+    let bad = moeshard(&[
+        "plan",
+        "-m",
+        model,
+        "--topology",
+        "synthetic:pack:2 numa:1 core:2 pu:1",
+        "--node-gbs",
+        "0",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--node-gbs"));
+    let none = moeshard(&["plan", "-m", model]);
+    assert_eq!(
+        none.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+}

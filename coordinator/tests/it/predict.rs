@@ -54,6 +54,7 @@ fn predicted_bytes_per_node_match_the_bytes_nodes_read() {
         experts: Some(256),
         hidden: Some(256),
         seed: 7,
+        header_only: false,
         threads: None,
         out: path.clone(),
     };

@@ -32,6 +32,7 @@ fn config(shape: &str, quant: &str, experts: Option<usize>, out: &Path) -> Synth
         experts,
         hidden: None,
         seed: 1,
+        header_only: false,
         threads: None,
         out: out.to_path_buf(),
     }
@@ -287,4 +288,47 @@ fn cli_synth_bad_input() {
     }
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `--header-only`: the whole Kimi-K2 at Q3_K_M (hundreds of GB) as a sparse file that
+/// takes next to no disk, whose header the reader and the planner's cost model accept.
+#[test]
+fn cli_synth_header_only_kimi_k2_is_sparse_and_readable() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("kimi-k2-q3_k_m.gguf");
+    let o = moeshard(&[
+        "synth",
+        "--shape",
+        "kimi-k2",
+        "--quant",
+        "Q3_K_M",
+        "--header-only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = std::fs::metadata(&out).unwrap();
+    // Kimi-K2 (1.03 T parameters) at about 3.9 bits per weight.
+    assert!(
+        (400e9..560e9).contains(&(meta.len() as f64)),
+        "{} bytes",
+        meta.len()
+    );
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "{} bytes on disk",
+        meta.blocks() * 512
+    );
+    let file = GgufFile::open(&out).unwrap();
+    let hp = HParams::from_gguf(&file).unwrap();
+    assert_eq!(
+        (hp.n_expert, hp.n_expert_used, hp.n_layer_all),
+        (384, 8, 61)
+    );
+    let ty = |name: &str| file.tensor(name).unwrap().ty.name().to_owned();
+    assert_eq!(ty("blk.1.ffn_down_exps.weight"), "Q5_K");
+    assert_eq!(ty("blk.30.ffn_down_exps.weight"), "Q4_K");
+    assert_eq!(ty("blk.30.ffn_gate_exps.weight"), "Q3_K");
+    assert_eq!(ty("output.weight"), "Q6_K");
 }
