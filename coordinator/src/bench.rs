@@ -80,6 +80,8 @@ pub struct BenchResult {
     pub prompt_tps_min: f64,
     pub decode_tps: f64,
     pub decode_tps_min: f64,
+    /// Decode tokens/s of each repetition, in order (a warming cache shows as a trend).
+    pub decode_tps_reps: Vec<f64>,
     pub bandwidth_gbs: f64,
     pub bytes_per_token: u64,
     pub bound_tps: f64,
@@ -151,6 +153,7 @@ pub fn run(
         }
         decode_tps.push(cfg.n_decode as f64 / t.elapsed().as_secs_f64());
     }
+    let decode_tps_reps = decode_tps.clone();
     let (d_med, d_min) = median_min(&mut decode_tps);
     let mut parallel = Vec::new();
     for &b in &cfg.parallel {
@@ -186,6 +189,7 @@ pub fn run(
         prompt_tps_min: p_min,
         decode_tps: d_med,
         decode_tps_min: d_min,
+        decode_tps_reps,
         bandwidth_gbs: bandwidth / 1e9,
         bytes_per_token: bpt,
         bound_tps: bound,

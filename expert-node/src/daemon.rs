@@ -64,6 +64,11 @@ pub struct NodeArgs {
     /// Read every mapped page once before serving.
     #[arg(long)]
     pub prefault: bool,
+    /// DRAM tier: keep the most used experts (or slices), up to this many bytes (e.g. 64G,
+    /// 512MiB), copied into DRAM (bound to --numa-node's memory) and serve the rest from the
+    /// mapping; promoted and evicted in the background by how often dispatches use them
+    #[arg(long, value_name = "BYTES")]
+    pub dram_cache: Option<String>,
     /// Stop (as on SIGTERM) when stdin reaches end of file: a launcher holding the pipe
     /// makes sure the node does not outlive it.
     #[arg(long)]
@@ -198,10 +203,21 @@ pub fn load(args: &NodeArgs) -> Result<NodeCore, NodeError> {
         .node
         .clone()
         .unwrap_or_else(|| format!("node@{}", args.listen));
-    match pinning {
-        Some(pinning) => NodeCore::pinned(&name, weights, args.threads, pinning),
-        None => NodeCore::new(&name, weights, args.threads, None),
+    let budget = match &args.dram_cache {
+        Some(text) => Some(
+            shared::placement::planner::parse_byte_size(text)
+                .map_err(|e| NodeError::Usage(format!("--dram-cache {e}")))?,
+        ),
+        None => None,
+    };
+    let mut core = match pinning {
+        Some(pinning) => NodeCore::pinned(&name, weights, args.threads, pinning)?,
+        None => NodeCore::new(&name, weights, args.threads, None)?,
+    };
+    if let Some(budget) = budget.filter(|&b| b > 0) {
+        core.enable_dram_cache(budget)?;
     }
+    Ok(core)
 }
 
 /// Serves `core` on `args.listen` until SIGTERM or Ctrl-C; `on_ready` gets the bound

@@ -9,6 +9,7 @@
 //! - [`pinning`]: `--numa-node`: threads on one NUMA node's units, weights on its memory.
 
 pub mod daemon;
+pub mod dram_cache;
 pub mod error;
 pub mod pinning;
 pub mod service;

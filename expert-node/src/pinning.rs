@@ -228,6 +228,21 @@ impl Pinning {
         Some(location)
     }
 
+    /// Binds the pages of `area` (DRAM copies of weights: the DRAM tier's) to the node before
+    /// they are touched; false (logged at debug) where binding is not possible here.
+    pub fn bind_area(&self, area: &[u8]) -> bool {
+        let Some(binder) = &self.binder else {
+            return false;
+        };
+        match binder.bind_area(area, self.numa_node) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot bind a DRAM copy to the NUMA node");
+                false
+            }
+        }
+    }
+
     /// Binds the pages of the weights' mappings (and of the bytes copied at load) to the
     /// node, unless they live on DAX persistent memory; logs what was done.
     pub fn bind_weights(&self, weights: &NodeWeights) -> WeightsBinding {

@@ -22,6 +22,7 @@ use shared::placement::Part;
 use shared::quant::dispatch::Kernels;
 use tracing::{debug, info, warn};
 
+use crate::dram_cache::{CacheStats, CacheThread, DramCache, Key, Resident};
 use crate::error::NodeError;
 use crate::pinning::{Pinning, ThreadRole};
 use crate::weights::NodeWeights;
@@ -45,7 +46,10 @@ const DRAINING: u8 = 1;
 /// An expert node's state and answers.
 pub struct NodeCore {
     name: String,
-    weights: NodeWeights,
+    weights: Arc<NodeWeights>,
+    /// `--dram-cache`: the DRAM tier and its background thread.
+    cache: Option<Arc<DramCache>>,
+    cache_thread: Option<CacheThread>,
     inventory: Inventory,
     kernels: &'static Kernels,
     pool: Option<rayon::ThreadPool>,
@@ -78,6 +82,7 @@ pub fn ffn_part(p: Part) -> FfnPart {
 /// The routed experts of one layer, as [`compute_routed`] reads them.
 struct LayerSource<'a> {
     weights: &'a NodeWeights,
+    resident: Option<&'a Resident>,
     layer: u32,
 }
 
@@ -91,7 +96,57 @@ impl ExpertSource for LayerSource<'_> {
     }
 
     fn expert(&self, expert: u32) -> Vec<FfnMatrices<'_>> {
-        self.weights.expert(self.layer, Part::Routed, expert)
+        held(
+            self.weights,
+            self.resident,
+            self.layer,
+            Part::Routed,
+            expert,
+        )
+    }
+}
+
+/// The DRAM tier's fields of the `Stats` message.
+fn dram_stats(d: CacheStats) -> wire::Stats {
+    wire::Stats {
+        dram_cache_budget_bytes: d.budget_bytes,
+        dram_cache_bytes: d.resident_bytes,
+        dram_cache_experts: d.resident_experts,
+        dram_hit_bytes: d.hit_bytes,
+        dram_miss_bytes: d.miss_bytes,
+        dram_promoted_bytes: d.promoted_bytes,
+        dram_evicted_bytes: d.evicted_bytes,
+        ..wire::Stats::default()
+    }
+}
+
+/// The experts (or the dense part) a dispatch computes, once each: what the DRAM tier counts.
+fn used_experts(req: &DispatchRequest) -> Vec<Key> {
+    match req.part {
+        FfnPart::Routed => {
+            let mut experts: Vec<u32> = req.assignments.iter().map(|a| a.expert).collect();
+            experts.sort_unstable();
+            experts.dedup();
+            (experts.into_iter())
+                .map(|e| (req.layer, Part::Routed, e))
+                .collect()
+        }
+        FfnPart::Dense => vec![(req.layer, Part::Dense, 0)],
+    }
+}
+
+/// The slices of an expert (or dense part) a node holds: its DRAM copies where the tier
+/// has them, the mapping otherwise.
+fn held<'a>(
+    weights: &'a NodeWeights,
+    resident: Option<&'a Resident>,
+    layer: u32,
+    part: Part,
+    expert: u32,
+) -> Vec<FfnMatrices<'a>> {
+    match resident.and_then(|r| r.get(&(layer, part, expert))) {
+        Some(cached) => cached.matrices(),
+        None => weights.expert(layer, part, expert),
     }
 }
 
@@ -176,7 +231,9 @@ impl NodeCore {
         };
         Ok(NodeCore {
             name: name.to_owned(),
-            weights,
+            weights: Arc::new(weights),
+            cache: None,
+            cache_thread: None,
             inventory,
             kernels: Kernels::get(),
             pool,
@@ -190,6 +247,26 @@ impl NodeCore {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Turns the DRAM tier on with `budget` bytes (`--dram-cache`): the most used experts
+    /// are copied into DRAM in the background and served from there.
+    pub fn enable_dram_cache(&mut self, budget: u64) -> Result<(), NodeError> {
+        let cache = Arc::new(DramCache::new(&self.weights, budget));
+        let thread = DramCache::start(
+            Arc::clone(&cache),
+            Arc::clone(&self.weights),
+            self.pinning.clone(),
+        )
+        .map_err(|e| NodeError::Usage(format!("starting the DRAM tier's thread: {e}")))?;
+        self.cache = Some(cache);
+        self.cache_thread = Some(thread);
+        Ok(())
+    }
+
+    /// The DRAM tier's counters, where it is on.
+    pub fn dram_cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
     }
 
     pub fn inventory(&self) -> &Inventory {
@@ -267,9 +344,17 @@ impl NodeCore {
             .map_err(|e: ProtoError| RemoteError::from_proto_error(&e))?;
         let n_tokens = req.n_tokens();
         let t0 = Instant::now();
+        // The DRAM tier's experts as they are now, for the whole dispatch.
+        let resident = self.cache.as_ref().map(|c| c.snapshot());
         let dense = match req.part {
             FfnPart::Routed => Vec::new(),
-            FfnPart::Dense => self.weights.expert(req.layer, Part::Dense, 0),
+            FfnPart::Dense => held(
+                &self.weights,
+                resident.as_deref(),
+                req.layer,
+                Part::Dense,
+                0,
+            ),
         };
         // A row of the answer: the partial sum (routed), or the node's slices of the hidden
         // activation or of down's output (the two rounds of a dense part).
@@ -298,6 +383,7 @@ impl NodeCore {
             FfnPart::Routed => {
                 let source = LayerSource {
                     weights: &self.weights,
+                    resident: resident.as_deref(),
                     layer: req.layer,
                 };
                 compute_routed_segments(
@@ -335,6 +421,11 @@ impl NodeCore {
         let c = &self.counters;
         c.weight_bytes_read
             .fetch_add(self.bytes_read(&req), Ordering::Relaxed);
+        if let (Some(cache), Some(resident)) = (&self.cache, &resident) {
+            for key in used_experts(&req) {
+                cache.record(&key, resident.get(&key).is_some());
+            }
+        }
         c.compute_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.dispatches.fetch_add(1, Ordering::Relaxed);
@@ -400,6 +491,7 @@ impl NodeCore {
             compute_ns: get(&c.compute_ns),
             mapped_bytes: self.weights.mapped_bytes(),
             weight_bytes_read: get(&c.weight_bytes_read),
+            ..dram_stats(self.dram_cache_stats().unwrap_or_default())
         }
     }
 

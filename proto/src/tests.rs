@@ -418,10 +418,13 @@ fn hello_round_trip_and_errors() {
     );
 
     let mut bad = w.clone();
-    bad.protocol_version = 2;
+    bad.protocol_version = PROTOCOL_VERSION + 1;
     assert_eq!(
         Hello::try_from(bad),
-        Err(ProtoError::VersionMismatch { got: 2, want: 1 })
+        Err(ProtoError::VersionMismatch {
+            got: PROTOCOL_VERSION + 1,
+            want: PROTOCOL_VERSION
+        })
     );
     let mut bad = w.clone();
     bad.model_identity.pop();
@@ -720,6 +723,13 @@ fn health_and_stats_round_trip_in_envelopes() {
                 compute_ns: 7,
                 mapped_bytes: 8,
                 weight_bytes_read: 9,
+                dram_cache_budget_bytes: 10,
+                dram_cache_bytes: 11,
+                dram_cache_experts: 12,
+                dram_hit_bytes: 13,
+                dram_miss_bytes: 14,
+                dram_promoted_bytes: 15,
+                dram_evicted_bytes: 16,
             })),
         },
         wire::NodeMessage {
