@@ -95,7 +95,7 @@ pub fn open_distributed(
     opts: &DistOptions,
 ) -> Result<DistributedEngine, OpenError> {
     let file = Arc::new(GgufFile::open(model_path)?);
-    let model = Model::load(file.clone())?;
+    let mut model = Model::load(file.clone())?;
     let shape = ModelShape::from_gguf(&file)?;
     let identity = model_identity(&file);
     let dense_model = shape.layers.iter().all(|l| l.routed.is_none());
@@ -119,7 +119,9 @@ pub fn open_distributed(
             )
             .into());
         }
-        let pins = numa_pins(opts)?;
+        let (pins, coordinator_parts) = numa_pins(opts)?;
+        // The coordinator's own matrices over the sockets too (one part: nothing to do).
+        model.spread_over_sockets(&coordinator_parts)?;
         if let Some(n) = nodes.filter(|&n| n != pins.len()) {
             return Err(DistributedError::Launch(format!(
                 "--nodes {n} but --numa auto finds {} NUMA nodes with cores",
@@ -241,8 +243,11 @@ pub fn open_distributed(
     })
 }
 
-/// One node per NUMA node with cores, pinned there with that node's processing units.
-fn numa_pins(opts: &DistOptions) -> Result<Vec<NodeNuma>, DistributedError> {
+/// One node per NUMA node with cores, pinned there with that node's processing units, and
+/// the coordinator's parts (one per such NUMA node).
+fn numa_pins(
+    opts: &DistOptions,
+) -> Result<(Vec<NodeNuma>, Vec<shared::topology::CoordinatorPart>), DistributedError> {
     let topology = Topology::from_spec_or_detect(opts.topology.as_deref())
         .map_err(|e| DistributedError::Launch(format!("--numa auto: {e}")))?;
     let n = topology.compute_nodes().len();
@@ -250,7 +255,7 @@ fn numa_pins(opts: &DistOptions) -> Result<Vec<NodeNuma>, DistributedError> {
         .node_plan(n)
         .map_err(|e| DistributedError::Launch(format!("--numa auto: {e}")))?;
     info!(nodes = n, plan = %plan.to_text(), "--numa auto");
-    Ok(plan
+    let nodes = plan
         .expert_nodes
         .iter()
         .map(|p| NodeNuma {
@@ -258,7 +263,8 @@ fn numa_pins(opts: &DistOptions) -> Result<Vec<NodeNuma>, DistributedError> {
             threads: p.pus.len(),
             topology: opts.topology.clone(),
         })
-        .collect())
+        .collect();
+    Ok((nodes, plan.coordinator))
 }
 
 /// Links to the running daemons named by the plan, in plan order. With the cluster's

@@ -10,6 +10,7 @@
 pub mod blocks;
 mod experts;
 mod routing;
+pub mod sockets;
 
 use std::sync::Arc;
 
@@ -153,6 +154,8 @@ pub struct Model {
     routing: RoutingCounter,
     /// Wall time of every layer of every forward pass (`/metrics`).
     layer_times: LayerTimes,
+    /// `--numa auto` on several sockets: the coordinator's matrices cut over them.
+    sockets: Option<sockets::SocketSplit>,
 }
 
 /// Per layer: the wall time of its forward passes (attention, FFN, residuals; all the
@@ -255,7 +258,36 @@ impl Model {
             kq_scale,
             routing,
             layer_times,
+            sockets: None,
         })
+    }
+
+    /// Spreads the coordinator's own matrices over the sockets of `parts` (one per NUMA
+    /// node, from the topology's plan): every 2-D weight it multiplies by, cut by rows,
+    /// copied into each socket's memory and multiplied there by threads pinned to it
+    /// ([`sockets::SocketSplit`]). Results do not change. One part: nothing to do.
+    pub fn spread_over_sockets(
+        &mut self,
+        parts: &[shared::topology::CoordinatorPart],
+    ) -> Result<(), EngineError> {
+        if parts.len() < 2 {
+            return Ok(());
+        }
+        let tied = self.output.info.name == self.tok_embd.info.name;
+        let file = Arc::clone(&self.file);
+        let matrices: Vec<&TensorInfo> = file
+            .tensors()
+            .iter()
+            .filter(|t| t.ne.len() >= 2 && t.ne[2..].iter().all(|&d| d == 1) && t.ne[1] > 1)
+            .filter(|t| tied || t.name != self.tok_embd.info.name)
+            .collect();
+        self.sockets = Some(sockets::SocketSplit::new(&file, &matrices, parts)?);
+        Ok(())
+    }
+
+    /// The coordinator's matrices cut over sockets, where [`Model::spread_over_sockets`] did.
+    pub fn socket_split(&self) -> Option<&sockets::SocketSplit> {
+        self.sockets.as_ref()
     }
 
     /// Wall time per layer since the model was loaded.
@@ -500,6 +532,16 @@ impl Model {
             n_cols,
             data,
         };
+        if let Some(split) = &self.sockets {
+            let act = Activations::quantize(self.kernels, m.ty, x, n_cols);
+            let mut out = vec![0.0f32; act.n_tokens() * n_rows];
+            if split
+                .matmul(self.kernels, &m, &w.info.name, &act, seg, &mut out)
+                .is_some()
+            {
+                return out;
+            }
+        }
         self.apply(&m, x, n_cols, true, seg)
     }
 

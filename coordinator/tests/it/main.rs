@@ -12,5 +12,6 @@ mod predict;
 mod server;
 mod smollm2;
 mod soak;
+mod sockets;
 mod support;
 mod synth;

@@ -942,10 +942,15 @@ fn split_and_check(model_path: &Path, plan: &Plan, dir: &Path) -> Vec<PathBuf> {
                     } else {
                         ""
                     };
+                    // A dense slice holds whole rows of down (the exact two-round split).
+                    let down = blk(&format!("ffn_down{sfx}"));
+                    let d = model.tensor(&down).unwrap();
+                    let (n_ff, n_embd) = (d.ne[0] as usize, d.ne[1] as usize);
+                    let rows = super::dense_down_rows(ff.start, ff.len(), n_ff, n_embd);
                     (
                         expected_rows(&model, &blk(&format!("ffn_gate{sfx}")), 0, 0, 0, ff.clone()),
                         expected_rows(&model, &blk(&format!("ffn_up{sfx}")), 0, 0, 0, ff.clone()),
-                        expected_columns(&model, &blk(&format!("ffn_down{sfx}")), 0, ff.clone()),
+                        expected_rows(&model, &down, 0, 0, 0, rows),
                     )
                 }
             };
@@ -1442,4 +1447,35 @@ fn sliced_even_plans_give_every_node_a_share_of_every_expert() {
             assert_eq!(larger, vec![12, 12], "larger shares per node");
         }
     }
+}
+
+#[test]
+fn dense_down_rows_tile_the_hidden_size_at_multiples_of_16() {
+    use super::dense_down_rows;
+    for (n_ff, n_embd) in [
+        (1536usize, 576usize),
+        (18432, 7168),
+        (512, 100),
+        (256, 2048),
+    ] {
+        for cuts in [
+            vec![0, n_ff],
+            vec![0, n_ff / 2, n_ff],
+            vec![0, 32, 64, n_ff],
+        ] {
+            let rows: Vec<_> = cuts
+                .windows(2)
+                .map(|c| dense_down_rows(c[0], c[1] - c[0], n_ff, n_embd))
+                .collect();
+            assert_eq!(rows[0].start, 0);
+            assert_eq!(rows.last().unwrap().end, n_embd);
+            for w in rows.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert_eq!(w[0].end % 16, 0, "{rows:?}");
+            }
+        }
+    }
+    // Half of the ff rows, half of down's rows.
+    assert_eq!(dense_down_rows(0, 768, 1536, 576), 0..288);
+    assert_eq!(dense_down_rows(768, 768, 1536, 576), 288..576);
 }
