@@ -373,6 +373,12 @@ struct DistArgs {
     /// experts renormalized; counted in /metrics, logged as an error) instead of failing
     #[arg(long)]
     degraded: bool,
+    /// Which replica of a replicated expert serves a step: `layer` (replicas take turns from
+    /// layer to layer; a sequence's results do not depend on the rest of the batch) or `load`
+    /// (per step, balancing the bytes each node reads; results then vary within float
+    /// regrouping with the batch)
+    #[arg(long, value_parser = ["layer", "load"], default_value = "layer")]
+    replica_choice: String,
     /// In the even plan, slice every routed expert over all nodes (at quant-block
     /// boundaries) instead of placing whole experts
     #[arg(long)]
@@ -418,6 +424,10 @@ impl DistArgs {
             deadline,
             replicas: self.replicas,
             degraded: self.degraded,
+            replica_choice: match self.replica_choice.as_str() {
+                "load" => coordinator::distributed::ReplicaChoice::Load,
+                _ => coordinator::distributed::ReplicaChoice::Layer,
+            },
             launch: None,
             slice_experts: self.slice_experts,
             numa_auto: self.numa == "auto",

@@ -49,6 +49,8 @@ pub struct DistOptions {
     pub deadline: DeadlinePolicy,
     /// Drop experts that have no live replica (renormalizing the rest) instead of failing.
     pub degraded: bool,
+    /// Which replica serves a replicated slice in a step (`--replica-choice`).
+    pub replica_choice: super::ReplicaChoice,
 }
 
 impl DistOptions {
@@ -74,6 +76,7 @@ impl Default for DistOptions {
             replicas: 1,
             deadline: DeadlinePolicy::default(),
             degraded: false,
+            replica_choice: super::ReplicaChoice::Layer,
         }
     }
 }
@@ -234,6 +237,7 @@ pub fn open_distributed(
         FailurePolicy {
             deadline: opts.deadline,
             degraded: opts.degraded,
+            replica_choice: opts.replica_choice,
         },
     )?;
     info!(nodes = remote.node_names().len(), "experts placed on nodes");

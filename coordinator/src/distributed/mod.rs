@@ -25,6 +25,7 @@ pub mod launcher;
 
 pub use deadline::DeadlinePolicy;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -183,6 +184,25 @@ pub struct FailurePolicy {
     /// Drop experts without a live replica (renormalizing the tokens' other experts)
     /// instead of failing the step.
     pub degraded: bool,
+    /// Which replica of a replicated slice serves a step.
+    pub replica_choice: ReplicaChoice,
+}
+
+/// Which replica of a replicated slice serves a step (`--replica-choice`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplicaChoice {
+    /// `replicas[layer % n]` (the next live one if it is down): replicas take turns from
+    /// layer to layer. Depends on nothing but the layer, so a sequence's results are the
+    /// same whatever else is in the batch.
+    #[default]
+    Layer,
+    /// Per step, balancing the bytes each node reads: the slices with one live home are
+    /// counted first, then each replicated slice — the experts with the most tokens first —
+    /// goes to its live replica with the fewest bytes so far in the step (ties: the `Layer`
+    /// choice). Shorter steps when the step's experts are unevenly spread, but a sequence's
+    /// partial sums may then be added in another node order depending on the rest of the
+    /// batch (results within float regrouping, not bit-identical from batch to batch).
+    Load,
 }
 
 /// The routed experts computed by expert nodes.
@@ -457,6 +477,54 @@ impl RemoteExperts {
     /// assignment once (it computes all of them). An expert with a slice that has no live
     /// replica is an error naming it — or, in degraded mode, its assignments are left out
     /// and returned second.
+    /// [`ReplicaChoice::Load`]: the replica of each replicated (expert, slice index) of the
+    /// step, balancing the bytes each node reads in it.
+    fn balance_replicas(
+        &self,
+        layer: usize,
+        assignments: &[Assignment],
+        live: &[bool],
+        keep: &dyn Fn(&[usize]) -> bool,
+    ) -> HashMap<(u32, usize), usize> {
+        let mut tokens: HashMap<u32, usize> = HashMap::new();
+        for a in assignments {
+            *tokens.entry(a.expert).or_default() += 1;
+        }
+        // Busiest experts first; ties by id, so the choice is a function of the step.
+        let mut experts: Vec<(u32, usize)> = tokens.into_iter().collect();
+        experts.sort_unstable_by_key(|&(e, n)| (std::cmp::Reverse(n), e));
+        let mut load = vec![0usize; self.table.nodes.len()];
+        let mut replicated: Vec<(u32, usize, Vec<usize>, usize)> = Vec::new();
+        for &(e, _) in &experts {
+            let Some(slices) = self.plan.slices(layer, Part::Routed, e as usize) else {
+                continue;
+            };
+            for (i, s) in slices.iter().enumerate().filter(|(_, s)| keep(&s.replicas)) {
+                let homes: Vec<usize> = (s.replicas.iter().copied())
+                    .filter(|&r| live.get(r).copied().unwrap_or(false))
+                    .collect();
+                match homes.as_slice() {
+                    [] => {}
+                    [one] => load[*one] += s.ff.len(),
+                    _ => replicated.push((e, i, homes, s.ff.len())),
+                }
+            }
+        }
+        let mut chosen = HashMap::new();
+        for (e, i, homes, bytes) in replicated {
+            let slices = self.plan.slices(layer, Part::Routed, e as usize);
+            let default = slices
+                .and_then(|s| s.get(i))
+                .and_then(|s| pick_live(&s.replicas, layer, live));
+            let best = (homes.iter().copied())
+                .min_by_key(|&n| (load[n], Some(n) != default, n))
+                .unwrap_or(homes[0]);
+            load[best] += bytes;
+            chosen.insert((e, i), best);
+        }
+        chosen
+    }
+
     fn route(
         &self,
         layer: usize,
@@ -466,6 +534,10 @@ impl RemoteExperts {
         keep: &dyn Fn(&[usize]) -> bool,
     ) -> Result<(Vec<NodeWork>, Vec<Assignment>), EngineError> {
         let n_nodes = self.table.nodes.len();
+        let chosen = match self.policy.replica_choice {
+            ReplicaChoice::Layer => HashMap::new(),
+            ReplicaChoice::Load => self.balance_replicas(layer, assignments, live, keep),
+        };
         let mut per_node: Vec<Vec<Assignment>> = vec![Vec::new(); n_nodes];
         let mut nodes: Vec<usize> = Vec::new();
         // (expert, its holders) of every slice without a live replica: all named at once.
@@ -483,8 +555,9 @@ impl RemoteExperts {
                 })?;
             nodes.clear();
             let mut lost = false;
-            for s in slices.iter().filter(|s| keep(&s.replicas)) {
-                match pick_live(&s.replicas, layer, live) {
+            for (i, s) in slices.iter().enumerate().filter(|(_, s)| keep(&s.replicas)) {
+                let choice = chosen.get(&(a.expert, i)).copied();
+                match choice.or_else(|| pick_live(&s.replicas, layer, live)) {
                     Some(node) => nodes.push(node),
                     None => {
                         lost = true;

@@ -510,3 +510,65 @@ fn split_files_serve_the_same_results_and_map_only_their_share() {
         stop(child);
     }
 }
+
+/// `--replica-choice load` with every expert on both nodes (`--replicas 2`): each step's
+/// experts are shared by the two nodes (by bytes, busiest first), where the default
+/// layer-by-layer choice follows the placement (node i's experts from node i or i+1 by
+/// layer), leaving one node idle in steps whose experts all come from one half. Results
+/// stay within the plan tolerance and greedy tokens equal the single-process engine's.
+#[test]
+fn load_based_replica_choice_spreads_each_step_over_the_replicas() {
+    use coordinator::distributed::ReplicaChoice;
+    let model = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let prompt = ids(&read_json(&fixtures().join("qwen3moe/reference.json"))["prompt_tokens"]);
+    let single = Engine::open(&model).unwrap();
+    let want = single.eval(&prompt).unwrap();
+    let want_greedy = greedy(&single, &prompt, N_GREEDY);
+    let hp = single.model().hparams().clone();
+    let moe_layers = (0..hp.n_layer).filter(|&l| hp.is_moe_layer(l)).count() as u64;
+    let mut counts = Vec::new();
+    for choice in [ReplicaChoice::Layer, ReplicaChoice::Load] {
+        let mut opts = options(2, TransportKind::Inproc);
+        opts.replicas = 2;
+        opts.replica_choice = choice;
+        let d = open(&model, &opts);
+        let got = d.engine.eval(&prompt).unwrap();
+        let diff = max_abs(&got, &want);
+        assert!(diff <= PLAN_TOLERANCE, "{choice:?}: max |Δ| {diff}");
+        assert_eq!(
+            greedy(&d.engine, &prompt, N_GREEDY),
+            want_greedy,
+            "{choice:?}"
+        );
+        let stats: Vec<(u64, u64)> = d
+            .engine
+            .experts()
+            .node_stats()
+            .into_iter()
+            .map(|(_, s)| {
+                let s = s.unwrap();
+                (s.dispatches, s.assignments)
+            })
+            .collect();
+        eprintln!("{choice:?}: (dispatches, assignments) per node {stats:?}");
+        counts.push(stats);
+    }
+    // Steps: the eval, then the greedy run's prompt and its N_GREEDY - 1 decode steps.
+    let layer_steps = (2 + N_GREEDY as u64 - 1) * moe_layers;
+    let dispatches = |c: &[(u64, u64)]| c.iter().map(|x| x.0).sum::<u64>();
+    assert!(dispatches(&counts[0]) >= layer_steps);
+    assert!(
+        dispatches(&counts[1]) > dispatches(&counts[0]),
+        "{counts:?}"
+    );
+    assert!(
+        dispatches(&counts[1]) >= layer_steps * 19 / 10,
+        "load choice: both nodes in (nearly) every step: {:?}",
+        counts[1]
+    );
+    let (a, b) = (counts[1][0].1 as f64, counts[1][1].1 as f64);
+    assert!(
+        a.min(b) / a.max(b) > 0.6,
+        "load choice: assignments {a} vs {b}"
+    );
+}

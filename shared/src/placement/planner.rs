@@ -135,7 +135,7 @@ pub enum ReplicaRule {
     ByLayer,
     /// Per step and layer, slices with one home first, then each replicated slice
     /// (busiest expert first) to the replica whose node has the least read time
-    /// so far in this layer. A proposed rule: the coordinator does not do this yet.
+    /// so far in this layer: what the coordinator does with `--replica-choice load`.
     LeastLoaded,
 }
 
@@ -649,7 +649,7 @@ fn notes(
     if let Some(c) = candidates.iter().find(|c| c.mode == Mode::WholeReplicated) {
         if let (Some(p), Some(ll)) = (&c.prediction, &c.least_loaded) {
             notes.push(format!(
-                "replicas: the coordinator serves layer L from replicas[L % n], so a replica moves a layer's load instead of sharing it ({}); with a least-loaded replica choice per step (proposed, not implemented) the same plan would take {}",
+                "replicas: the coordinator serves layer L from replicas[L % n], so a replica moves a layer's load instead of sharing it ({}); with the least-loaded replica choice per step (--replica-choice load) the same plan would take {}",
                 fmt_time(p.step_time_s),
                 fmt_time(ll.step_time_s)
             ));
