@@ -654,13 +654,7 @@ pub struct Partials {
 impl Partials {
     /// Checks the shape against the limits and `data.len() == n_tokens * n_embd`.
     pub fn new(n_tokens: usize, n_embd: usize, data: Vec<f32>) -> Result<Partials, ProtoError> {
-        limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
-        limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
-        limit(
-            "partials.n_tokens * n_embd",
-            n_tokens * n_embd,
-            MAX_DISPATCH_VALUES,
-        )?;
+        Partials::check_shape(n_tokens, n_embd)?;
         if data.len() != n_tokens * n_embd {
             return Err(ProtoError::BadLength {
                 field: "partials values",
@@ -679,6 +673,18 @@ impl Partials {
             n_embd,
             data,
         })
+    }
+
+    /// The limits on a result's shape. Rows are up to [`MAX_DENSE_N_FF`] wide: a dense
+    /// part's first round answers rows of its hidden width.
+    fn check_shape(n_tokens: usize, n_embd: usize) -> Result<(), ProtoError> {
+        limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
+        limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
+        limit(
+            "partials.n_tokens * n_embd",
+            n_tokens * n_embd,
+            MAX_DISPATCH_VALUES,
+        )
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -704,14 +710,7 @@ impl TryFrom<wire::Partials> for Partials {
 
     fn try_from(m: wire::Partials) -> Result<Self, ProtoError> {
         let (n_tokens, n_embd) = (m.n_tokens as usize, m.n_embd as usize);
-        limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
-        // A dense part's first round answers rows of its hidden width (up to n_ff).
-        limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
-        limit(
-            "partials.n_tokens * n_embd",
-            n_tokens * n_embd,
-            MAX_DISPATCH_VALUES,
-        )?;
+        Partials::check_shape(n_tokens, n_embd)?;
         let want = n_tokens * n_embd * 4;
         if m.data.len() != want {
             return Err(ProtoError::BadLength {

@@ -185,17 +185,8 @@ impl FfnMatrices<'_> {
 
     /// Checks that the three matrices fit together and take `n_embd` inputs.
     pub fn validate(&self, n_embd: usize) -> Result<(), MoeError> {
-        let (g, u, d) = (&self.gate, &self.up, &self.down);
-        for (what, m) in [("gate", g), ("up", u), ("down", d)] {
-            WeightMatrix::new(m.ty, m.n_rows, m.n_cols, m.data)
-                .map_err(|e| MoeError::Shape(format!("{what}: {e}")))?;
-        }
-        if g.n_cols != n_embd || u.n_cols != n_embd || g.n_rows != u.n_rows {
-            return Err(MoeError::Shape(format!(
-                "gate {}x{} and up {}x{} for n_embd {n_embd}",
-                g.n_rows, g.n_cols, u.n_rows, u.n_cols
-            )));
-        }
+        self.validate_gate_up(n_embd)?;
+        let (g, d) = (&self.gate, &self.down);
         if d.n_cols != g.n_rows || d.n_rows != n_embd {
             return Err(MoeError::Shape(format!(
                 "down {}x{} does not match gate {}x{}",
@@ -208,21 +199,28 @@ impl FfnMatrices<'_> {
     /// Checks a dense part's slice (the exact two-round split): gate and up `ff × n_embd`,
     /// down whole rows of the FFN (`rows × n_ff`, `ff ≤ n_ff`, `rows ≤ n_embd`).
     pub fn validate_dense(&self, n_embd: usize) -> Result<(), MoeError> {
+        self.validate_gate_up(n_embd)?;
+        let (g, d) = (&self.gate, &self.down);
+        if d.n_cols < g.n_rows || d.n_rows > n_embd {
+            return Err(MoeError::Shape(format!(
+                "down rows {}x{} do not fit gate {}x{}",
+                d.n_rows, d.n_cols, g.n_rows, g.n_cols
+            )));
+        }
+        Ok(())
+    }
+
+    /// Each matrix's bytes fit its shape; gate and up are alike and take `n_embd` inputs.
+    fn validate_gate_up(&self, n_embd: usize) -> Result<(), MoeError> {
         let (g, u, d) = (&self.gate, &self.up, &self.down);
-        for (what, w) in [("gate", g), ("up", u), ("down", d)] {
-            WeightMatrix::new(w.ty, w.n_rows, w.n_cols, w.data)
+        for (what, m) in [("gate", g), ("up", u), ("down", d)] {
+            WeightMatrix::new(m.ty, m.n_rows, m.n_cols, m.data)
                 .map_err(|e| MoeError::Shape(format!("{what}: {e}")))?;
         }
         if g.n_cols != n_embd || u.n_cols != n_embd || g.n_rows != u.n_rows {
             return Err(MoeError::Shape(format!(
                 "gate {}x{} and up {}x{} for n_embd {n_embd}",
                 g.n_rows, g.n_cols, u.n_rows, u.n_cols
-            )));
-        }
-        if d.n_cols < g.n_rows || d.n_rows > n_embd {
-            return Err(MoeError::Shape(format!(
-                "down rows {}x{} do not fit gate {}x{}",
-                d.n_rows, d.n_cols, g.n_rows, g.n_cols
             )));
         }
         Ok(())

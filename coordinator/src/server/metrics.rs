@@ -435,6 +435,24 @@ impl Metrics {
                 "Bytes of partial sums the node has sent.",
                 &per_node(&|s| s.bytes_out as f64),
             );
+            metric(
+                "moeshard_node_dram_cache_bytes",
+                "gauge",
+                "Bytes of experts the node's DRAM tier holds now (0 without --dram-cache).",
+                &per_node(&|s| s.dram_cache_bytes as f64),
+            );
+            metric(
+                "moeshard_node_dram_hit_bytes_total",
+                "counter",
+                "Weight bytes the node's dispatches read from its DRAM tier.",
+                &per_node(&|s| s.dram_hit_bytes as f64),
+            );
+            metric(
+                "moeshard_node_dram_miss_bytes_total",
+                "counter",
+                "Weight bytes the node's dispatches read from the mapping with the DRAM tier on.",
+                &per_node(&|s| s.dram_miss_bytes as f64),
+            );
         }
         out
     }
