@@ -123,18 +123,6 @@ impl Resident {
     pub fn get(&self, key: &Key) -> Option<&CachedExpert> {
         self.experts.get(key).map(Arc::as_ref)
     }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    pub fn len(&self) -> usize {
-        self.experts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.experts.is_empty()
-    }
 }
 
 /// The tier's counters, for the node's stats.

@@ -419,11 +419,12 @@ impl NodeCore {
             message: format!("layer {}: {e}", req.layer),
         })?;
         let c = &self.counters;
+        let used = used_experts(&req);
         c.weight_bytes_read
-            .fetch_add(self.bytes_read(&req), Ordering::Relaxed);
+            .fetch_add(self.bytes_read(&req, &used), Ordering::Relaxed);
         if let (Some(cache), Some(resident)) = (&self.cache, &resident) {
-            for key in used_experts(&req) {
-                cache.record(&key, resident.get(&key).is_some());
+            for key in &used {
+                cache.record(key, resident.get(key).is_some());
             }
         }
         c.compute_ns
@@ -448,33 +449,16 @@ impl NodeCore {
     }
 
     /// Weight bytes a dispatch reads: each expert (slice) used, once.
-    fn bytes_read(&self, req: &DispatchRequest) -> u64 {
-        let bytes = |slices: Vec<FfnMatrices<'_>>| -> u64 {
-            slices
-                .iter()
-                .map(|m| (m.gate.data.len() + m.up.data.len() + m.down.data.len()) as u64)
-                .sum()
-        };
-        match req.part {
-            FfnPart::Routed => {
-                let mut experts: Vec<u32> = req.assignments.iter().map(|a| a.expert).collect();
-                experts.sort_unstable();
-                experts.dedup();
-                experts
-                    .into_iter()
-                    .map(|e| bytes(self.weights.expert(req.layer, Part::Routed, e)))
-                    .sum()
-            }
-            FfnPart::Dense => {
-                let slices = self.weights.expert(req.layer, Part::Dense, 0);
-                (slices.iter())
-                    .map(|m| match req.dense_stage {
-                        DenseStage::Hidden => m.gate.data.len() + m.up.data.len(),
-                        DenseStage::Down => m.down.data.len(),
-                    } as u64)
-                    .sum()
-            }
-        }
+    fn bytes_read(&self, req: &DispatchRequest, used: &[Key]) -> u64 {
+        let matrices = |m: &FfnMatrices<'_>| match (req.part, req.dense_stage) {
+            (FfnPart::Routed, _) => [m.gate, m.up, m.down].map(|w| w.data.len()).iter().sum(),
+            (FfnPart::Dense, DenseStage::Hidden) => m.gate.data.len() + m.up.data.len(),
+            (FfnPart::Dense, DenseStage::Down) => m.down.data.len(),
+        } as u64;
+        (used.iter())
+            .flat_map(|&(layer, part, expert)| self.weights.expert(layer, part, expert))
+            .map(|m| matrices(&m))
+            .sum()
     }
 
     /// The `Stats` message.

@@ -703,18 +703,17 @@ impl RemoteExperts {
 
     /// Where a node's answer in a dense round goes in the joined row: per dense slice it
     /// holds of the layer (ff order), its ff rows (hidden round) or its rows of down.
+    /// Looked up in the layer's dense slices only: it runs for every dense round.
     fn dense_places(&self, node: usize, layer: usize, round: Round) -> Vec<std::ops::Range<usize>> {
         let n_ff = self.dense_n_ff(layer).unwrap_or(0);
-        (self.plan.node_slices(node).into_iter())
-            .filter(|s| s.layer as usize == layer && s.part == Part::Dense)
+        let slices = self.plan.slices(layer, Part::Dense, 0).unwrap_or_default();
+        (slices.iter())
+            .filter(|s| s.replicas.contains(&node))
             .map(|s| match round {
-                Round::DenseDown => shared::placement::dense_down_rows(
-                    s.ff_start as usize,
-                    s.ff_len as usize,
-                    n_ff,
-                    self.n_embd,
-                ),
-                _ => s.ff(),
+                Round::DenseDown => {
+                    shared::placement::dense_down_rows(s.ff.start, s.ff.len(), n_ff, self.n_embd)
+                }
+                _ => s.ff.clone(),
             })
             .collect()
     }

@@ -535,10 +535,7 @@ impl Model {
         if let Some(split) = &self.sockets {
             let act = Activations::quantize(self.kernels, m.ty, x, n_cols);
             let mut out = vec![0.0f32; act.n_tokens() * n_rows];
-            if split
-                .matmul(self.kernels, &m, &w.info.name, &act, seg, &mut out)
-                .is_some()
-            {
+            if split.matmul(self.kernels, &m, &w.info.name, &act, seg, &mut out) {
                 return out;
             }
         }

@@ -173,11 +173,6 @@ impl SocketSplit {
         })
     }
 
-    /// Bytes copied.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Sockets.
     pub fn n_sockets(&self) -> usize {
         self.sockets.len()
@@ -192,8 +187,9 @@ impl SocketSplit {
         })
     }
 
-    /// `w · x` for a matrix this split holds (`None` otherwise): each socket's rows on its
-    /// own threads, all at once; `out` is `n_tokens × w.n_rows`.
+    /// `w · x` into `out` (`n_tokens × w.n_rows`) for a matrix this split holds: each
+    /// socket's rows on its own threads, all at once. False, with nothing done, for any
+    /// other matrix (every 2-D one of the model is held: that is only a safety net).
     pub fn matmul(
         &self,
         kernels: &Kernels,
@@ -202,8 +198,10 @@ impl SocketSplit {
         act: &Activations,
         seg: Segments<'_>,
         out: &mut [f32],
-    ) -> Option<()> {
-        let shares = self.matrices.get(name)?;
+    ) -> bool {
+        let Some(shares) = self.matrices.get(name) else {
+            return false;
+        };
         let n_tokens = act.n_tokens();
         // The whole matrix decides repacking, as ggml's would.
         let repack = w.n_rows.is_multiple_of(8);
@@ -237,7 +235,7 @@ impl SocketSplit {
                 out[t * w.n_rows + c.rows.start..t * w.n_rows + c.rows.end].copy_from_slice(row);
             }
         }
-        Some(())
+        true
     }
 }
 
