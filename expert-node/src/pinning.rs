@@ -243,7 +243,7 @@ impl Pinning {
         }
     }
 
-    /// Binds the pages of the weights' mappings (and of the bytes copied at load) to the
+    /// Binds the pages of the weights' mappings to the
     /// node, unless they live on DAX persistent memory; logs what was done.
     pub fn bind_weights(&self, weights: &NodeWeights) -> WeightsBinding {
         if let Some(location) = self.check_model_location(weights.path()) {
@@ -262,7 +262,7 @@ impl Pinning {
         };
         let mut bytes = 0u64;
         let mut areas = 0usize;
-        for area in weights.mapped_slices().chain(weights.copied_slices()) {
+        for area in weights.mapped_slices() {
             match binder.bind_area(area, self.numa_node) {
                 Ok(n) => {
                     bytes += n;

@@ -12,11 +12,12 @@ use std::time::Instant;
 
 use proto::transport::NodeService;
 use proto::{
-    wire, DenseStage, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply,
-    Inventory, Message, Partials, ProtoError, RemoteError,
+    wire, DispatchContext, DispatchRequest, ExpertSlice, FfnPart, Hello, HelloReply, Inventory,
+    Message, Partials, ProtoError, RemoteError, Stage,
 };
 use shared::moe::{
-    compute_routed_segments, dense_down_segments, dense_hidden_segments, ExpertSource, FfnMatrices,
+    compute_routed_segments, dense_down_segments, dense_hidden_segments, routed_down_segments,
+    routed_hidden_segments, slice_answer_width, ExpertSource, FfnMatrices,
 };
 use shared::placement::Part;
 use shared::quant::dispatch::Kernels;
@@ -206,7 +207,7 @@ impl NodeCore {
             name.to_owned(),
             numa_node,
             weights.weight_bytes(),
-            weights.mapped_bytes() + weights.copied_bytes(),
+            weights.mapped_bytes(),
             slices,
         )?;
         // One unpinned compute thread: the thread that receives a dispatch computes it
@@ -356,58 +357,67 @@ impl NodeCore {
                 0,
             ),
         };
-        // A row of the answer: the partial sum (routed), or the node's slices of the hidden
-        // activation or of down's output (the two rounds of a dense part).
-        let width = match (req.part, req.dense_stage) {
-            (FfnPart::Routed, _) => facts.n_embd,
-            (FfnPart::Dense, DenseStage::Hidden) => dense.iter().map(FfnMatrices::n_ff).sum(),
-            (FfnPart::Dense, DenseStage::Down) => {
+        let source = LayerSource {
+            weights: &self.weights,
+            resident: resident.as_deref(),
+            layer: req.layer,
+        };
+        // A row of the answer: the partial sum (routed, one round), or the node's slices of
+        // the hidden activation or of down's output (the two rounds of a split FFN; routed
+        // slices answer a row per assignment).
+        let (rows, width) = match (req.part, req.stage) {
+            (FfnPart::Routed, Stage::OneRound) => (n_tokens, facts.n_embd),
+            (FfnPart::Routed, stage) => (
+                req.assignments.len(),
+                slice_answer_width(&source, &req.assignments, stage == Stage::Hidden),
+            ),
+            (FfnPart::Dense, Stage::Down) => {
                 let n_ff = dense.first().map_or(0, |m| m.down.n_cols);
                 let got = req.inputs[0].n_cols();
                 if got != n_ff {
                     return Err(RemoteError {
                         code: wire::ErrorCode::BadRequest,
                         message: format!(
-                            "layer {}: the hidden rows of a DENSE_STAGE_DOWN dispatch are {got} \
+                            "layer {}: the hidden rows of a STAGE_DOWN dispatch are {got} \
                              wide; the dense part's n_ff is {n_ff}",
                             req.layer
                         ),
                     });
                 }
-                dense.iter().map(|m| m.down.n_rows).sum()
+                (n_tokens, dense.iter().map(|m| m.down.n_rows).sum())
             }
+            // (ONE_ROUND is refused for a dense part when the dispatch is checked.)
+            (FfnPart::Dense, _) => (n_tokens, dense.iter().map(FfnMatrices::n_ff).sum()),
         };
-        let mut out = vec![0.0f32; n_tokens * width];
+        let mut out = vec![0.0f32; rows * width];
         let segments = (!req.segments.is_empty()).then_some(req.segments.as_slice());
-        let mut run = || match req.part {
-            FfnPart::Routed => {
-                let source = LayerSource {
-                    weights: &self.weights,
-                    resident: resident.as_deref(),
-                    layer: req.layer,
-                };
-                compute_routed_segments(
-                    self.kernels,
-                    &source,
-                    &req.inputs,
-                    &req.assignments,
-                    segments,
-                    &mut out,
-                )
+        let (k, inputs, assignments) = (self.kernels, &req.inputs, &req.assignments);
+        let mut run = || match (req.part, req.stage) {
+            (FfnPart::Routed, Stage::OneRound) => {
+                compute_routed_segments(k, &source, inputs, assignments, segments, &mut out)
             }
-            FfnPart::Dense => match req.dense_stage {
-                DenseStage::Hidden => {
-                    dense_hidden_segments(self.kernels, &dense, &req.inputs, segments, &mut out)
-                }
-                DenseStage::Down => dense_down_segments(
-                    self.kernels,
-                    &dense,
-                    &req.inputs[0],
-                    facts.n_embd,
-                    segments,
-                    &mut out,
-                ),
-            },
+            (FfnPart::Routed, Stage::Hidden) => routed_hidden_segments(
+                k,
+                &source,
+                inputs,
+                assignments,
+                segments,
+                width,
+                &mut out,
+            ),
+            (FfnPart::Routed, Stage::Down) => routed_down_segments(
+                k,
+                &source,
+                &inputs[0],
+                assignments,
+                segments,
+                width,
+                &mut out,
+            ),
+            (FfnPart::Dense, Stage::Down) => {
+                dense_down_segments(k, &dense, &inputs[0], facts.n_embd, segments, &mut out)
+            }
+            (FfnPart::Dense, _) => dense_hidden_segments(k, &dense, inputs, segments, &mut out),
         };
         let result = match &self.pool {
             Some(pool) => pool.install(&mut run),
@@ -442,7 +452,7 @@ impl NodeCore {
             us = t0.elapsed().as_micros() as u64,
             "dispatch"
         );
-        Partials::new(n_tokens, width, out).map_err(|e| RemoteError {
+        Partials::new(rows, width, out).map_err(|e| RemoteError {
             code: wire::ErrorCode::Internal,
             message: format!("layer {}: result {e}", req.layer),
         })
@@ -450,10 +460,10 @@ impl NodeCore {
 
     /// Weight bytes a dispatch reads: each expert (slice) used, once.
     fn bytes_read(&self, req: &DispatchRequest, used: &[Key]) -> u64 {
-        let matrices = |m: &FfnMatrices<'_>| match (req.part, req.dense_stage) {
-            (FfnPart::Routed, _) => [m.gate, m.up, m.down].map(|w| w.data.len()).iter().sum(),
-            (FfnPart::Dense, DenseStage::Hidden) => m.gate.data.len() + m.up.data.len(),
-            (FfnPart::Dense, DenseStage::Down) => m.down.data.len(),
+        let matrices = |m: &FfnMatrices<'_>| match req.stage {
+            Stage::OneRound => [m.gate, m.up, m.down].map(|w| w.data.len()).iter().sum(),
+            Stage::Hidden => m.gate.data.len() + m.up.data.len(),
+            Stage::Down => m.down.data.len(),
         } as u64;
         (used.iter())
             .flat_map(|&(layer, part, expert)| self.weights.expert(layer, part, expert))

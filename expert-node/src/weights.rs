@@ -3,14 +3,12 @@
 //!
 //! The file is opened once to read its header (that mapping is dropped again); then each
 //! needed region (an expert's gate, up and down rows, coalesced where adjacent) gets a
-//! mapping of its own, so the process maps only its share. The one exception is a slice of
-//! down's columns read from the full model file: those bytes are strided in the file, so
-//! they are read into memory once at load (logged and counted as copied); a `split` file
-//! lays them out contiguously and needs no copy.
+//! mapping of its own, so the process maps only its share. Every slice is rows of its
+//! matrices (of down: its share of whole rows, `slice_down_rows`), contiguous in a model
+//! file as in a split file: nothing is copied.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
@@ -18,25 +16,17 @@ use shared::gguf::{model_identity, GgufFile, TensorInfo};
 use shared::models::HParams;
 use shared::moe::FfnMatrices;
 use shared::placement::split::{read_split_info, split_tensor_name};
-use shared::placement::{dense_down_rows, FfnTensors, Part, RowSource, SliceSpec};
+use shared::placement::{slice_down_rows, FfnTensors, Part, RowSource, SliceSpec};
 use shared::quant::matmul::WeightMatrix;
 use shared::quant::GgmlType;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::error::NodeError;
 
-/// Where a matrix's bytes are.
-#[derive(Clone, Copy, Debug)]
-enum Src {
-    /// `maps[i]`.
-    Map(usize),
-    /// `owned[i]`.
-    Owned(usize),
-}
-
 #[derive(Clone, Copy, Debug)]
 struct MatLoc {
-    src: Src,
+    /// Index into `maps`.
+    map: usize,
     offset: usize,
     ty: GgmlType,
     n_rows: usize,
@@ -72,11 +62,9 @@ pub struct NodeWeights {
     facts: ModelFacts,
     slices: Vec<SliceSpec>,
     maps: Vec<Mmap>,
-    owned: Vec<Vec<u8>>,
     /// (layer, part) → expert → its slices in ff order.
     layers: HashMap<(u32, Part), BTreeMap<u32, Vec<SliceMats>>>,
     mapped_bytes: u64,
-    copied_bytes: u64,
     path: PathBuf,
     from_split_file: bool,
 }
@@ -87,7 +75,6 @@ impl std::fmt::Debug for NodeWeights {
             .field("path", &self.path)
             .field("slices", &self.slices.len())
             .field("mapped_bytes", &self.mapped_bytes)
-            .field("copied_bytes", &self.copied_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -142,8 +129,6 @@ impl NodeWeights {
         let mut loader = Loader {
             file: &file,
             regions: Vec::new(),
-            owned: Vec::new(),
-            copied_bytes: 0,
         };
         let mut pending: Vec<(SliceSpec, [PendingMat; 3])> = Vec::with_capacity(slices.len());
         for s in &slices {
@@ -155,12 +140,7 @@ impl NodeWeights {
             };
             pending.push((*s, mats));
         }
-        let Loader {
-            regions,
-            owned,
-            copied_bytes,
-            ..
-        } = loader;
+        let Loader { regions, .. } = loader;
         let part_paths: Vec<PathBuf> = (0..file.n_parts())
             .map(|p| file.part_path(p).to_owned())
             .collect();
@@ -169,24 +149,15 @@ impl NodeWeights {
         let (maps, region_loc, mapped_bytes) = map_regions(&part_paths, &regions)?;
         let mut layers: HashMap<(u32, Part), BTreeMap<u32, Vec<SliceMats>>> = HashMap::new();
         for (s, mats) in pending {
-            let resolve = |m: PendingMat| match m.src {
-                PendingSrc::Region(r) => {
-                    let (map, offset) = region_loc[r];
-                    MatLoc {
-                        src: Src::Map(map),
-                        offset,
-                        ty: m.ty,
-                        n_rows: m.n_rows,
-                        n_cols: m.n_cols,
-                    }
-                }
-                PendingSrc::Owned(i) => MatLoc {
-                    src: Src::Owned(i),
-                    offset: 0,
+            let resolve = |m: PendingMat| {
+                let (map, offset) = region_loc[m.region];
+                MatLoc {
+                    map,
+                    offset,
                     ty: m.ty,
                     n_rows: m.n_rows,
                     n_cols: m.n_cols,
-                },
+                }
             };
             let [g, u, d] = mats;
             layers
@@ -200,19 +171,11 @@ impl NodeWeights {
                     down: resolve(d),
                 });
         }
-        if copied_bytes > 0 {
-            warn!(
-                copied_bytes,
-                "slices of down's columns were read into memory: a `moeshard split` file \
-                 would let them be mapped instead"
-            );
-        }
         info!(
             path = %path.display(),
             slices = slices.len(),
             mapped_bytes,
             mappings = maps.len(),
-            copied_bytes,
             split_file = from_split_file,
             "weights mapped"
         );
@@ -221,10 +184,8 @@ impl NodeWeights {
             facts,
             slices,
             maps,
-            owned,
             layers,
             mapped_bytes,
-            copied_bytes,
             path: path.to_owned(),
             from_split_file,
         };
@@ -233,8 +194,7 @@ impl NodeWeights {
             for slices in experts.values() {
                 for s in slices {
                     match part {
-                        Part::Routed => me.matrices(s).validate(facts.n_embd)?,
-                        Part::Dense => me.matrices(s).validate_dense(facts.n_embd)?,
+                        Part::Routed | Part::Dense => me.matrices(s).validate_slice(facts.n_embd)?,
                     }
                 }
             }
@@ -261,12 +221,7 @@ impl NodeWeights {
         self.mapped_bytes
     }
 
-    /// Bytes read into memory at load (down column slices of a full model file).
-    pub fn copied_bytes(&self) -> u64 {
-        self.copied_bytes
-    }
-
-    /// Bytes of weights served (mapped and copied).
+    /// Bytes of weights served.
     pub fn weight_bytes(&self) -> u64 {
         let mut total = 0u64;
         for experts in self.layers.values() {
@@ -291,10 +246,7 @@ impl NodeWeights {
 
     fn bytes(&self, m: &MatLoc) -> &[u8] {
         let len = m.ty.row_bytes(m.n_cols).unwrap_or(0) * m.n_rows;
-        let all: &[u8] = match m.src {
-            Src::Map(i) => &self.maps[i],
-            Src::Owned(i) => &self.owned[i],
-        };
+        let all: &[u8] = &self.maps[m.map];
         // In range by construction (regions were mapped whole; checked again by validate()).
         all.get(m.offset..m.offset + len).unwrap_or(&[])
     }
@@ -329,11 +281,6 @@ impl NodeWeights {
     /// binds to its node's memory.
     pub fn mapped_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.maps.iter().map(|m| &m[..])
-    }
-
-    /// The bytes read into memory at load (down column slices of a full model file).
-    pub fn copied_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.owned.iter().map(Vec::as_slice)
     }
 
     /// Reads every mapped page once, so the first dispatches do not pay for page faults.
@@ -374,13 +321,9 @@ fn check_slice(s: &SliceSpec, facts: &ModelFacts, hp: &HParams) -> Result<(), No
     Ok(())
 }
 
-enum PendingSrc {
-    Region(usize),
-    Owned(usize),
-}
-
 struct PendingMat {
-    src: PendingSrc,
+    /// Index into the loader's regions.
+    region: usize,
     ty: GgmlType,
     n_rows: usize,
     n_cols: usize,
@@ -389,8 +332,6 @@ struct PendingMat {
 struct Loader<'f> {
     file: &'f GgufFile,
     regions: Vec<Region>,
-    owned: Vec<Vec<u8>>,
-    copied_bytes: u64,
 }
 
 impl Loader<'_> {
@@ -400,14 +341,14 @@ impl Loader<'_> {
             .ok_or_else(|| NodeError::MissingTensor(name.to_owned()))
     }
 
-    fn region(&mut self, info: &TensorInfo, start: u64, len: u64) -> PendingSrc {
+    fn region(&mut self, info: &TensorInfo, start: u64, len: u64) -> usize {
         let base = self.file.part_data_offset(info.part) + info.offset;
         self.regions.push(Region {
             part: info.part,
             start: base + start,
             len,
         });
-        PendingSrc::Region(self.regions.len() - 1)
+        self.regions.len() - 1
     }
 
     /// A slice stored on its own in a split file: three whole 2-D tensors.
@@ -417,9 +358,9 @@ impl Loader<'_> {
             let name = split_tensor_name(s.layer, s.part, s.expert, matrix);
             let info = self.tensor(&name)?.clone();
             let (n_cols, n_rows) = (info.ne[0] as usize, info.n_rows() as usize);
-            let src = self.region(&info, 0, info.byte_len);
+            let region = self.region(&info, 0, info.byte_len);
             out.push(PendingMat {
-                src,
+                region,
                 ty: info.ty,
                 n_rows,
                 n_cols,
@@ -431,9 +372,8 @@ impl Loader<'_> {
         Ok([g, u, d])
     }
 
-    /// A slice of an ordinary model file: rows of gate and up (contiguous); for a routed
-    /// expert, columns of down (contiguous only for the whole range; otherwise read into
-    /// memory), for a dense part, its share of down's rows ([`dense_down_rows`]).
+    /// A slice of an ordinary model file: rows of gate and up and its share of down's rows
+    /// ([`slice_down_rows`]), all contiguous.
     fn model_slice(&mut self, s: &SliceSpec, hp: &HParams) -> Result<[PendingMat; 3], NodeError> {
         let file = self.file;
         let t = FfnTensors::find(file, hp, s.layer as usize, s.part)?.ok_or_else(|| {
@@ -461,7 +401,7 @@ impl Loader<'_> {
             let start = ((expert * src.rows_per_expert + src.first_row + ff_start) as u64) * rb;
             let region = self.region(src.info, start, ff_len as u64 * rb);
             PendingMat {
-                src: region,
+                region,
                 ty: src.info.ty,
                 n_rows: ff_len,
                 n_cols: n_embd,
@@ -470,63 +410,18 @@ impl Loader<'_> {
         let gate = rows_of(&t.gate);
         let up = rows_of(&t.up);
 
-        // A dense part is split exactly, in two rounds: its slice computes whole rows of
-        // down (its share of them, from the tokens' whole hidden rows), contiguous here.
+        // A slice is computed exactly, in two rounds: it computes whole rows of down (its
+        // share of them, from the tokens' whole hidden rows), contiguous in the file.
         let down = t.down;
         let rb = down.row_bytes();
-        if s.part == Part::Dense {
-            let rows = dense_down_rows(ff_start, ff_len, n_ff, n_embd);
-            let src = self.region(down, rows.start as u64 * rb, rows.len() as u64 * rb);
-            let down_mat = PendingMat {
-                src,
-                ty: down.ty,
-                n_rows: rows.len(),
-                n_cols: n_ff,
-            };
-            return Ok([gate, up, down_mat]);
-        }
-        // down: columns [ff_start, ff_start + ff_len) of each of the expert's n_embd rows.
-        let expert_start = (expert * n_embd) as u64 * rb;
-        let down_mat = if ff_start == 0 && ff_len == n_ff {
-            let src = self.region(down, expert_start, n_embd as u64 * rb);
-            PendingMat {
-                src,
-                ty: down.ty,
-                n_rows: n_embd,
-                n_cols: n_ff,
-            }
-        } else {
-            let block = down.ty.block_elems();
-            if ff_start % block != 0 || (ff_len % block != 0 && ff_start + ff_len != n_ff) {
-                return Err(NodeError::BadSlice {
-                    slice: *s,
-                    detail: format!("not cut at {} blocks of {block}", down.ty),
-                });
-            }
-            let col_bytes = |n: usize| (n / block * down.ty.block_bytes()) as u64;
-            let (skip, take) = (col_bytes(ff_start), col_bytes(ff_len));
-            let path = file.part_path(down.part).to_owned();
-            let f = File::open(&path).map_err(|e| NodeError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            let base = file.part_data_offset(down.part) + down.offset + expert_start;
-            let mut buf = vec![0u8; (take * n_embd as u64) as usize];
-            for (r, dst) in buf.chunks_exact_mut(take as usize).enumerate() {
-                f.read_exact_at(dst, base + r as u64 * rb + skip)
-                    .map_err(|e| NodeError::Io {
-                        path: path.clone(),
-                        source: e,
-                    })?;
-            }
-            self.copied_bytes += buf.len() as u64;
-            self.owned.push(buf);
-            PendingMat {
-                src: PendingSrc::Owned(self.owned.len() - 1),
-                ty: down.ty,
-                n_rows: n_embd,
-                n_cols: ff_len,
-            }
+        let rows = slice_down_rows(ff_start, ff_len, n_ff, n_embd);
+        let first = (expert * n_embd + rows.start) as u64;
+        let region = self.region(down, first * rb, rows.len() as u64 * rb);
+        let down_mat = PendingMat {
+            region,
+            ty: down.ty,
+            n_rows: rows.len(),
+            n_cols: n_ff,
         };
         Ok([gate, up, down_mat])
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use expert_node::service::NodeCore;
 use expert_node::NodeWeights;
 use proto::transport::NodeService;
-use proto::{partials_from_reply, wire, DenseStage, DispatchRequest, FfnPart};
+use proto::{partials_from_reply, wire, DispatchRequest, FfnPart, Stage};
 use shared::gguf::GgufFile;
 use shared::models::HParams;
 use shared::moe::Assignment;
@@ -84,7 +84,7 @@ fn dispatch(s: &Setup, step: u64, experts: &[u32]) -> wire::CoordinatorMessage {
                 step_id: step,
                 layer: s.layer,
                 part: FfnPart::Routed,
-                dense_stage: DenseStage::Hidden,
+                stage: Stage::OneRound,
                 inputs,
                 assignments,
                 segments: Vec::new(),

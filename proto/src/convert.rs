@@ -155,35 +155,39 @@ impl From<HelloReply> for wire::HelloReply {
     }
 }
 
-/// The round of a dense part a dispatch asks for (see `DenseStage` in moeshard.proto).
+/// The round of an FFN's computation a dispatch asks for (see `Stage` in moeshard.proto).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum DenseStage {
-    /// Routed dispatches; for a dense part, the node's rows of gate and up and their
-    /// SwiGLU: its slice of each token's hidden activation.
+pub enum Stage {
+    /// Routed experts held whole: each token's Σ weight·FFN in one round.
     #[default]
+    OneRound,
+    /// A split FFN's first round: the node's rows of gate and up and their SwiGLU (per
+    /// token for a dense part, per assignment for routed slices).
     Hidden,
-    /// A dense part's node's rows of down, from each token's whole hidden activation.
+    /// Its second round: the node's rows of down, from whole hidden rows.
     Down,
 }
 
-impl DenseStage {
-    fn from_wire(value: i32) -> Result<DenseStage, ProtoError> {
-        match wire::DenseStage::try_from(value) {
-            Ok(wire::DenseStage::Hidden) => Ok(DenseStage::Hidden),
-            Ok(wire::DenseStage::Down) => Ok(DenseStage::Down),
+impl Stage {
+    fn from_wire(value: i32) -> Result<Stage, ProtoError> {
+        match wire::Stage::try_from(value) {
+            Ok(wire::Stage::OneRound) => Ok(Stage::OneRound),
+            Ok(wire::Stage::Hidden) => Ok(Stage::Hidden),
+            Ok(wire::Stage::Down) => Ok(Stage::Down),
             Err(_) => Err(ProtoError::UnknownEnum {
-                field: "dispatch.dense_stage",
+                field: "dispatch.stage",
                 value,
             }),
         }
     }
 }
 
-impl From<DenseStage> for wire::DenseStage {
-    fn from(s: DenseStage) -> Self {
+impl From<Stage> for wire::Stage {
+    fn from(s: Stage) -> Self {
         match s {
-            DenseStage::Hidden => wire::DenseStage::Hidden,
-            DenseStage::Down => wire::DenseStage::Down,
+            Stage::OneRound => wire::Stage::OneRound,
+            Stage::Hidden => wire::Stage::Hidden,
+            Stage::Down => wire::Stage::Down,
         }
     }
 }
@@ -408,16 +412,17 @@ impl DispatchContext<'_> {
 /// was given) with a finite weight, no (token, expert) twice. Assignments keep their wire
 /// order (routing rank order per token). For [`FfnPart::Dense`], no assignments (every
 /// token goes through the layer's dense part) and, if an inventory was given, it serves
-/// that dense part. A [`DenseStage::Down`] dispatch has one input whose rows are the
-/// dense part's `n_ff` wide (at most [`MAX_DENSE_N_FF`]; the node checks the width
-/// against its weights), not `n_embd`.
+/// that dense part, in [`Stage::Hidden`] or [`Stage::Down`]. A [`Stage::Down`] dispatch
+/// has one input whose rows are the FFN's `n_ff` wide (at most [`MAX_DENSE_N_FF`]; the node
+/// checks the width against its weights), not `n_embd`; for routed slices its rows are one
+/// per assignment (up to [`MAX_DISPATCH_ASSIGNMENTS`]) and each assignment's `token` names
+/// its row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchRequest {
     pub step_id: u64,
     pub layer: u32,
     pub part: FfnPart,
-    /// [`DenseStage::Hidden`] for routed dispatches.
-    pub dense_stage: DenseStage,
+    pub stage: Stage,
     pub inputs: Vec<Activations>,
     pub assignments: Vec<Assignment>,
     /// Lengths of the runs of rows that belong to one sequence (empty: one sequence);
@@ -435,10 +440,17 @@ impl DispatchRequest {
     pub fn from_wire(m: wire::Dispatch, ctx: &DispatchContext<'_>) -> Result<Self, ProtoError> {
         let n_tokens = m.n_tokens as usize;
         let n_embd = m.n_embd as usize;
-        let dense_stage = DenseStage::from_wire(m.dense_stage)?;
-        let down = dense_stage == DenseStage::Down;
+        let stage = Stage::from_wire(m.stage)?;
+        let down = stage == Stage::Down;
+        let part = FfnPart::from_wire("dispatch.part", m.part)?;
         nonzero("dispatch.n_tokens", n_tokens)?;
-        limit("dispatch.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
+        // Routed slices' second round has a row per assignment.
+        let max_rows = if down && part == FfnPart::Routed {
+            MAX_DISPATCH_ASSIGNMENTS
+        } else {
+            MAX_DISPATCH_TOKENS
+        };
+        limit("dispatch.n_tokens", n_tokens, max_rows)?;
         nonzero("dispatch.n_embd", n_embd)?;
         limit(
             "dispatch.n_embd",
@@ -462,17 +474,18 @@ impl DispatchRequest {
                 n_layer: ctx.n_layer,
             });
         }
-        let part = FfnPart::from_wire("dispatch.part", m.part)?;
+        if down && m.inputs.len() != 1 {
+            return Err(ProtoError::DownInputs {
+                layer: m.layer,
+                got: m.inputs.len(),
+            });
+        }
         match part {
-            FfnPart::Routed if down => return Err(ProtoError::StageOnRouted { layer: m.layer }),
             FfnPart::Routed => nonzero("dispatch.assignments", m.assignments.len())?,
+            FfnPart::Dense if stage == Stage::OneRound => {
+                return Err(ProtoError::OneRoundDense { layer: m.layer })
+            }
             FfnPart::Dense => {
-                if down && m.inputs.len() != 1 {
-                    return Err(ProtoError::DenseDownInputs {
-                        layer: m.layer,
-                        got: m.inputs.len(),
-                    });
-                }
                 if !m.assignments.is_empty() {
                     return Err(ProtoError::DenseAssignments {
                         layer: m.layer,
@@ -601,7 +614,7 @@ impl DispatchRequest {
             step_id: m.step_id,
             layer: m.layer,
             part,
-            dense_stage,
+            stage,
             inputs,
             assignments,
             segments,
@@ -638,7 +651,7 @@ impl From<DispatchRequest> for wire::Dispatch {
                 .collect(),
             part: wire::FfnPart::from(d.part).into(),
             segments: d.segments.iter().map(|&l| l as u32).collect(),
-            dense_stage: wire::DenseStage::from(d.dense_stage).into(),
+            stage: wire::Stage::from(d.stage).into(),
         }
     }
 }
@@ -675,10 +688,11 @@ impl Partials {
         })
     }
 
-    /// The limits on a result's shape. Rows are up to [`MAX_DENSE_N_FF`] wide: a dense
-    /// part's first round answers rows of its hidden width.
+    /// The limits on a result's shape. Rows are up to [`MAX_DENSE_N_FF`] wide (a split
+    /// FFN's first round answers rows of its hidden width), and up to one per assignment
+    /// (routed slices' rounds).
     fn check_shape(n_tokens: usize, n_embd: usize) -> Result<(), ProtoError> {
-        limit("partials.n_tokens", n_tokens, MAX_DISPATCH_TOKENS)?;
+        limit("partials.n_tokens", n_tokens, MAX_DISPATCH_ASSIGNMENTS)?;
         limit("partials.n_embd", n_embd, MAX_DENSE_N_FF)?;
         limit(
             "partials.n_tokens * n_embd",

@@ -86,12 +86,10 @@ pub enum ProtoError {
     DenseAssignments { layer: u32, got: usize },
     #[error("layer {layer}'s dense part is not served by this node")]
     DenseNotServed { layer: u32 },
-    #[error("layer {layer}: a routed dispatch has no dense stage (dense_stage must be HIDDEN)")]
-    StageOnRouted { layer: u32 },
-    #[error(
-        "layer {layer}: a DENSE_STAGE_DOWN dispatch carries one input (the hidden rows), not {got}"
-    )]
-    DenseDownInputs { layer: u32, got: usize },
+    #[error("layer {layer}: a dense part is computed in two rounds (stage HIDDEN, then DOWN), not ONE_ROUND")]
+    OneRoundDense { layer: u32 },
+    #[error("layer {layer}: a STAGE_DOWN dispatch carries one input (the hidden rows), not {got}")]
+    DownInputs { layer: u32, got: usize },
     #[error("slice {index} (layer {layer}, expert {expert}): {detail}")]
     BadSlice {
         index: usize,

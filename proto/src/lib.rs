@@ -34,8 +34,8 @@ pub mod wire {
 }
 
 pub use convert::{
-    partials_from_reply, DenseStage, DispatchContext, DispatchRequest, DispatchResponse,
-    ExpertSlice, FfnPart, Hello, HelloReply, Inventory, Partials, RemoteError,
+    partials_from_reply, DispatchContext, DispatchRequest, DispatchResponse,
+    ExpertSlice, FfnPart, Hello, HelloReply, Inventory, Partials, RemoteError, Stage,
     MODEL_IDENTITY_BYTES,
 };
 pub use error::ProtoError;
@@ -43,5 +43,6 @@ pub use prost::Message;
 
 /// Version of the coordinator ↔ expert-node protocol; a node refuses a peer whose version differs.
 /// 2: dense parts are split in two rounds (`Dispatch.dense_stage`), a dense slice holds rows
-/// of down.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// of down. 3: routed slices too (`Dispatch.stage`: ONE_ROUND, HIDDEN, DOWN; answers per
+/// assignment), a routed slice holds rows of down.
+pub const PROTOCOL_VERSION: u32 = 3;

@@ -17,8 +17,8 @@
 
 /// The widest hidden size accepted (DeepSeek-V3 and Kimi-K2 have 7168).
 pub const MAX_N_EMBD: usize = 16384;
-/// The widest input row of a dense part's second round (`DENSE_STAGE_DOWN`: the dense
-/// FFN's `n_ff`; DeepSeek-V3's is 18432, Llama-3.1-405B's 53248).
+/// The widest input row of a split FFN's second round (`STAGE_DOWN`: the FFN's `n_ff`;
+/// DeepSeek-V3's dense layers have 18432, Llama-3.1-405B's 53248).
 pub const MAX_DENSE_N_FF: usize = 65536;
 
 /// The most token rows in one dispatch.

@@ -63,7 +63,7 @@ fn good_dispatch() -> wire::Dispatch {
         step_id: 42,
         layer: 1,
         part: FfnPart::Routed,
-        dense_stage: DenseStage::Hidden,
+        stage: Stage::OneRound,
         inputs: vec![
             Activations::quantize(k, GgmlType::Q4_K, &x, N_EMBD),
             Activations::quantize(k, GgmlType::F16, &x, N_EMBD),
@@ -343,6 +343,7 @@ fn dense_dispatch(layer: u32) -> wire::Dispatch {
     let mut m = good_dispatch();
     m.layer = layer;
     m.part = wire::FfnPart::Dense as i32;
+    m.stage = wire::Stage::Hidden as i32;
     m.assignments.clear();
     m
 }

@@ -167,9 +167,9 @@ pub struct Assignment {
     pub weight: f32,
 }
 
-/// One expert's FFN, or a slice of its intermediate dimension: `gate` and `up` are
-/// `n_ff × n_embd`, `down` is `n_embd × n_ff` (for a slice, the slice's columns of down laid
-/// out as rows of their own, so every matrix is contiguous).
+/// One expert's FFN (or a dense part), or a slice of its intermediate dimension: `gate` and
+/// `up` are `ff × n_embd` (the slice's rows), `down` is whole rows of down, `rows × n_ff`
+/// (all `n_embd` rows for a whole FFN; a slice's share, `placement::slice_down_rows`).
 #[derive(Clone, Copy, Debug)]
 pub struct FfnMatrices<'a> {
     pub gate: WeightMatrix<'a>,
@@ -196,9 +196,15 @@ impl FfnMatrices<'_> {
         Ok(())
     }
 
-    /// Checks a dense part's slice (the exact two-round split): gate and up `ff × n_embd`,
-    /// down whole rows of the FFN (`rows × n_ff`, `ff ≤ n_ff`, `rows ≤ n_embd`).
-    pub fn validate_dense(&self, n_embd: usize) -> Result<(), MoeError> {
+    /// Whether this is the whole FFN (every row of gate, up and down), which one round
+    /// computes; a slice takes two ([`routed_hidden_segments`], [`routed_down_segments`]).
+    pub fn is_whole(&self, n_embd: usize) -> bool {
+        self.down.n_cols == self.gate.n_rows && self.down.n_rows == n_embd
+    }
+
+    /// Checks a slice (the exact two-round split): gate and up `ff × n_embd`, down whole
+    /// rows of the FFN (`rows × n_ff`, `ff ≤ n_ff`, `rows ≤ n_embd`).
+    pub fn validate_slice(&self, n_embd: usize) -> Result<(), MoeError> {
         self.validate_gate_up(n_embd)?;
         let (g, d) = (&self.gate, &self.down);
         if d.n_cols < g.n_rows || d.n_rows > n_embd {
@@ -366,28 +372,12 @@ pub fn compute_routed_segments(
     let n_tokens = check_io(inputs, n_embd, out)?;
     let seq_of = sequence_of_tokens(n_tokens, segments)?;
 
-    // Group assignment slots by expert; experts in ascending order, tokens in slot order.
-    let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (slot, a) in assignments.iter().enumerate() {
-        if a.token as usize >= n_tokens {
-            return Err(MoeError::BadToken {
-                token: a.token,
-                n_tokens,
-            });
-        }
-        if a.expert as usize >= source.n_expert() {
-            return Err(MoeError::BadExpert {
-                expert: a.expert,
-                n_expert: source.n_expert(),
-            });
-        }
-        if !a.weight.is_finite() {
-            return Err(MoeError::NonFinite("expert weight"));
-        }
-        by_expert.entry(a.expert).or_default().push(slot);
+    if assignments.iter().any(|a| !a.weight.is_finite()) {
+        return Err(MoeError::NonFinite("expert weight"));
     }
+    // Experts in ascending order, tokens in slot order.
+    let by_expert = slots_by_expert(assignments, n_tokens, source.n_expert())?;
 
-    // Each expert's output rows, one per slot routed to it.
     // Per expert: its assignment slots and their output rows.
     type SlotRows = (Vec<usize>, Vec<f32>);
     let one_expert = |(expert, slots): (u32, Vec<usize>)| -> Result<SlotRows, MoeError> {
@@ -397,46 +387,51 @@ pub fn compute_routed_segments(
             .collect();
         let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
         let slices = source.expert(expert);
-        if slices.is_empty() {
-            return Err(MoeError::NotHeld { expert });
-        }
-        let mut sum: Option<Vec<f32>> = None;
-        for m in &slices {
-            m.validate(n_embd)?;
-            let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
-            let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
-            let rows = expert_ffn(kernels, m, x_gate, x_up, &tokens, &expert_segments);
-            match &mut sum {
-                None => sum = Some(rows),
-                Some(s) => s.iter_mut().zip(&rows).for_each(|(a, b)| *a += b),
-            }
-        }
-        Ok((slots, sum.unwrap_or_default()))
+        let m = match slices.as_slice() {
+            [] => return Err(MoeError::NotHeld { expert }),
+            [m] if m.is_whole(n_embd) => m,
+            _ => return Err(MoeError::Sliced { expert }),
+        };
+        m.validate(n_embd)?;
+        let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+        let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+        let hidden = expert_hidden(kernels, m, x_gate, x_up, &tokens, &expert_segments);
+        let hidden = crate::profile::work(|| {
+            Activations::quantize(kernels, m.down.ty, &hidden, m.n_ff())
+        });
+        Ok((slots, expert_down(kernels, m, &hidden, &expert_segments)))
     };
     // A node with one compute thread computes on the thread that got the dispatch.
-    let per_expert: Vec<Result<SlotRows, MoeError>> = if crate::parallel::is_serial() {
-        by_expert.into_iter().map(one_expert).collect()
-    } else {
-        by_expert.into_par_iter().map(one_expert).collect()
-    };
-
+    let done = per_expert(by_expert, one_expert)?;
     let mut slot_rows: Vec<&[f32]> = vec![&[]; assignments.len()];
-    for r in &per_expert {
-        let (slots, rows) = r.as_ref().map_err(Clone::clone)?;
+    for (slots, rows) in &done {
         for (i, &slot) in slots.iter().enumerate() {
             slot_rows[slot] = &rows[i * n_embd..(i + 1) * n_embd];
         }
     }
-    crate::profile::work(|| {
-        out.fill(0.0);
-        for (slot, a) in assignments.iter().enumerate() {
-            let dst = &mut out[a.token as usize * n_embd..(a.token as usize + 1) * n_embd];
-            for (o, &d) in dst.iter_mut().zip(slot_rows[slot]) {
-                *o += d * a.weight;
-            }
-        }
-    });
+    crate::profile::work(|| add_weighted(out, n_embd, assignments, |slot| slot_rows[slot]));
     Ok(())
+}
+
+/// Σ weight·output per token into `out` (`n_tokens × n_embd`, overwritten), adding the
+/// slots in assignment order (routing rank order within a token), as ggml adds a token's
+/// experts; `output(slot)` is that slot's expert output row. The one place this sum is made,
+/// on a node and on the coordinator (which adds sliced experts' outputs after their second
+/// round), so every plan adds the same floats in the same order.
+pub fn add_weighted<'r>(
+    out: &mut [f32],
+    n_embd: usize,
+    assignments: &[Assignment],
+    output: impl Fn(usize) -> &'r [f32],
+) {
+    out.fill(0.0);
+    for (slot, a) in assignments.iter().enumerate() {
+        let t = a.token as usize;
+        let dst = &mut out[t * n_embd..(t + 1) * n_embd];
+        for (o, &d) in dst.iter_mut().zip(output(slot)) {
+            *o += d * a.weight;
+        }
+    }
 }
 
 /// The first round of a dense FFN (a dense layer's, or a shared expert) split over nodes:
@@ -467,7 +462,7 @@ pub fn dense_hidden_segments(
     sequence_of_tokens(n_tokens, segments)?;
     let mut col = 0;
     for m in slices {
-        m.validate_dense(n_embd)?;
+        m.validate_slice(n_embd)?;
         let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
         let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
         let n_ff = m.n_ff();
@@ -513,7 +508,7 @@ pub fn dense_down_segments(
     let repack = n_embd.is_multiple_of(8);
     let mut col = 0;
     for m in slices {
-        m.validate_dense(m.gate.n_cols)?;
+        m.validate_slice(m.gate.n_cols)?;
         let d = &m.down;
         if hidden.n_cols() != d.n_cols || hidden.ty() != d.ty.vec_dot_type() {
             return Err(MoeError::Shape(format!(
@@ -552,12 +547,14 @@ fn matmul_dense(
     }
 }
 
-/// down(silu(gate·x) ⊙ up·x) of one expert (slice) for the given tokens (rows in token order).
+/// silu(gate·x) ⊙ up·x of one expert (or slice) for the given tokens (rows in token order,
+/// `tokens.len() × ff`).
 ///
 /// The float order is ggml's `MUL_MAT_ID` for this expert, which depends on how many tokens
 /// are routed to it (the tiled matmul's from 8 for K-quants, see `matmul_vec_dot`): an
-/// expert's tokens of one batch must be computed together to stay exact.
-fn expert_ffn(
+/// expert's tokens of one batch must be computed together to stay exact. Rows are
+/// independent: a slice's rows are the whole expert's.
+fn expert_hidden(
     kernels: &Kernels,
     m: &FfnMatrices<'_>,
     x_gate: &Activations,
@@ -577,13 +574,223 @@ fn expert_ffn(
     } else {
         matmul_vec_dot_segments(kernels, &m.up, &x_up.gather(tokens), seg, &mut up);
     }
-    let hidden = crate::profile::work(|| {
-        crate::ggml_math::swiglu_in_place(&mut gate, &up);
-        Activations::quantize(kernels, m.down.ty, &gate, n_ff)
-    });
-    let mut down = vec![0.0f32; n * m.down.n_rows];
-    matmul_vec_dot_segments(kernels, &m.down, &hidden, seg, &mut down);
+    crate::profile::work(|| crate::ggml_math::swiglu_in_place(&mut gate, &up));
+    gate
+}
+
+/// The rows of down `m` holds, from the hidden rows of an expert's tokens (quantized for
+/// down, whole `n_ff` wide): `hidden.n_tokens() × down rows`, in the same float order as
+/// the whole expert's rows.
+fn expert_down(
+    kernels: &Kernels,
+    m: &FfnMatrices<'_>,
+    hidden: &Activations,
+    segments: &[usize],
+) -> Vec<f32> {
+    let mut down = vec![0.0f32; hidden.n_tokens() * m.down.n_rows];
+    matmul_vec_dot_segments(kernels, &m.down, hidden, Some(segments), &mut down);
     down
+}
+
+/// Groups assignment slots by expert (ascending; slots in order), checking each against
+/// `n_rows` (the rows its `token` may name) and `n_expert`.
+fn slots_by_expert(
+    assignments: &[Assignment],
+    n_rows: usize,
+    n_expert: usize,
+) -> Result<BTreeMap<u32, Vec<usize>>, MoeError> {
+    let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (slot, a) in assignments.iter().enumerate() {
+        if a.token as usize >= n_rows {
+            return Err(MoeError::BadToken {
+                token: a.token,
+                n_tokens: n_rows,
+            });
+        }
+        if a.expert as usize >= n_expert {
+            return Err(MoeError::BadExpert {
+                expert: a.expert,
+                n_expert,
+            });
+        }
+        by_expert.entry(a.expert).or_default().push(slot);
+    }
+    Ok(by_expert)
+}
+
+/// Runs `f` per expert, in parallel unless the node computes serially; returns the
+/// results in expert order.
+fn per_expert<T: Send>(
+    by_expert: BTreeMap<u32, Vec<usize>>,
+    f: impl Fn((u32, Vec<usize>)) -> Result<T, MoeError> + Sync + Send,
+) -> Result<Vec<T>, MoeError> {
+    if crate::parallel::is_serial() {
+        by_expert.into_iter().map(f).collect()
+    } else {
+        by_expert.into_par_iter().map(f).collect()
+    }
+}
+
+/// Writes each slot's pieces (`rows[i]` for the i-th slot of `slots`, `width`-wide slices
+/// side by side, in slice order) into its row of `out` (`width` per slot, zero padded).
+fn place_rows(out: &mut [f32], width: usize, slots: &[usize], pieces: &[(usize, Vec<f32>)]) {
+    let mut col = 0;
+    for (piece_width, rows) in pieces {
+        for (i, &slot) in slots.iter().enumerate() {
+            let src = &rows[i * piece_width..(i + 1) * piece_width];
+            out[slot * width + col..slot * width + col + piece_width].copy_from_slice(src);
+        }
+        col += piece_width;
+    }
+}
+
+/// The width of a slice round's answer rows for the experts `assignments` name: the most,
+/// over those experts, of the rows (`hidden`: of gate/up; otherwise: of down) the slices
+/// held here give. Both ends compute it the same way from the same placement.
+pub fn slice_answer_width(
+    source: &dyn ExpertSource,
+    assignments: &[Assignment],
+    hidden: bool,
+) -> usize {
+    let mut experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+    experts.sort_unstable();
+    experts.dedup();
+    (experts.into_iter())
+        .map(|e| {
+            (source.expert(e).iter())
+                .map(|m| if hidden { m.n_ff() } else { m.down.n_rows })
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The first round of routed experts held as slices (the exact split, as for a dense part):
+/// for every assignment slot, silu(gate·x) ⊙ up·x of the rows of gate and up the slices of
+/// its expert held here give, side by side in ff order, zero padded to `width`, into `out`
+/// (`assignments.len() × width`, overwritten). Weights are not used: the coordinator joins
+/// each slot's hidden row, quantizes it once and asks for the second round.
+pub fn routed_hidden_segments(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    inputs: &[Activations],
+    assignments: &[Assignment],
+    segments: Segments<'_>,
+    width: usize,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let n_embd = source.n_embd();
+    let n_tokens = check_inputs(inputs, n_embd)?;
+    if out.len() != assignments.len() * width {
+        return Err(MoeError::Shape(format!(
+            "output of {} values for {} slots x {width}",
+            out.len(),
+            assignments.len()
+        )));
+    }
+    let seq_of = sequence_of_tokens(n_tokens, segments)?;
+    let by_expert = slots_by_expert(assignments, n_tokens, source.n_expert())?;
+    type Pieces = (Vec<usize>, Vec<(usize, Vec<f32>)>);
+    let done = per_expert(by_expert, |(expert, slots)| -> Result<Pieces, MoeError> {
+        let tokens: Vec<usize> = (slots.iter())
+            .map(|&s| assignments[s].token as usize)
+            .collect();
+        let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
+        let slices = source.expert(expert);
+        if slices.is_empty() {
+            return Err(MoeError::NotHeld { expert });
+        }
+        if slices.iter().map(FfnMatrices::n_ff).sum::<usize>() > width {
+            return Err(MoeError::Shape(format!(
+                "expert {expert}'s slices are wider than the answer's {width}"
+            )));
+        }
+        let mut pieces = Vec::with_capacity(slices.len());
+        for m in &slices {
+            m.validate_slice(n_embd)?;
+            let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+            let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+            let rows = expert_hidden(kernels, m, x_gate, x_up, &tokens, &expert_segments);
+            pieces.push((m.n_ff(), rows));
+        }
+        Ok((slots, pieces))
+    })?;
+    out.fill(0.0);
+    crate::profile::work(|| {
+        for (slots, pieces) in &done {
+            place_rows(out, width, slots, pieces);
+        }
+    });
+    Ok(())
+}
+
+/// The second round of routed experts held as slices: for every assignment slot, the rows
+/// of down the slices of its expert held here give, from the slot's whole hidden row
+/// (`hidden`, row `token` of the assignment: one row per slot, quantized for down), side
+/// by side in ff order, zero padded to `width`, into `out` (`assignments.len() × width`,
+/// overwritten). Each value is one whole dot product over the expert's `n_ff`, so the rows
+/// of all nodes together are exactly the single-process expert output; the coordinator
+/// adds the slots' weighted outputs in routing order. `segments` are over `hidden`'s rows.
+pub fn routed_down_segments(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    hidden: &Activations,
+    assignments: &[Assignment],
+    segments: Segments<'_>,
+    width: usize,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let n_rows = hidden.n_tokens();
+    if out.len() != assignments.len() * width {
+        return Err(MoeError::Shape(format!(
+            "output of {} values for {} slots x {width}",
+            out.len(),
+            assignments.len()
+        )));
+    }
+    let seq_of = sequence_of_tokens(n_rows, segments)?;
+    let by_expert = slots_by_expert(assignments, n_rows, source.n_expert())?;
+    let n_embd = source.n_embd();
+    type Pieces = (Vec<usize>, Vec<(usize, Vec<f32>)>);
+    let done = per_expert(by_expert, |(expert, slots)| -> Result<Pieces, MoeError> {
+        let rows: Vec<usize> = (slots.iter())
+            .map(|&s| assignments[s].token as usize)
+            .collect();
+        let expert_segments = runs(rows.iter().map(|&r| seq_of[r]));
+        let slices = source.expert(expert);
+        if slices.is_empty() {
+            return Err(MoeError::NotHeld { expert });
+        }
+        if slices.iter().map(|m| m.down.n_rows).sum::<usize>() > width {
+            return Err(MoeError::Shape(format!(
+                "expert {expert}'s rows of down are more than the answer's {width}"
+            )));
+        }
+        let x = crate::profile::work(|| hidden.gather(&rows));
+        let mut pieces = Vec::with_capacity(slices.len());
+        for m in &slices {
+            m.validate_slice(n_embd)?;
+            let d = &m.down;
+            if x.n_cols() != d.n_cols || x.ty() != d.ty.vec_dot_type() {
+                return Err(MoeError::Shape(format!(
+                    "hidden rows of {} {} for expert {expert}'s down rows of {} {}",
+                    x.n_cols(),
+                    x.ty(),
+                    d.n_cols,
+                    d.ty
+                )));
+            }
+            pieces.push((d.n_rows, expert_down(kernels, m, &x, &expert_segments)));
+        }
+        Ok((slots, pieces))
+    })?;
+    out.fill(0.0);
+    crate::profile::work(|| {
+        for (slots, pieces) in &done {
+            place_rows(out, width, slots, pieces);
+        }
+    });
+    Ok(())
 }
 
 /// Why an expert computation was refused.
@@ -601,4 +808,9 @@ pub enum MoeError {
     NonFinite(&'static str),
     #[error("expert {expert} is not held here")]
     NotHeld { expert: u32 },
+    #[error(
+        "expert {expert} is held here as slices: a sliced expert is computed in two rounds \
+         (routed slice stages), not in one"
+    )]
+    Sliced { expert: u32 },
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use proto::transport::{ClientTls, NodeLink, TlsIdentity, TransportKind};
 use shared::gguf::{model_identity, GgufFile};
-use shared::placement::{Cluster, ClusterTls, ModelShape, Plan};
+use shared::placement::{Cluster, ClusterTls, FfnTensors, ModelShape, Part, Plan};
+use shared::quant::GgmlType;
 use shared::topology::Topology;
 use tracing::{info, warn};
 
@@ -88,6 +89,20 @@ pub struct DistributedEngine {
     pub local_nodes: Option<LocalNodes>,
 }
 
+/// Each layer's routed experts' `ffn_down` type (`None` on layers without routed experts):
+/// what the coordinator quantizes sliced experts' joined hidden rows to.
+fn routed_down_types(
+    file: &GgufFile,
+    hp: &shared::models::HParams,
+) -> Result<Vec<Option<GgmlType>>, shared::placement::PlacementError> {
+    (0..hp.n_layer)
+        .map(|layer| {
+            let t = FfnTensors::find(file, hp, layer, Part::Routed)?;
+            Ok(t.map(|t| t.down.ty))
+        })
+        .collect()
+}
+
 fn node_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("node{i}")).collect()
 }
@@ -134,17 +149,15 @@ pub fn open_distributed(
         }
         nodes = Some(pins.len());
         launch_opts.numa = pins;
-        // Slices are the balanced placement, but a node serving a slice of down's columns
-        // from the full model file copies them into memory (they are strided there): only
-        // split files, which lay them out contiguously, make slicing free.
-        slice_experts = !opts.model_per_node.is_empty() || opts.slice_experts;
+        // Slices are the balanced placement (DESIGN: every socket reads its share of every
+        // expert); a slice is rows of its matrices, mapped from any file without a copy.
+        slice_experts = true;
         if opts.model_per_node.is_empty() {
             if launch_opts.numa.len() > 1 {
                 warn!(
                     "--numa auto with one model file: every node reads it wherever its pages \
-                     are, so reads cross sockets, and experts are placed whole (slicing them \
-                     from one file would copy down's columns); give --model-per-node with \
-                     `moeshard split` files of a sliced plan, one on each socket's memory"
+                     are, so reads cross sockets; give --model-per-node with `moeshard split` \
+                     files of a sliced plan, one on each socket's memory"
                 );
             }
         } else if opts.model_per_node.len() != launch_opts.numa.len() {
@@ -228,12 +241,14 @@ pub fn open_distributed(
         }
     };
     let n_embd = model.hparams().n_embd;
+    let routed_down = routed_down_types(&file, model.hparams())?;
     let remote = RemoteExperts::connect(
         runtime,
         handles,
         resolved,
         identity,
         n_embd,
+        &routed_down,
         FailurePolicy {
             deadline: opts.deadline,
             degraded: opts.degraded,

@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 
 use proto::transport::{NodeLink, TransportError};
 use proto::{
-    partials_from_reply, wire, DenseStage, DispatchRequest, FfnPart, Hello, HelloReply, Partials,
-    ProtoError,
+    partials_from_reply, wire, DispatchRequest, FfnPart, Hello, HelloReply, Partials, ProtoError,
+    Stage,
 };
-use shared::moe::Assignment;
+use shared::moe::{add_weighted, Assignment};
 use shared::placement::{identity_hex, Part, ResolvedPlan, SliceSpec};
 use shared::quant::dispatch::Kernels;
 use shared::quant::matmul::{Activations, Segments};
@@ -211,6 +211,10 @@ pub struct RemoteExperts {
     table: Arc<NodeTable>,
     plan: ResolvedPlan,
     n_embd: usize,
+    /// Per layer: the routed experts' down type (what their hidden rows are quantized to),
+    /// where the layer's experts are held as slices (two rounds); `None` where each expert
+    /// is whole on its node (one round) or the layer has no routed experts.
+    sliced_down: Vec<Option<GgmlType>>,
     policy: FailurePolicy,
     /// (token, expert) assignments dropped in degraded mode.
     dropped: AtomicU64,
@@ -233,25 +237,40 @@ struct NodeWork {
     /// Global token index of each local row, ascending.
     tokens: Vec<usize>,
     assignments: Vec<Assignment>,
+    /// The index of each of `assignments` in the round's whole assignment list.
+    slots: Vec<usize>,
 }
 
-/// One round of dispatches of a layer: the routed experts, or one of the two rounds of an
-/// exactly split dense part (DESIGN: every node's SwiGLU slice first, then whole rows of
-/// down from the joined hidden rows).
+/// One round of dispatches of a layer: the routed experts held whole (one round), or one of
+/// the two rounds of an exactly split FFN — a dense part, or a layer whose routed experts
+/// are held as slices (DESIGN: every node's SwiGLU slice first, then whole rows of down
+/// from the joined hidden rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Round {
     Routed,
     DenseHidden,
     DenseDown,
+    /// Per assignment: the SwiGLU rows of the node's slices of its expert.
+    SliceHidden,
+    /// Per assignment (the round's "tokens" are the step's assignment slots): the node's
+    /// rows of down of its expert, unweighted.
+    SliceDown,
 }
 
 impl Round {
-    fn wire(self) -> (FfnPart, DenseStage) {
+    fn wire(self) -> (FfnPart, Stage) {
         match self {
-            Round::Routed => (FfnPart::Routed, DenseStage::Hidden),
-            Round::DenseHidden => (FfnPart::Dense, DenseStage::Hidden),
-            Round::DenseDown => (FfnPart::Dense, DenseStage::Down),
+            Round::Routed => (FfnPart::Routed, Stage::OneRound),
+            Round::DenseHidden => (FfnPart::Dense, Stage::Hidden),
+            Round::DenseDown => (FfnPart::Dense, Stage::Down),
+            Round::SliceHidden => (FfnPart::Routed, Stage::Hidden),
+            Round::SliceDown => (FfnPart::Routed, Stage::Down),
         }
+    }
+
+    /// Whether a node's answer has a row per assignment (routed slices).
+    fn per_slot(self) -> bool {
+        matches!(self, Round::SliceHidden | Round::SliceDown)
     }
 }
 
@@ -341,6 +360,29 @@ async fn handshake(
             ));
         }
     }
+    // A node computes every slice it holds of an expert it is asked for, and its answer is
+    // read by the plan's slices: it must hold no other slice of those experts.
+    let planned: std::collections::HashSet<(u32, FfnPart, u32)> = (expected.iter())
+        .map(|s| (s.layer, part_to_wire(s.part), s.expert))
+        .collect();
+    for h in reply.inventory.slices() {
+        let extra = planned.contains(&(h.layer, h.part, h.expert))
+            && !expected.iter().any(|s| {
+                (s.layer, s.expert, s.ff_start, s.ff_len) == (h.layer, h.expert, h.ff_start, h.ff_len)
+                    && part_to_wire(s.part) == h.part
+            });
+        if extra {
+            return Err(format!(
+                "also holds layer {} {:?} expert {} rows {}..{}, which the plan does not place \
+                 on it (it would compute them too): serve it exactly the plan's slices",
+                h.layer,
+                h.part,
+                h.expert,
+                h.ff_start,
+                h.ff_start + h.ff_len
+            ));
+        }
+    }
     Ok((reply.inventory.slices().len(), reply.inventory.weight_bytes))
 }
 
@@ -379,13 +421,15 @@ async fn probe_down_nodes(table: Weak<NodeTable>) {
 
 impl RemoteExperts {
     /// Greets every node (protocol version, model identity) and checks that each holds what
-    /// `plan` places on it. `nodes` must be in the plan's node order.
+    /// `plan` places on it. `nodes` must be in the plan's node order; `routed_down` is each
+    /// layer's routed experts' `ffn_down` type (`None` on layers without them).
     pub fn connect(
         runtime: Arc<tokio::runtime::Runtime>,
         nodes: Vec<NodeHandle>,
         plan: ResolvedPlan,
         model_identity: [u8; 32],
         n_embd: usize,
+        routed_down: &[Option<GgmlType>],
         policy: FailurePolicy,
     ) -> Result<RemoteExperts, DistributedError> {
         let timeout = policy.deadline.call_timeout();
@@ -438,11 +482,30 @@ impl RemoteExperts {
             call_timeout: timeout,
         });
         let prober = runtime.spawn(probe_down_nodes(Arc::downgrade(&table)));
+        let mut sliced_down = Vec::with_capacity(plan.shape().n_layer);
+        for layer in 0..plan.shape().n_layer {
+            let Some(routed) = plan.shape().part(layer, Part::Routed) else {
+                sliced_down.push(None);
+                continue;
+            };
+            let sliced = (0..plan.shape().n_expert).any(|e| {
+                plan.slices(layer, Part::Routed, e)
+                    .is_some_and(|s| s.len() > 1 || s.iter().any(|p| p.ff != (0..routed.n_ff)))
+            });
+            let ty = routed_down.get(layer).copied().flatten();
+            if sliced && ty.is_none() {
+                return Err(DistributedError::Launch(format!(
+                    "layer {layer}'s routed experts are sliced but their down type is unknown"
+                )));
+            }
+            sliced_down.push(ty.filter(|_| sliced));
+        }
         Ok(RemoteExperts {
             runtime,
             table,
             plan,
             n_embd,
+            sliced_down,
             policy,
             dropped: AtomicU64::new(0),
             dropped_logged_ms: AtomicU64::new(0),
@@ -538,12 +601,13 @@ impl RemoteExperts {
             ReplicaChoice::Layer => HashMap::new(),
             ReplicaChoice::Load => self.balance_replicas(layer, assignments, live, keep),
         };
-        let mut per_node: Vec<Vec<Assignment>> = vec![Vec::new(); n_nodes];
+        // Per node: (index in `assignments`, assignment).
+        let mut per_node: Vec<Vec<(usize, Assignment)>> = vec![Vec::new(); n_nodes];
         let mut nodes: Vec<usize> = Vec::new();
         // (expert, its holders) of every slice without a live replica: all named at once.
         let mut missing: Vec<(u32, Vec<usize>)> = Vec::new();
         let mut dropped: Vec<Assignment> = Vec::new();
-        for a in assignments {
+        for (slot, a) in assignments.iter().enumerate() {
             let slices = self
                 .plan
                 .slices(layer, Part::Routed, a.expert as usize)
@@ -575,7 +639,7 @@ impl RemoteExperts {
             nodes.sort_unstable();
             nodes.dedup();
             for &node in &nodes {
-                per_node[node].push(*a);
+                per_node[node].push((slot, *a));
             }
         }
         if !missing.is_empty() && !self.policy.degraded {
@@ -594,7 +658,7 @@ impl RemoteExperts {
             .filter(|(_, a)| !a.is_empty())
             .map(|(node, global)| {
                 let mut used = vec![false; n_tokens];
-                for a in &global {
+                for (_, a) in &global {
                     used[a.token as usize] = true;
                 }
                 let tokens: Vec<usize> = (0..n_tokens).filter(|&t| used[t]).collect();
@@ -602,17 +666,21 @@ impl RemoteExperts {
                 for (i, &t) in tokens.iter().enumerate() {
                     local[t] = i as u32;
                 }
-                let assignments = global
+                let (slots, assignments) = global
                     .into_iter()
-                    .map(|a| Assignment {
-                        token: local[a.token as usize],
-                        ..a
+                    .map(|(slot, a)| {
+                        let local = Assignment {
+                            token: local[a.token as usize],
+                            ..a
+                        };
+                        (slot, local)
                     })
-                    .collect();
+                    .unzip();
                 NodeWork {
                     node,
                     tokens,
                     assignments,
+                    slots,
                 }
             })
             .collect();
@@ -681,7 +749,7 @@ impl RemoteExperts {
         nodes.sort_unstable();
         nodes.dedup();
         if round == Round::DenseDown {
-            nodes.retain(|&n| self.answer_width(n, layer, round) > 0);
+            nodes.retain(|&n| self.answer_width(n, layer, round, &[]) > 0);
         }
         Ok(nodes
             .into_iter()
@@ -689,6 +757,7 @@ impl RemoteExperts {
                 node,
                 tokens: (0..n_tokens).collect(),
                 assignments: Vec::new(),
+                slots: Vec::new(),
             })
             .collect())
     }
@@ -707,26 +776,77 @@ impl RemoteExperts {
     fn dense_places(&self, node: usize, layer: usize, round: Round) -> Vec<std::ops::Range<usize>> {
         let n_ff = self.dense_n_ff(layer).unwrap_or(0);
         let slices = self.plan.slices(layer, Part::Dense, 0).unwrap_or_default();
+        self.places(node, slices, n_ff, round)
+    }
+
+    /// Where a node's answer row for an assignment of `expert` goes in the expert's joined
+    /// row, in a routed slice round: per slice of the expert it holds (ff order), its ff
+    /// rows (hidden round) or its rows of down.
+    fn slice_places(
+        &self,
+        node: usize,
+        layer: usize,
+        expert: u32,
+        round: Round,
+    ) -> Vec<std::ops::Range<usize>> {
+        let n_ff = self.routed_n_ff(layer);
+        let slices = (self.plan.slices(layer, Part::Routed, expert as usize)).unwrap_or_default();
+        self.places(node, slices, n_ff, round)
+    }
+
+    /// The places of `node`'s slices among `slices` (of an FFN of `n_ff`) in `round`.
+    fn places(
+        &self,
+        node: usize,
+        slices: &[shared::placement::PlacedSlice],
+        n_ff: usize,
+        round: Round,
+    ) -> Vec<std::ops::Range<usize>> {
         (slices.iter())
             .filter(|s| s.replicas.contains(&node))
             .map(|s| match round {
-                Round::DenseDown => {
-                    shared::placement::dense_down_rows(s.ff.start, s.ff.len(), n_ff, self.n_embd)
+                Round::DenseDown | Round::SliceDown => {
+                    shared::placement::slice_down_rows(s.ff.start, s.ff.len(), n_ff, self.n_embd)
                 }
                 _ => s.ff.clone(),
             })
             .collect()
     }
 
-    /// The width of a node's answer rows in `round`.
-    fn answer_width(&self, node: usize, layer: usize, round: Round) -> usize {
+    /// The routed experts' intermediate size in `layer` (0 if it has none).
+    fn routed_n_ff(&self, layer: usize) -> usize {
+        (self.plan.shape().part(layer, Part::Routed)).map_or(0, |f| f.n_ff)
+    }
+
+    /// The width of a node's answer rows in `round` for its `assignments` (routed rounds):
+    /// for routed slices, the widest of its experts' joined places (as the node computes it).
+    fn answer_width(
+        &self,
+        node: usize,
+        layer: usize,
+        round: Round,
+        assignments: &[Assignment],
+    ) -> usize {
         match round {
             Round::Routed => self.n_embd,
-            _ => self
+            Round::DenseHidden | Round::DenseDown => self
                 .dense_places(node, layer, round)
                 .iter()
                 .map(|r| r.len())
                 .sum(),
+            Round::SliceHidden | Round::SliceDown => {
+                let mut experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+                experts.sort_unstable();
+                experts.dedup();
+                (experts.into_iter())
+                    .map(|e| {
+                        (self.slice_places(node, layer, e, round).iter())
+                            .map(|r| r.len())
+                            .sum::<usize>()
+                    })
+                    .max()
+                    .unwrap_or(0)
+            }
         }
     }
 
@@ -769,14 +889,14 @@ impl RemoteExperts {
             } else {
                 inputs.iter().map(|x| x.gather(&w.tokens)).collect()
             };
-            let (part, dense_stage) = round.wire();
+            let (part, stage) = round.wire();
             let msg = wire::CoordinatorMessage {
                 body: Some(wire::coordinator_message::Body::Dispatch(
                     DispatchRequest {
                         step_id,
                         layer: layer as u32,
                         part,
-                        dense_stage,
+                        stage,
                         inputs: rows,
                         assignments: w.assignments.clone(),
                         segments: local_segments(&w.tokens, segments),
@@ -787,11 +907,13 @@ impl RemoteExperts {
             let slot = &self.table.nodes[w.node];
             let link = slot.link();
             let tx = tx.clone();
-            let (node, n_rows, n_embd) = (
-                w.node,
-                w.tokens.len(),
-                self.answer_width(w.node, layer, round),
-            );
+            // Routed slices answer a row per assignment.
+            let n_rows = if round.per_slot() {
+                w.assignments.len()
+            } else {
+                w.tokens.len()
+            };
+            let (node, n_embd) = (w.node, self.answer_width(w.node, layer, round, &w.assignments));
             let timeout = slot.times.deadline(&self.policy.deadline, n_rows);
             let table = Arc::clone(&self.table);
             self.runtime.spawn(async move {
@@ -826,28 +948,52 @@ impl RemoteExperts {
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
         let n_tokens = inputs.first().map_or(0, Activations::n_tokens);
-        // The widest rows the round moves: the hidden size, or a dense part's n_ff.
+        // The widest rows the round moves (the hidden size, or the FFN's n_ff), and how many:
+        // a routed slice round's answers have a row per assignment.
         let width = self.n_embd.max(match round {
             Round::Routed => 0,
             Round::DenseHidden | Round::DenseDown => self.dense_n_ff(layer)?,
+            Round::SliceHidden | Round::SliceDown => self.routed_n_ff(layer),
         });
-        let max_tokens = proto::limits::MAX_DISPATCH_TOKENS
-            .min(proto::limits::MAX_DISPATCH_VALUES / width.max(1));
-        if n_tokens > max_tokens {
+        let (rows, max_rows) = if round.per_slot() {
+            (assignments.len(), proto::limits::MAX_DISPATCH_ASSIGNMENTS)
+        } else {
+            (n_tokens, proto::limits::MAX_DISPATCH_TOKENS)
+        };
+        let max_rows = max_rows.min(proto::limits::MAX_DISPATCH_VALUES / width.max(1));
+        // (A slice down round's input rows are its assignments.)
+        let max_inputs = if round == Round::SliceDown {
+            max_rows
+        } else {
+            proto::limits::MAX_DISPATCH_TOKENS.min(max_rows.max(rows))
+        };
+        if rows > max_rows || n_tokens > max_inputs {
             return Err(EngineError::Node(format!(
-                "layer {layer}: a dispatch of {n_tokens} tokens exceeds the protocol's limit of \
-                 {max_tokens} tokens for rows of {width}: evaluate the prompt in smaller batches"
+                "layer {layer}: a dispatch of {rows} rows exceeds the protocol's limit of \
+                 {max_rows} rows of {width}: evaluate the prompt in smaller batches"
             )));
         }
         let live = self.live();
         let all = |_: &[usize]| true;
         let (work, dropped) = match round {
-            Round::Routed => self.route(layer, n_tokens, assignments, &live, &all)?,
+            Round::Routed | Round::SliceHidden | Round::SliceDown => {
+                self.route(layer, n_tokens, assignments, &live, &all)?
+            }
             Round::DenseHidden | Round::DenseDown => (
                 self.route_dense(layer, round, n_tokens, &live, &all)?,
                 Vec::new(),
             ),
         };
+        if round.per_slot() && !dropped.is_empty() {
+            // A sliced expert's lost slices cannot be left out: no part of a slice round is
+            // dropped (degraded mode drops whole experts placed whole).
+            let mut experts: Vec<u32> = dropped.iter().map(|a| a.expert).collect();
+            experts.sort_unstable();
+            experts.dedup();
+            return Err(EngineError::Node(format!(
+                "layer {layer}: sliced experts {experts:?} have a slice with no live replica"
+            )));
+        }
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         self.spawn_round(
@@ -859,21 +1005,24 @@ impl RemoteExperts {
         let segments: Option<Vec<usize>> = segments.map(<[usize]>::to_vec);
         // The width of the round's result rows.
         let n_embd = match round {
-            Round::Routed | Round::DenseDown => self.n_embd,
+            Round::Routed | Round::DenseDown | Round::SliceDown => self.n_embd,
             Round::DenseHidden => self.dense_n_ff(layer)?,
+            Round::SliceHidden => self.routed_n_ff(layer),
         };
         Ok(Pending::new(move |out: &mut [f32]| {
-            if out.len() != n_tokens * n_embd {
+            if out.len() != rows * n_embd {
                 return Err(EngineError::Node(format!(
-                    "output of {} values for {n_tokens} tokens",
+                    "output of {} values for {rows} rows",
                     out.len()
                 )));
             }
             let mut live = live;
             let mut work = work;
             let mut dropped = dropped;
-            // (node, its rows, its partial sums) in the order they are added.
-            let mut done: Vec<(usize, Vec<usize>, Partials)> = Vec::new();
+            // (node, its rows, its assignments' slots and experts, its answer) in the order
+            // they are added.
+            type Answer = (usize, Vec<usize>, Vec<(usize, u32)>, Partials);
+            let mut done: Vec<Answer> = Vec::new();
             let mut errors: Vec<String> = Vec::new();
             loop {
                 let mut results: Vec<(usize, Result<Partials, String>)> = Vec::new();
@@ -885,13 +1034,16 @@ impl RemoteExperts {
                 results.sort_by_key(|(node, _)| *node);
                 let mut failed: Vec<usize> = Vec::new();
                 for (node, outcome) in results {
-                    let tokens = work
-                        .iter()
-                        .find(|w| w.node == node)
-                        .map(|w| w.tokens.clone())
+                    let w = work.iter().find(|w| w.node == node);
+                    let tokens = w.map(|w| w.tokens.clone()).unwrap_or_default();
+                    let slots = w
+                        .map(|w| {
+                            let experts = w.assignments.iter().map(|a| a.expert);
+                            w.slots.iter().copied().zip(experts).collect()
+                        })
                         .unwrap_or_default();
                     match outcome {
-                        Ok(p) => done.push((node, tokens, p)),
+                        Ok(p) => done.push((node, tokens, slots, p)),
                         Err(e) => {
                             let slot = &self.table.nodes[node];
                             let msg = format!(
@@ -928,9 +1080,17 @@ impl RemoteExperts {
                                 w
                             })
                     }
-                    Round::Routed => self
+                    Round::Routed | Round::SliceHidden | Round::SliceDown => self
                         .route(layer, n_tokens, &assignments, &live, &was_failed)
-                        .map(|(w, _)| w),
+                        .and_then(|(w, d)| {
+                            if round.per_slot() && !d.is_empty() {
+                                Err(EngineError::Node(format!(
+                                    "layer {layer}: a sliced expert's slice has no live replica"
+                                )))
+                            } else {
+                                Ok(w)
+                            }
+                        }),
                     Round::DenseHidden | Round::DenseDown => {
                         self.route_dense(layer, round, n_tokens, &live, &was_failed)
                     }
@@ -958,11 +1118,28 @@ impl RemoteExperts {
                     &tx,
                 );
             }
+            if round.per_slot() {
+                // Each node's pieces of an assignment's hidden row (or of its expert's
+                // output row) go to their places; a slice answered twice (by a failed node,
+                // then by a replica) is the same values.
+                for (node, _, slots, p) in &done {
+                    let w = p.n_embd();
+                    for (src, &(slot, expert)) in p.data().chunks_exact(w.max(1)).zip(slots) {
+                        let dst = &mut out[slot * n_embd..(slot + 1) * n_embd];
+                        let mut at = 0;
+                        for r in self.slice_places(*node, layer, expert, round) {
+                            dst[r.clone()].copy_from_slice(&src[at..at + r.len()]);
+                            at += r.len();
+                        }
+                    }
+                }
+                debug!(step_id, layer, ?round, answers = done.len(), "gathered");
+                return Ok(());
+            }
             if round != Round::Routed {
                 // Each node's slices of the hidden rows (or of the output rows) go to their
-                // places; a slice answered twice (by a failed node, then by a replica) is
-                // the same values.
-                for (node, _, p) in &done {
+                // places, as above.
+                for (node, _, _, p) in &done {
                     let places = self.dense_places(*node, layer, round);
                     let w = p.n_embd();
                     for (src, dst) in p
@@ -984,7 +1161,7 @@ impl RemoteExperts {
             // copied, the next added.
             out.fill(0.0);
             let mut seen = vec![false; n_tokens];
-            for (_, tokens, p) in &done {
+            for (_, tokens, _, p) in &done {
                 for (row, &t) in p.data().chunks_exact(n_embd).zip(tokens) {
                     let dst = &mut out[t * n_embd..(t + 1) * n_embd];
                     if seen[t] {
@@ -1086,7 +1263,61 @@ impl ExpertExecutor for RemoteExperts {
         assignments: &[Assignment],
         segments: Segments<'_>,
     ) -> Result<Pending<'_>, EngineError> {
-        self.run_step(layer, Round::Routed, inputs, assignments, segments)
+        let Some(down_type) = self.sliced_down.get(layer).copied().flatten() else {
+            return self.run_step(layer, Round::Routed, inputs, assignments, segments);
+        };
+        // Experts held as slices: two rounds, exactly as a dense part is split. First each
+        // assignment's SwiGLU rows from the nodes holding its expert's slices.
+        let n_ff = self.routed_n_ff(layer);
+        let n_embd = self.n_embd;
+        let hidden_round = self.run_step(layer, Round::SliceHidden, inputs, assignments, segments)?;
+        let assignments = assignments.to_vec();
+        // The second round's rows are the assignments (token-major): their sequences' runs.
+        let slot_segments: Option<Vec<usize>> = segments.map(|lengths| {
+            let mut seq_of = Vec::new();
+            for (s, &len) in lengths.iter().enumerate() {
+                seq_of.extend(std::iter::repeat_n(s, len));
+            }
+            let mut runs: Vec<usize> = Vec::new();
+            let mut last = None;
+            for a in &assignments {
+                let s = seq_of.get(a.token as usize).copied();
+                match runs.last_mut() {
+                    Some(n) if last == s => *n += 1,
+                    _ => runs.push(1),
+                }
+                last = s;
+            }
+            runs
+        });
+        Ok(Pending::new(move |out: &mut [f32]| {
+            let n_slots = assignments.len();
+            let mut hidden = vec![0.0f32; n_slots * n_ff];
+            hidden_round.wait(&mut hidden)?;
+            // Each assignment's whole hidden row, quantized once, as the single-process
+            // engine quantizes it for down.
+            let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
+            let slots: Vec<Assignment> = (assignments.iter().enumerate())
+                .map(|(i, a)| Assignment {
+                    token: i as u32,
+                    ..*a
+                })
+                .collect();
+            let mut outputs = vec![0.0f32; n_slots * n_embd];
+            self.run_step(
+                layer,
+                Round::SliceDown,
+                &[hidden],
+                &slots,
+                slot_segments.as_deref(),
+            )?
+            .wait(&mut outputs)?;
+            // The weighted sum in routing order, as a node holding whole experts adds it.
+            add_weighted(out, n_embd, &assignments, |slot| {
+                &outputs[slot * n_embd..(slot + 1) * n_embd]
+            });
+            Ok(())
+        }))
     }
 
     fn node_stats(&self) -> Vec<(String, Result<wire::Stats, EngineError>)> {

@@ -139,7 +139,7 @@ fn dispatch(step_id: u64, seed: u32, n_tokens: u32, n_embd: u32) -> wire::Coordi
             }],
             part: 0,
             segments: vec![],
-            dense_stage: 0,
+            stage: 0,
         })),
     }
 }

@@ -1,11 +1,11 @@
 //! Placement: which node holds which expert slice, and what nodes exist.
 //!
 //! The unit of placement is a slice: (layer, [`Part`], expert, range of the
-//! intermediate dimension `ff`). A node holding rows `a..b` of an expert's
-//! `gate` and `up` and the same columns of its `down` returns an exact partial
-//! sum of that expert's output, so slices of one expert on several nodes add up
-//! to the whole. A dense part's slice holds rows of `down` instead
-//! ([`dense_down_rows`]): dense parts are split exactly, in two rounds.
+//! intermediate dimension `ff`). A node holding rows `a..b` of an expert's (or
+//! a dense part's) `gate` and `up` holds the matching share of whole rows of its
+//! `down` ([`slice_down_rows`]): a sliced FFN is computed exactly, in two rounds
+//! (the nodes' SwiGLU rows, joined and quantized once by the coordinator, then
+//! the nodes' rows of down), so any slicing gives the single-process result.
 //!
 //! Two human-edited TOML files, both described with examples in
 //! `docs/placement.md`:
@@ -47,16 +47,18 @@ pub use self::plan::{Plan, PlanEntry, PLAN_VERSION};
 pub use self::resolve::{PlacedSlice, ResolvedPlan, SliceSpec};
 pub use self::shape::{FfnShape, FfnTensors, LayerShape, ModelShape, RowSource};
 
-/// The rows of a dense part's `ffn_down` (`n_embd` rows of `n_ff`) that the node holding
-/// rows `ff_start..ff_start + ff_len` of its gate and up computes.
+/// The rows of `ffn_down` (`n_embd` rows of `n_ff`) that the node holding rows
+/// `ff_start..ff_start + ff_len` of an FFN's gate and up computes: a dense part's, or a
+/// routed expert's.
 ///
-/// A dense part is split exactly, in two rounds: every node computes its rows of gate and
-/// up and their SwiGLU, the coordinator joins each token's whole hidden row and quantizes
-/// it once, and every node computes whole rows of down from it — a share of down's rows
-/// in proportion to its share of `n_ff`, cut at multiples of 16 rows (a Q4_K down that
-/// ggml repacks in groups of 8 rows is cut between groups). The dense slices of a layer
-/// tile `0..n_embd` as their ff rows tile `0..n_ff`; a thin slice may get no row.
-pub fn dense_down_rows(
+/// A sliced FFN is computed exactly, in two rounds: every node computes its rows of gate
+/// and up and their SwiGLU, the coordinator joins each token's whole hidden row and
+/// quantizes it once, and every node computes whole rows of down from it — a share of
+/// down's rows in proportion to its share of `n_ff`, cut at multiples of 16 rows (a Q4_K
+/// down that ggml repacks in groups of 8 rows is cut between groups, and the tiled kernels'
+/// row groups stay whole). The slices of an FFN tile `0..n_embd` as their ff rows tile
+/// `0..n_ff`; a thin slice may get no row. A whole FFN gets every row.
+pub fn slice_down_rows(
     ff_start: usize,
     ff_len: usize,
     n_ff: usize,

@@ -11,10 +11,9 @@
 //! - tensors, per slice in that order, each of its original's type:
 //!   `moeshard.blk.{L}.{routed|dense}.{E}.ffn_gate` `[n_embd, ff_len]` (rows
 //!   `ff_start..` of that expert's gate), `.ffn_up` likewise, `.ffn_down`
-//!   `[ff_len, n_embd]` (for each of down's `n_embd` rows, the byte range of
-//!   columns `ff_start..ff_start+ff_len`, block aligned) — for a dense part
-//!   instead `[n_ff, rows]`: the whole rows of down it computes
-//!   ([`super::dense_down_rows`]). A merged `ffn_gate_up_exps` is split into its
+//!   `[n_ff, rows]`: the whole rows of down it computes
+//!   ([`super::slice_down_rows`]; all `n_embd` of them for a whole expert),
+//!   contiguous in the original too. A merged `ffn_gate_up_exps` is split into its
 //!   gate and up halves. Nothing else.
 //!
 //! Tensor names carry no row range, so a split file holds at most one slice
@@ -224,18 +223,13 @@ fn check_spec(
     }
     let n_embd = hp.n_embd as u64;
     let ff_len = u64::from(spec.ff_len);
-    let down = match spec.part {
-        Part::Routed => [ff_len, n_embd],
-        Part::Dense => {
-            let rows = super::dense_down_rows(
-                spec.ff_start as usize,
-                spec.ff_len as usize,
-                n_ff,
-                hp.n_embd,
-            );
-            [n_ff as u64, rows.len() as u64]
-        }
-    };
+    let rows = super::slice_down_rows(
+        spec.ff_start as usize,
+        spec.ff_len as usize,
+        n_ff,
+        hp.n_embd,
+    );
+    let down = [n_ff as u64, rows.len() as u64];
     for (matrix, expected) in MATRICES
         .into_iter()
         .zip([[n_embd, ff_len], [n_embd, ff_len], down])
@@ -248,16 +242,6 @@ fn check_spec(
             return Err(bad(format!(
                 "tensor {name} has shape {:?}, expected {expected:?}",
                 info.ne
-            )));
-        }
-        if matrix == "ffn_down"
-            && spec.part == Part::Routed
-            && !(spec.ff_start as usize).is_multiple_of(info.ty.block_elems())
-        {
-            return Err(bad(format!(
-                "ff_start is not a multiple of the {} block size {}",
-                info.ty,
-                info.ty.block_elems()
             )));
         }
     }
@@ -367,10 +351,7 @@ pub fn write_node_file(
             [n_embd, len],
         ));
         descs.push(TensorDesc::new(name("ffn_up"), t.up.info.ty, [n_embd, len]));
-        let down = match s.part {
-            Part::Routed => [len, n_embd],
-            Part::Dense => [t.n_ff as u64, dense_rows(t, s).len() as u64],
-        };
+        let down = [t.n_ff as u64, down_rows_of(t, s).len() as u64];
         descs.push(TensorDesc::new(name("ffn_down"), t.down.ty, down));
     }
 
@@ -386,16 +367,9 @@ pub fn write_node_file(
             done += bytes.len() as u64;
             progress(done, total);
         }
-        if s.part == Part::Dense {
-            let bytes = down_rows(model, t, s)?;
-            writer.write_tensor_data(bytes)?;
-            done += bytes.len() as u64;
-        } else {
-            for piece in down_columns(model, t, s)? {
-                writer.write_tensor_part(piece)?;
-                done += piece.len() as u64;
-            }
-        }
+        let bytes = down_rows(model, t, s)?;
+        writer.write_tensor_data(bytes)?;
+        done += bytes.len() as u64;
         progress(done, total);
     }
     writer.finish()?;
@@ -410,12 +384,13 @@ pub fn write_node_file(
     Ok(size)
 }
 
-/// The rows of a dense part's down that slice `s` computes ([`super::dense_down_rows`]).
-fn dense_rows(t: &FfnTensors<'_>, s: &SliceSpec) -> std::ops::Range<usize> {
-    super::dense_down_rows(s.ff_start as usize, s.ff_len as usize, t.n_ff, t.n_embd)
+/// The rows of down that slice `s` computes ([`super::slice_down_rows`]).
+fn down_rows_of(t: &FfnTensors<'_>, s: &SliceSpec) -> std::ops::Range<usize> {
+    super::slice_down_rows(s.ff_start as usize, s.ff_len as usize, t.n_ff, t.n_embd)
 }
 
-/// The bytes of a dense part's down rows that slice `s` computes: contiguous.
+/// The bytes of the rows of expert `s.expert`'s down (expert 0: a dense part's) that
+/// slice `s` computes: contiguous.
 fn down_rows<'a>(
     model: &'a GgufFile,
     t: &FfnTensors<'_>,
@@ -423,16 +398,13 @@ fn down_rows<'a>(
 ) -> Result<&'a [u8], PlacementError> {
     let info = t.down;
     let row_bytes = info.row_bytes() as usize;
-    let rows = dense_rows(t, s);
+    let rows = down_rows_of(t, s);
+    let first = s.expert as usize * t.n_embd + rows.start;
+    let (start, end) = (first * row_bytes, (first + rows.len()) * row_bytes);
     model
         .tensor_data(info)
-        .get(rows.start * row_bytes..rows.end * row_bytes)
-        .ok_or_else(|| {
-            PlacementError::Split(format!(
-                "tensor {} is shorter than its rows {rows:?}",
-                info.name
-            ))
-        })
+        .get(start..end)
+        .ok_or_else(|| out_of_tensor(info, start..end))
 }
 
 /// The bytes of rows `s.ff()` of expert `s.expert`'s gate or up: contiguous.
@@ -450,37 +422,6 @@ fn matrix_rows<'a>(
         .tensor_data(info)
         .get(start..end)
         .ok_or_else(|| out_of_tensor(info, start..end))
-}
-
-/// For each of `ffn_down`'s `n_embd` rows of expert `s.expert`, the bytes of
-/// columns `s.ff()`: a block-aligned byte range of the row.
-fn down_columns<'a>(
-    model: &'a GgufFile,
-    t: &FfnTensors<'_>,
-    s: &SliceSpec,
-) -> Result<Vec<&'a [u8]>, PlacementError> {
-    let info = t.down;
-    let block = info.ty.block_elems();
-    let (start, len) = (s.ff_start as usize, s.ff_len as usize);
-    if !start.is_multiple_of(block) || !len.is_multiple_of(block) {
-        return Err(PlacementError::Split(format!(
-            "rows {start}..{} of {} are not cut at its {} block boundaries",
-            start + len,
-            info.name,
-            info.ty
-        )));
-    }
-    let row_bytes = info.row_bytes() as usize;
-    let col_start = start / block * info.ty.block_bytes();
-    let col_len = len / block * info.ty.block_bytes();
-    let data = model.tensor_data(info);
-    (0..t.n_embd)
-        .map(|r| {
-            let offset = (s.expert as usize * t.n_embd + r) * row_bytes + col_start;
-            data.get(offset..offset + col_len)
-                .ok_or_else(|| out_of_tensor(info, offset..offset + col_len))
-        })
-        .collect()
 }
 
 fn out_of_tensor(info: &TensorInfo, range: std::ops::Range<usize>) -> PlacementError {

@@ -1,7 +1,7 @@
 //! Tests of placement: plan and cluster files (round trips, every refusal with
 //! its message), even plans over 1–3 nodes, model shapes of the fixtures, and
-//! split files — every slice tensor's bytes against the original's rows and
-//! columns, the split metadata read back, and no final file after a failure.
+//! split files — every slice tensor's bytes against the original's rows (of down:
+//! the slice's share of whole rows), the split metadata read back, and no final file after a failure.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -843,21 +843,13 @@ fn expected_rows(
     out
 }
 
-/// Columns `ff` of every row of expert `expert` of `down`, row by row.
-fn expected_columns(file: &GgufFile, name: &str, expert: usize, ff: Range<usize>) -> Vec<u8> {
+/// The rows of expert `expert`'s `down` that a slice of rows `ff` of gate and up computes
+/// (`slice_down_rows`), whole.
+fn expected_down_rows(file: &GgufFile, name: &str, expert: usize, ff: Range<usize>) -> Vec<u8> {
     let info = file.tensor(name).unwrap();
-    let data = file.tensor_data(info);
-    let n_ff = info.ne[0] as usize;
-    let n_embd = info.ne[1] as usize;
-    let row_bytes = info.ty.row_bytes(n_ff).unwrap();
-    let skip = info.ty.row_bytes(ff.start).unwrap();
-    let take = info.ty.row_bytes(ff.len()).unwrap();
-    let mut out = Vec::new();
-    for r in 0..n_embd {
-        let row = &data[(expert * n_embd + r) * row_bytes..][..row_bytes];
-        out.extend_from_slice(&row[skip..skip + take]);
-    }
-    out
+    let (n_ff, n_embd) = (info.ne[0] as usize, info.ne[1] as usize);
+    let rows = super::slice_down_rows(ff.start, ff.len(), n_ff, n_embd);
+    expected_rows(file, name, expert, n_embd, 0, rows)
 }
 
 /// Writes every node's split file and checks each against the original.
@@ -925,7 +917,7 @@ fn split_and_check(model_path: &Path, plan: &Plan, dir: &Path) -> Vec<PathBuf> {
                     (
                         expected_rows(&model, &merged, expert, 2 * n_ff, 0, ff.clone()),
                         expected_rows(&model, &merged, expert, 2 * n_ff, n_ff, ff.clone()),
-                        expected_columns(&model, &blk("ffn_down_exps"), expert, ff.clone()),
+                        expected_down_rows(&model, &blk("ffn_down_exps"), expert, ff.clone()),
                     )
                 }
                 Part::Routed => {
@@ -933,7 +925,7 @@ fn split_and_check(model_path: &Path, plan: &Plan, dir: &Path) -> Vec<PathBuf> {
                     (
                         expected_rows(&model, &blk("ffn_gate_exps"), expert, n_ff, 0, ff.clone()),
                         expected_rows(&model, &blk("ffn_up_exps"), expert, n_ff, 0, ff.clone()),
-                        expected_columns(&model, &blk("ffn_down_exps"), expert, ff.clone()),
+                        expected_down_rows(&model, &blk("ffn_down_exps"), expert, ff.clone()),
                     )
                 }
                 Part::Dense => {
@@ -942,15 +934,12 @@ fn split_and_check(model_path: &Path, plan: &Plan, dir: &Path) -> Vec<PathBuf> {
                     } else {
                         ""
                     };
-                    // A dense slice holds whole rows of down (the exact two-round split).
+                    // A slice holds whole rows of down (the exact two-round split).
                     let down = blk(&format!("ffn_down{sfx}"));
-                    let d = model.tensor(&down).unwrap();
-                    let (n_ff, n_embd) = (d.ne[0] as usize, d.ne[1] as usize);
-                    let rows = super::dense_down_rows(ff.start, ff.len(), n_ff, n_embd);
                     (
                         expected_rows(&model, &blk(&format!("ffn_gate{sfx}")), 0, 0, 0, ff.clone()),
                         expected_rows(&model, &blk(&format!("ffn_up{sfx}")), 0, 0, 0, ff.clone()),
-                        expected_rows(&model, &down, 0, 0, 0, rows),
+                        expected_down_rows(&model, &down, 0, ff.clone()),
                     )
                 }
             };
@@ -1450,8 +1439,8 @@ fn sliced_even_plans_give_every_node_a_share_of_every_expert() {
 }
 
 #[test]
-fn dense_down_rows_tile_the_hidden_size_at_multiples_of_16() {
-    use super::dense_down_rows;
+fn slice_down_rows_tile_the_hidden_size_at_multiples_of_16() {
+    use super::slice_down_rows;
     for (n_ff, n_embd) in [
         (1536usize, 576usize),
         (18432, 7168),
@@ -1465,7 +1454,7 @@ fn dense_down_rows_tile_the_hidden_size_at_multiples_of_16() {
         ] {
             let rows: Vec<_> = cuts
                 .windows(2)
-                .map(|c| dense_down_rows(c[0], c[1] - c[0], n_ff, n_embd))
+                .map(|c| slice_down_rows(c[0], c[1] - c[0], n_ff, n_embd))
                 .collect();
             assert_eq!(rows[0].start, 0);
             assert_eq!(rows.last().unwrap().end, n_embd);
@@ -1476,6 +1465,6 @@ fn dense_down_rows_tile_the_hidden_size_at_multiples_of_16() {
         }
     }
     // Half of the ff rows, half of down's rows.
-    assert_eq!(dense_down_rows(0, 768, 1536, 576), 0..288);
-    assert_eq!(dense_down_rows(768, 768, 1536, 576), 288..576);
+    assert_eq!(slice_down_rows(0, 768, 1536, 576), 0..288);
+    assert_eq!(slice_down_rows(768, 768, 1536, 576), 288..576);
 }
