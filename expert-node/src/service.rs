@@ -396,15 +396,9 @@ impl NodeCore {
             (FfnPart::Routed, Stage::OneRound) => {
                 compute_routed_segments(k, &source, inputs, assignments, segments, &mut out)
             }
-            (FfnPart::Routed, Stage::Hidden) => routed_hidden_segments(
-                k,
-                &source,
-                inputs,
-                assignments,
-                segments,
-                width,
-                &mut out,
-            ),
+            (FfnPart::Routed, Stage::Hidden) => {
+                routed_hidden_segments(k, &source, inputs, assignments, segments, width, &mut out)
+            }
             (FfnPart::Routed, Stage::Down) => routed_down_segments(
                 k,
                 &source,

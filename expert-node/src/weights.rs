@@ -194,7 +194,9 @@ impl NodeWeights {
             for slices in experts.values() {
                 for s in slices {
                     match part {
-                        Part::Routed | Part::Dense => me.matrices(s).validate_slice(facts.n_embd)?,
+                        Part::Routed | Part::Dense => {
+                            me.matrices(s).validate_slice(facts.n_embd)?
+                        }
                     }
                 }
             }

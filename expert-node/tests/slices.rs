@@ -243,7 +243,12 @@ fn check_routed(model: PathBuf, layer: u32) -> bool {
 #[test]
 fn routed_halves_add_up_to_the_whole() {
     let mut checked = 0;
-    for (arch, layer) in [("mixtral", 0), ("deepseek2", 1), ("qwen3moe", 0), ("glm4moe", 1)] {
+    for (arch, layer) in [
+        ("mixtral", 0),
+        ("deepseek2", 1),
+        ("qwen3moe", 0),
+        ("glm4moe", 1),
+    ] {
         for variant in ["f16", "q8_0", "q4_k_m", "q2_k"] {
             checked += check_routed(fixture(&format!("{arch}/model-{variant}.gguf")), layer) as u32;
         }

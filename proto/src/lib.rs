@@ -34,9 +34,8 @@ pub mod wire {
 }
 
 pub use convert::{
-    partials_from_reply, DispatchContext, DispatchRequest, DispatchResponse,
-    ExpertSlice, FfnPart, Hello, HelloReply, Inventory, Partials, RemoteError, Stage,
-    MODEL_IDENTITY_BYTES,
+    partials_from_reply, DispatchContext, DispatchRequest, DispatchResponse, ExpertSlice, FfnPart,
+    Hello, HelloReply, Inventory, Partials, RemoteError, Stage, MODEL_IDENTITY_BYTES,
 };
 pub use error::ProtoError;
 pub use prost::Message;

@@ -396,9 +396,8 @@ pub fn compute_routed_segments(
         let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
         let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
         let hidden = expert_hidden(kernels, m, x_gate, x_up, &tokens, &expert_segments);
-        let hidden = crate::profile::work(|| {
-            Activations::quantize(kernels, m.down.ty, &hidden, m.n_ff())
-        });
+        let hidden =
+            crate::profile::work(|| Activations::quantize(kernels, m.down.ty, &hidden, m.n_ff()));
         Ok((slots, expert_down(kernels, m, &hidden, &expert_segments)))
     };
     // A node with one compute thread computes on the thread that got the dispatch.

@@ -368,7 +368,8 @@ async fn handshake(
     for h in reply.inventory.slices() {
         let extra = planned.contains(&(h.layer, h.part, h.expert))
             && !expected.iter().any(|s| {
-                (s.layer, s.expert, s.ff_start, s.ff_len) == (h.layer, h.expert, h.ff_start, h.ff_len)
+                (s.layer, s.expert, s.ff_start, s.ff_len)
+                    == (h.layer, h.expert, h.ff_start, h.ff_len)
                     && part_to_wire(s.part) == h.part
             });
         if extra {
@@ -913,7 +914,10 @@ impl RemoteExperts {
             } else {
                 w.tokens.len()
             };
-            let (node, n_embd) = (w.node, self.answer_width(w.node, layer, round, &w.assignments));
+            let (node, n_embd) = (
+                w.node,
+                self.answer_width(w.node, layer, round, &w.assignments),
+            );
             let timeout = slot.times.deadline(&self.policy.deadline, n_rows);
             let table = Arc::clone(&self.table);
             self.runtime.spawn(async move {
@@ -1270,7 +1274,8 @@ impl ExpertExecutor for RemoteExperts {
         // assignment's SwiGLU rows from the nodes holding its expert's slices.
         let n_ff = self.routed_n_ff(layer);
         let n_embd = self.n_embd;
-        let hidden_round = self.run_step(layer, Round::SliceHidden, inputs, assignments, segments)?;
+        let hidden_round =
+            self.run_step(layer, Round::SliceHidden, inputs, assignments, segments)?;
         let assignments = assignments.to_vec();
         // The second round's rows are the assignments (token-major): their sequences' runs.
         let slot_segments: Option<Vec<usize>> = segments.map(|lengths| {

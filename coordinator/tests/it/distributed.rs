@@ -593,3 +593,47 @@ fn load_based_replica_choice_spreads_each_step_over_the_replicas() {
         "load choice: assignments {a} vs {b}"
     );
 }
+
+/// The fixtures' K-quant experts are one `ffn_down` block wide (they cannot be cut): a
+/// synthetic Qwen3-30B-A3B layer (expert FFN 768 = three Q4_K blocks, down Q6_K) with its
+/// experts sliced over 2 and 3 nodes gives the single-process logits bit for bit — the
+/// two rounds with repacked Q4_K gate/up rows and Q6_K down rows cut at multiples of 16.
+#[test]
+fn k_quant_experts_sliced_over_nodes_are_exact() {
+    use coordinator::synth::{self, SynthConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen3-30b-1l.gguf");
+    let cfg = SynthConfig {
+        shape: "qwen3-30b-a3b".into(),
+        quant: "Q4_K_M".into(),
+        layers: Some(2),
+        vocab: Some(512),
+        experts: Some(16),
+        hidden: None,
+        seed: 7,
+        header_only: false,
+        threads: None,
+        out: model.clone(),
+    };
+    synth::synth(&cfg, &mut |_, _| {}).unwrap();
+    // 12 tokens: the prompt's experts get one to several tokens each (several kernel orders).
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 512).collect();
+    let single = Engine::open(&model).unwrap();
+    let want = single.eval(&prompt).unwrap();
+    let want_greedy = greedy(&single, &prompt, 4);
+    for (n, transport) in [(2, TransportKind::Inproc), (3, TransportKind::Grpc)] {
+        let mut opts = options(n, transport);
+        opts.slice_experts = true;
+        let d = open(&model, &opts);
+        let got = d.engine.eval(&prompt).unwrap();
+        let diff = max_abs(&got, &want);
+        eprintln!("synthetic Qwen3 Q4_K_M sliced x{n}: max |Δ| vs single process = {diff:.2e}");
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "sliced x{n}: must be bit-identical (max |Δ| {diff})"
+        );
+        assert_eq!(greedy(&d.engine, &prompt, 4), want_greedy, "x{n}");
+    }
+}
