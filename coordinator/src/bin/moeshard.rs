@@ -380,7 +380,8 @@ struct DistArgs {
     #[arg(long, value_parser = ["layer", "load"], default_value = "layer")]
     replica_choice: String,
     /// In the even plan, slice every routed expert over all nodes (at quant-block
-    /// boundaries) instead of placing whole experts
+    /// boundaries) instead of placing whole experts: balanced at any batch size, exact (two
+    /// rounds per MoE layer instead of one)
     #[arg(long)]
     slice_experts: bool,
     /// `auto`: one expert node per NUMA node, pinned to its cores and memory, every expert

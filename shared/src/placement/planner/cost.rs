@@ -108,16 +108,15 @@ impl ExpertCost {
         self.down.block_elems()
     }
 
-    /// Bytes of rows `ff` of gate and up and the same columns of down.
+    /// Bytes of rows `ff` of gate and up and the slice's share of down's rows
+    /// ([`crate::placement::slice_down_rows`]).
     pub fn slice_bytes(&self, ff: Range<usize>) -> u64 {
         let rows = ff.len() as u64;
-        let row = |ty: GgmlType| (self.n_embd / ty.block_elems() * ty.block_bytes()) as u64;
-        // down's columns a..b of each of its n_embd rows; cuts are block aligned, and
-        // the end is n_ff (a whole number of blocks in any valid file).
-        let down = self.n_embd as u64
-            * ff.len().div_ceil(self.down.block_elems()) as u64
-            * self.down.block_bytes() as u64;
-        rows * (row(self.gate) + row(self.up)) + down
+        let row = |ty: GgmlType, n: usize| (n / ty.block_elems() * ty.block_bytes()) as u64;
+        let down_rows =
+            crate::placement::slice_down_rows(ff.start, ff.len(), self.n_ff, self.n_embd);
+        rows * (row(self.gate, self.n_embd) + row(self.up, self.n_embd))
+            + down_rows.len() as u64 * row(self.down, self.n_ff)
     }
 
     /// Bytes of the whole expert.
