@@ -448,11 +448,13 @@ fn smaps_mapped(pid: u32, file: &Path) -> u64 {
 }
 
 /// Nodes serving from `moeshard split` files give the same logits as nodes serving the
-/// same plan (every expert and dense part sliced over both) from the full file, and each
-/// maps only its share (checked in smaps).
+/// same plan (every expert and dense part sliced over both) from the full file — and, the
+/// split being exact, as the single-process engine — and each maps only its share (checked
+/// in smaps).
 #[test]
 fn split_files_serve_the_same_results_and_map_only_their_share() {
-    let model = fixtures().join("deepseek2/model-q4_k_m.gguf");
+    // Q8_0: experts of 256 rows cut into 32-row blocks, so every expert is sliced.
+    let model = fixtures().join("deepseek2/model-q8_0.gguf");
     let prompt = ids(&read_json(&fixtures().join("deepseek2/reference.json"))["prompt_tokens"]);
     let tmp = tempfile::tempdir().unwrap();
     let plan = tmp.path().join("plan.toml");
@@ -483,6 +485,14 @@ fn split_files_serve_the_same_results_and_map_only_their_share() {
         },
     );
     let want = full.engine.eval(&prompt).unwrap();
+    let single = Engine::open(&model).unwrap().eval(&prompt).unwrap();
+    assert!(
+        want.iter()
+            .zip(&single)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the sliced plan from the full file vs one process: max |Δ| {}",
+        max_abs(&want, &single)
+    );
 
     let mut children = Vec::new();
     let mut cluster = String::new();
