@@ -444,6 +444,7 @@ impl NodeCore {
             n_tokens,
             assignments = req.assignments.len(),
             us = t0.elapsed().as_micros() as u64,
+            stage = ?req.stage,
             "dispatch"
         );
         Partials::new(rows, width, out).map_err(|e| RemoteError {
