@@ -238,6 +238,10 @@ struct PlanArgs {
     /// The coordinator's cores (default: compute is not a limit)
     #[arg(long)]
     coordinator_cores: Option<usize>,
+    /// One dispatch round trip, µs: paid once per MoE layer with whole experts, twice with
+    /// sliced ones (default: gRPC on loopback; over a network give the measured figure)
+    #[arg(long, value_name = "US", default_value_t = shared::placement::planner::DEFAULT_ROUND_TRIP_S * 1e6)]
+    round_trip_us: f64,
 }
 
 #[derive(Args, Debug)]
@@ -1028,6 +1032,12 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         }
         (None, None) => RoutingModel::uniform(&model.shape, k),
     };
+    if !(args.round_trip_us.is_finite() && args.round_trip_us >= 0.0) {
+        bail!(
+            "--round-trip-us {}: the round trip must be a number of microseconds >= 0",
+            args.round_trip_us
+        );
+    }
     let config = PlannerConfig {
         batch: args.batch,
         replicate_bytes,
@@ -1036,6 +1046,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         kernel_rates: rates,
         coordinator_bandwidth_gbs: args.coordinator_gbs,
         coordinator_cores: args.coordinator_cores,
+        round_trip_s: args.round_trip_us * 1e-6,
         ..PlannerConfig::default()
     };
     let mut planned = planner::plan(&model, &nodes, &routing, &config)

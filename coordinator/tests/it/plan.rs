@@ -204,7 +204,7 @@ fn plan_over_a_synthetic_topology_predicts_dual_socket_kimi_k2() {
         "--out",
         model,
     ]));
-    let predict = |topology: &str| -> serde_json::Value {
+    let predict_rtt = |topology: &str, rtt_us: &str| -> serde_json::Value {
         let out = ok(&moeshard(&[
             "plan",
             "-m",
@@ -217,12 +217,25 @@ fn plan_over_a_synthetic_topology_predicts_dual_socket_kimi_k2() {
             "30",
             "--coordinator-gbs",
             "80",
+            "--round-trip-us",
+            rtt_us,
             "--json",
         ]));
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["summary"].clone()
     };
+    let predict = |topology: &str| predict_rtt(topology, "100");
     let one = predict("synthetic:pack:1 numa:1 core:24 pu:2");
     let two = predict("synthetic:pack:2 numa:1 core:24 pu:2");
+    // Round trips: 60 MoE layers, one each for the single node's whole experts, two each
+    // for the exact split of sliced ones; none when a round trip costs nothing.
+    let rtt = |s: &serde_json::Value| s["prediction"]["round_trip_time_s"].as_f64().unwrap();
+    assert!((rtt(&one) - 60.0 * 100e-6).abs() < 1e-9, "{}", rtt(&one));
+    assert!((rtt(&two) - 120.0 * 100e-6).abs() < 1e-9, "{}", rtt(&two));
+    let free = predict_rtt("synthetic:pack:2 numa:1 core:24 pu:2", "0");
+    assert_eq!(rtt(&free), 0.0);
+    let p = &free["prediction"];
+    let sum = p["expert_time_s"].as_f64().unwrap() + p["dense_time_s"].as_f64().unwrap();
+    assert!((p["step_time_s"].as_f64().unwrap() - sum).abs() < 1e-12);
     let tps = |s: &serde_json::Value| s["prediction"]["tokens_per_s"].as_f64().unwrap();
     let names = |s: &serde_json::Value| -> Vec<String> {
         (s["nodes"].as_array().unwrap().iter())
@@ -243,7 +256,17 @@ fn plan_over_a_synthetic_topology_predicts_dual_socket_kimi_k2() {
         "two sockets {t2} vs one {t1}"
     );
 
-    // A bad bandwidth and a missing cluster are usage errors naming the flag.
+    // A bad bandwidth or round trip and a missing cluster are errors naming the flag.
+    let bad_rtt = moeshard(&[
+        "plan",
+        "-m",
+        model,
+        "--topology",
+        "synthetic:pack:2 numa:1 core:2 pu:1",
+        "--round-trip-us=-5",
+    ]);
+    assert!(!bad_rtt.status.success());
+    assert!(String::from_utf8_lossy(&bad_rtt.stderr).contains("--round-trip-us"));
     let bad = moeshard(&[
         "plan",
         "-m",

@@ -54,7 +54,7 @@ pub use self::shape::{FfnShape, FfnTensors, LayerShape, ModelShape, RowSource};
 /// A sliced FFN is computed exactly, in two rounds: every node computes its rows of gate
 /// and up and their SwiGLU, the coordinator joins each token's whole hidden row and
 /// quantizes it once, and every node computes whole rows of down from it — a share of
-/// down's rows in proportion to its share of `n_ff`, cut at multiples of 16 rows (a Q4_K
+/// down's rows in proportion to its share of `n_ff`, cut at the nearest multiple of 16 rows (a Q4_K
 /// down that ggml repacks in groups of 8 rows is cut between groups, and the tiled kernels'
 /// row groups stay whole). The slices of an FFN tile `0..n_embd` as their ff rows tile
 /// `0..n_ff`; a thin slice may get no row. A whole FFN gets every row.
@@ -68,8 +68,11 @@ pub fn slice_down_rows(
         if ff >= n_ff {
             n_embd
         } else {
-            let share = (ff as u128 * n_embd as u128 / n_ff.max(1) as u128) as usize;
-            share / 16 * 16
+            // ff·n_embd/n_ff to the nearest multiple of 16 (so that slices alternating the
+            // larger share of ff rows also share down's rows evenly).
+            let units =
+                (2 * ff as u128 * n_embd as u128 + 16 * n_ff as u128) / (32 * n_ff.max(1) as u128);
+            ((units * 16) as usize).min(n_embd)
         }
     };
     cut(ff_start)..cut(ff_start + ff_len)

@@ -43,6 +43,11 @@ use super::{Cluster, PlacementError, Plan};
 /// core of the development machine reads 22–24 GB/s).
 pub const DEFAULT_READ_BANDWIDTH_GBS: f64 = 20.0;
 
+/// The round trip of one decode dispatch assumed by default, seconds: gRPC on loopback
+/// (`cargo bench -p coordinator --bench dispatch`: 70–130 µs p50 on the development
+/// machine); over a LAN give the measured figure.
+pub const DEFAULT_ROUND_TRIP_S: f64 = 100e-6;
+
 /// Monte Carlo steps sampled per candidate by default.
 pub const DEFAULT_SAMPLES: usize = 1000;
 
@@ -158,6 +163,9 @@ pub struct PlannerConfig {
     pub coordinator_cores: Option<usize>,
     /// The replica choice the predictions assume.
     pub replica_rule: ReplicaRule,
+    /// One dispatch round trip (seconds), paid once per MoE layer for whole experts and
+    /// twice for a layer with sliced experts (the exact split's two rounds).
+    pub round_trip_s: f64,
 }
 
 impl Default for PlannerConfig {
@@ -171,6 +179,7 @@ impl Default for PlannerConfig {
             coordinator_bandwidth_gbs: DEFAULT_READ_BANDWIDTH_GBS,
             coordinator_cores: None,
             replica_rule: ReplicaRule::ByLayer,
+            round_trip_s: DEFAULT_ROUND_TRIP_S,
         }
     }
 }
@@ -656,7 +665,7 @@ fn notes(
         }
     }
     notes.push(format!(
-        "not modelled: round trips per layer, serialization, and the overlap of the shared expert with the nodes' work ({} sampled steps, seed {})",
+        "not modelled: serialization, and the overlap of the shared expert with the nodes' work ({} sampled steps, seed {})",
         config.samples, config.seed
     ));
     notes
@@ -677,13 +686,17 @@ impl PlanSummary {
         );
         let _ = writeln!(
             out,
-            "step time        {} = experts {} (± {}) + coordinator dense {} ({} at {} GB/s)",
+            "step time        {} = experts {} (± {}) + coordinator dense {} ({} at {} GB/s) \
+             + round trips {} ({} of {})",
             fmt_time(p.step_time_s),
             fmt_time(p.expert_time_s),
             fmt_time(p.expert_time_stderr_s),
             fmt_time(p.dense_time_s),
             fmt_bytes(self.dense_bytes as f64),
-            self.config.coordinator_bandwidth_gbs
+            self.config.coordinator_bandwidth_gbs,
+            fmt_time(p.round_trip_time_s),
+            (p.round_trip_time_s / self.config.round_trip_s.max(f64::MIN_POSITIVE)).round(),
+            fmt_time(self.config.round_trip_s)
         );
         let _ = writeln!(
             out,

@@ -29,8 +29,11 @@ pub struct Prediction {
     pub max_of_expected_s: f64,
     /// The coordinator's dense part, seconds per step.
     pub dense_time_s: f64,
-    /// `expert_time_s + dense_time_s` (round trips, serialization and the
-    /// overlap of the shared expert with the nodes are not modelled).
+    /// The dispatch round trips of a step: one per MoE layer, two where the layer has
+    /// sliced experts.
+    pub round_trip_time_s: f64,
+    /// `expert_time_s + dense_time_s + round_trip_time_s` (serialization and the overlap
+    /// of the shared expert with the nodes are not modelled).
     pub step_time_s: f64,
     /// Decode tokens per second at the batch size: `batch / step_time_s`.
     pub tokens_per_s: f64,
@@ -244,12 +247,23 @@ pub(super) fn simulate(
                         .then(b.cmp(&a))
                 })
                 .unwrap_or(0);
-            let step_time_s = mean + dense_time_s;
+            let rounds: usize = (moe_layers.iter())
+                .map(|&l| {
+                    if sliced_layer(&sims[c][l], &model.routed[l]) {
+                        2
+                    } else {
+                        1
+                    }
+                })
+                .sum();
+            let round_trip_time_s = rounds as f64 * config.round_trip_s;
+            let step_time_s = mean + dense_time_s + round_trip_time_s;
             Prediction {
                 expert_time_s: mean,
                 expert_time_stderr_s: (var / n).sqrt(),
                 max_of_expected_s,
                 dense_time_s,
+                round_trip_time_s,
                 step_time_s,
                 tokens_per_s: config.batch as f64 / step_time_s.max(f64::MIN_POSITIVE),
                 nodes: nodes_out,
@@ -257,6 +271,14 @@ pub(super) fn simulate(
             }
         })
         .collect()
+}
+
+/// Whether a layer has an expert cut into slices (computed in two rounds).
+fn sliced_layer(experts: &[Vec<SimSlice>], cost: &Option<super::cost::ExpertCost>) -> bool {
+    let whole = cost.as_ref().map_or(0.0, |c| c.expert_bytes() as f64);
+    experts
+        .iter()
+        .any(|slices| slices.len() > 1 || slices.iter().any(|s| s.bytes < whole))
 }
 
 /// The coordinator's time per step for the dense part: read once per step,
