@@ -330,10 +330,16 @@ fn killed_or_stalled_node_is_named_within_the_deadline() {
     // 24 tokens: every node gets work in every layer.
     let prompt = ids(&read_json(&fixtures().join("qwen3moe/reference.json"))["prompt_tokens"]);
     let deadline = Duration::from_secs(2);
-    for transport in [TransportKind::Grpc, TransportKind::Quic] {
+    // Whole experts (one round per layer) and sliced ones (two rounds: either can fail).
+    for (transport, sliced) in [
+        (TransportKind::Grpc, false),
+        (TransportKind::Quic, false),
+        (TransportKind::Grpc, true),
+    ] {
         for stall in [false, true] {
             let mut opts = options(2, transport);
             opts.deadline = DeadlinePolicy::Fixed(deadline);
+            opts.slice_experts = sliced;
             let mut d = open(&model, &opts);
             d.engine.eval(&prompt).unwrap();
             let nodes = d.local_nodes.as_mut().unwrap();
@@ -354,7 +360,7 @@ fn killed_or_stalled_node_is_named_within_the_deadline() {
                 // SAFETY: as above; lets the node stop cleanly when dropped.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
             }
-            eprintln!("{transport} stall={stall}: {took:?}: {err}");
+            eprintln!("{transport} sliced={sliced} stall={stall}: {took:?}: {err}");
             assert!(
                 err.contains("node1"),
                 "{transport}: error names the node: {err}"
