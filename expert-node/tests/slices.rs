@@ -9,8 +9,8 @@ use expert_node::NodeWeights;
 use shared::gguf::GgufFile;
 use shared::moe::{
     add_weighted, compute_routed_segments, dense_down_segments, dense_hidden_segments,
-    routed_down_segments, routed_hidden_segments, slice_answer_width, Assignment, ExpertSource,
-    FfnMatrices,
+    per_slot_rows, routed_down_segments, routed_hidden_segments, slice_answer_width, Assignment,
+    ExpertSource, FfnMatrices,
 };
 use shared::placement::{slice_down_rows, ModelShape, Part, SliceSpec};
 use shared::quant::dispatch::Kernels;
@@ -198,12 +198,7 @@ fn check_routed(model: PathBuf, layer: u32) -> bool {
     }
     let hq = Activations::quantize(k, m.down.ty, &hidden, n_ff);
     // Round 2: one row per assignment.
-    let slots: Vec<Assignment> = (assignments.iter().enumerate())
-        .map(|(i, a)| Assignment {
-            token: i as u32,
-            ..*a
-        })
-        .collect();
+    let slots = per_slot_rows(&assignments);
     let mut outputs = vec![0.0f32; n_slots * n_embd];
     for (w, ff) in halves.iter().zip([0..cut, cut..n_ff]) {
         let src = Layer { weights: w, layer };

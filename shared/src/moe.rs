@@ -664,82 +664,34 @@ pub fn slice_answer_width(
         .unwrap_or(0)
 }
 
-/// The first round of routed experts held as slices (the exact split, as for a dense part):
-/// for every assignment slot, silu(gate·x) ⊙ up·x of the rows of gate and up the slices of
-/// its expert held here give, side by side in ff order, zero padded to `width`, into `out`
-/// (`assignments.len() × width`, overwritten). Weights are not used: the coordinator joins
-/// each slot's hidden row, quantizes it once and asks for the second round.
-pub fn routed_hidden_segments(
-    kernels: &Kernels,
-    source: &dyn ExpertSource,
-    inputs: &[Activations],
-    assignments: &[Assignment],
-    segments: Segments<'_>,
-    width: usize,
-    out: &mut [f32],
-) -> Result<(), MoeError> {
-    let n_embd = source.n_embd();
-    let n_tokens = check_inputs(inputs, n_embd)?;
-    if out.len() != assignments.len() * width {
-        return Err(MoeError::Shape(format!(
-            "output of {} values for {} slots x {width}",
-            out.len(),
-            assignments.len()
-        )));
-    }
-    let seq_of = sequence_of_tokens(n_tokens, segments)?;
-    let by_expert = slots_by_expert(assignments, n_tokens, source.n_expert())?;
-    type Pieces = (Vec<usize>, Vec<(usize, Vec<f32>)>);
-    let done = per_expert(by_expert, |(expert, slots)| -> Result<Pieces, MoeError> {
-        let tokens: Vec<usize> = (slots.iter())
-            .map(|&s| assignments[s].token as usize)
-            .collect();
-        let expert_segments = runs(tokens.iter().map(|&t| seq_of[t]));
-        let slices = source.expert(expert);
-        if slices.is_empty() {
-            return Err(MoeError::NotHeld { expert });
-        }
-        if slices.iter().map(FfnMatrices::n_ff).sum::<usize>() > width {
-            return Err(MoeError::Shape(format!(
-                "expert {expert}'s slices are wider than the answer's {width}"
-            )));
-        }
-        let mut pieces = Vec::with_capacity(slices.len());
-        for m in &slices {
-            m.validate_slice(n_embd)?;
-            let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
-            let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
-            let rows = expert_hidden(kernels, m, x_gate, x_up, &tokens, &expert_segments);
-            pieces.push((m.n_ff(), rows));
-        }
-        Ok((slots, pieces))
-    })?;
-    out.fill(0.0);
-    crate::profile::work(|| {
-        for (slots, pieces) in &done {
-            place_rows(out, width, slots, pieces);
-        }
-    });
-    Ok(())
+/// The assignments of a routed slices' second round, whose input has one row per
+/// assignment: each assignment with `token` set to its own index (its row).
+pub fn per_slot_rows(assignments: &[Assignment]) -> Vec<Assignment> {
+    (assignments.iter().enumerate())
+        .map(|(i, a)| Assignment {
+            token: i as u32,
+            ..*a
+        })
+        .collect()
 }
 
-/// The second round of routed experts held as slices: for every assignment slot, the rows
-/// of down the slices of its expert held here give, from the slot's whole hidden row
-/// (`hidden`, row `token` of the assignment: one row per slot, quantized for down), side
-/// by side in ff order, zero padded to `width`, into `out` (`assignments.len() × width`,
-/// overwritten). Each value is one whole dot product over the expert's `n_ff`, so the rows
-/// of all nodes together are exactly the single-process expert output; the coordinator
-/// adds the slots' weighted outputs in routing order. `segments` are over `hidden`'s rows.
-pub fn routed_down_segments(
-    kernels: &Kernels,
+/// One round of routed slices: per expert (its slots' input rows `a.token`, their sequence
+/// runs) each slice held here gives `piece` → (its width, its rows per slot); the pieces go
+/// side by side in slice order into each slot's row of `out` (`width` per slot, zero padded).
+fn slice_round<F>(
     source: &dyn ExpertSource,
-    hidden: &Activations,
     assignments: &[Assignment],
+    n_rows: usize,
     segments: Segments<'_>,
     width: usize,
     out: &mut [f32],
-) -> Result<(), MoeError> {
-    let n_rows = hidden.n_tokens();
+    piece: F,
+) -> Result<(), MoeError>
+where
+    F: Fn(u32, &FfnMatrices<'_>, &[usize], &[usize]) -> Result<(usize, Vec<f32>), MoeError>
+        + Sync
+        + Send,
+{
     if out.len() != assignments.len() * width {
         return Err(MoeError::Shape(format!(
             "output of {} values for {} slots x {width}",
@@ -760,26 +712,15 @@ pub fn routed_down_segments(
         if slices.is_empty() {
             return Err(MoeError::NotHeld { expert });
         }
-        if slices.iter().map(|m| m.down.n_rows).sum::<usize>() > width {
-            return Err(MoeError::Shape(format!(
-                "expert {expert}'s rows of down are more than the answer's {width}"
-            )));
-        }
-        let x = crate::profile::work(|| hidden.gather(&rows));
         let mut pieces = Vec::with_capacity(slices.len());
         for m in &slices {
             m.validate_slice(n_embd)?;
-            let d = &m.down;
-            if x.n_cols() != d.n_cols || x.ty() != d.ty.vec_dot_type() {
-                return Err(MoeError::Shape(format!(
-                    "hidden rows of {} {} for expert {expert}'s down rows of {} {}",
-                    x.n_cols(),
-                    x.ty(),
-                    d.n_cols,
-                    d.ty
-                )));
-            }
-            pieces.push((d.n_rows, expert_down(kernels, m, &x, &expert_segments)));
+            pieces.push(piece(expert, m, &rows, &expert_segments)?);
+        }
+        if pieces.iter().map(|p| p.0).sum::<usize>() > width {
+            return Err(MoeError::Shape(format!(
+                "expert {expert}'s slices give rows wider than the answer's {width}"
+            )));
         }
         Ok((slots, pieces))
     })?;
@@ -790,6 +731,79 @@ pub fn routed_down_segments(
         }
     });
     Ok(())
+}
+
+/// The first round of routed experts held as slices (the exact split, as for a dense part):
+/// for every assignment slot, silu(gate·x) ⊙ up·x of the rows of gate and up the slices of
+/// its expert held here give, side by side in ff order, zero padded to `width`, into `out`
+/// (`assignments.len() × width`, overwritten). Weights are not used: the coordinator joins
+/// each slot's hidden row, quantizes it once and asks for the second round.
+pub fn routed_hidden_segments(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    inputs: &[Activations],
+    assignments: &[Assignment],
+    segments: Segments<'_>,
+    width: usize,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    let n_tokens = check_inputs(inputs, source.n_embd())?;
+    slice_round(
+        source,
+        assignments,
+        n_tokens,
+        segments,
+        width,
+        out,
+        |_, m, tokens, seg| {
+            let x_gate = find_input(inputs, m.gate.ty.vec_dot_type())?;
+            let x_up = find_input(inputs, m.up.ty.vec_dot_type())?;
+            Ok((
+                m.n_ff(),
+                expert_hidden(kernels, m, x_gate, x_up, tokens, seg),
+            ))
+        },
+    )
+}
+
+/// The second round of routed experts held as slices: for every assignment slot, the rows
+/// of down the slices of its expert held here give, from the slot's whole hidden row
+/// (`hidden`, row `token` of the assignment: one row per slot, quantized for down), side
+/// by side in ff order, zero padded to `width`, into `out` (`assignments.len() × width`,
+/// overwritten). Each value is one whole dot product over the expert's `n_ff`, so the rows
+/// of all nodes together are exactly the single-process expert output; the coordinator
+/// adds the slots' weighted outputs in routing order. `segments` are over `hidden`'s rows.
+pub fn routed_down_segments(
+    kernels: &Kernels,
+    source: &dyn ExpertSource,
+    hidden: &Activations,
+    assignments: &[Assignment],
+    segments: Segments<'_>,
+    width: usize,
+    out: &mut [f32],
+) -> Result<(), MoeError> {
+    slice_round(
+        source,
+        assignments,
+        hidden.n_tokens(),
+        segments,
+        width,
+        out,
+        |expert, m, rows, seg| {
+            let d = &m.down;
+            if hidden.n_cols() != d.n_cols || hidden.ty() != d.ty.vec_dot_type() {
+                return Err(MoeError::Shape(format!(
+                    "hidden rows of {} {} for expert {expert}'s down rows of {} {}",
+                    hidden.n_cols(),
+                    hidden.ty(),
+                    d.n_cols,
+                    d.ty
+                )));
+            }
+            let x = crate::profile::work(|| hidden.gather(rows));
+            Ok((d.n_rows, expert_down(kernels, m, &x, seg)))
+        },
+    )
 }
 
 /// Why an expert computation was refused.

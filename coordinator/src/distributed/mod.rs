@@ -1302,12 +1302,7 @@ impl ExpertExecutor for RemoteExperts {
             // Each assignment's whole hidden row, quantized once, as the single-process
             // engine quantizes it for down.
             let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
-            let slots: Vec<Assignment> = (assignments.iter().enumerate())
-                .map(|(i, a)| Assignment {
-                    token: i as u32,
-                    ..*a
-                })
-                .collect();
+            let slots = shared::moe::per_slot_rows(&assignments);
             let mut outputs = vec![0.0f32; n_slots * n_embd];
             self.run_step(
                 layer,

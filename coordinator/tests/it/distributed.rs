@@ -70,6 +70,25 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `got` against the single-process logits: bit for bit where the plan is `exact`,
+/// within [`PLAN_TOLERANCE`] otherwise.
+fn check_logits(got: &[f32], want: &[f32], exact: bool, what: &str) {
+    let diff = max_abs(got, want);
+    if exact {
+        assert!(
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: must be bit-identical (max |Δ| {diff})"
+        );
+    } else {
+        assert!(
+            diff <= PLAN_TOLERANCE,
+            "{what}: max |Δ| {diff} > {PLAN_TOLERANCE}"
+        );
+    }
+}
+
 /// A plan where the middle experts of every MoE layer live on both nodes.
 fn replica_plan(model: &Path, dir: &Path) -> PathBuf {
     let shape = ModelShape::from_gguf(&GgufFile::open(model).unwrap()).unwrap();
@@ -159,19 +178,8 @@ fn matrix(arch: &str) {
             let got = d.engine.eval(&prompt).unwrap();
             let diff = max_abs(&got, &want);
             eprintln!("{arch} {variant} {name}: max |Δ| vs single process = {diff:.2e}");
-            if opts.nodes == Some(1) || name.contains("dense parts split") {
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{arch} {variant} {name}: must be bit-identical (max |Δ| {diff})"
-                );
-            } else {
-                assert!(
-                    diff <= PLAN_TOLERANCE,
-                    "{arch} {variant} {name}: max |Δ| {diff} > {PLAN_TOLERANCE}"
-                );
-            }
+            let exact = opts.nodes == Some(1) || name.contains("dense parts split");
+            check_logits(&got, &want, exact, &format!("{arch} {variant} {name}"));
             assert_eq!(
                 greedy(&d.engine, &prompt, N_GREEDY),
                 want_greedy,
@@ -206,19 +214,7 @@ fn matrix(arch: &str) {
             let got = d.engine.eval(&prompt).unwrap();
             let diff = max_abs(&got, &want);
             eprintln!("{arch} {variant} {name}: max |Δ| vs single process = {diff:.2e}");
-            if cuttable {
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{arch} {variant} {name}: must be bit-identical (max |Δ| {diff})"
-                );
-            } else {
-                assert!(
-                    diff <= PLAN_TOLERANCE,
-                    "{arch} {variant} {name}: max |Δ| {diff} > {PLAN_TOLERANCE}"
-                );
-            }
+            check_logits(&got, &want, cuttable, &format!("{arch} {variant} {name}"));
             assert_eq!(
                 greedy(&d.engine, &prompt, N_GREEDY),
                 want_greedy,
