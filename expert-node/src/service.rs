@@ -389,6 +389,18 @@ impl NodeCore {
             // (ONE_ROUND is refused for a dense part when the dispatch is checked.)
             (FfnPart::Dense, _) => (n_tokens, dense.iter().map(FfnMatrices::n_ff).sum()),
         };
+        // Checked before anything is allocated or computed: the answer must fit a result.
+        if rows * width > proto::limits::MAX_DISPATCH_VALUES {
+            return Err(RemoteError {
+                code: wire::ErrorCode::BadRequest,
+                message: format!(
+                    "layer {}: the answer would be {rows} rows of {width} values, over the \
+                     protocol's limit of {} values",
+                    req.layer,
+                    proto::limits::MAX_DISPATCH_VALUES
+                ),
+            });
+        }
         let mut out = vec![0.0f32; rows * width];
         let segments = (!req.segments.is_empty()).then_some(req.segments.as_slice());
         let (k, inputs, assignments) = (self.kernels, &req.inputs, &req.assignments);
