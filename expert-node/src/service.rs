@@ -4,7 +4,8 @@
 //! inventory before anything is computed; a refused message gets an error answer naming
 //! the problem, never a crash. A dispatch's tokens are grouped per expert (one batched
 //! matmul per expert) and the weighted outputs summed per token: one partial-sum vector
-//! per token goes back.
+//! per token goes back — or, for slices (the two rounds of an exact split), the slices'
+//! SwiGLU rows or rows of down, per token (dense part) or per assignment (routed experts).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;

@@ -313,9 +313,10 @@ fn check_io(inputs: &[Activations], n_embd: usize, out: &[f32]) -> Result<usize,
     Ok(n_tokens)
 }
 
-/// [`compute_experts`] over any [`ExpertSource`]: each expert's slices are computed for
-/// its tokens together and summed in slice order; a node holding whole experts computes
-/// exactly what the single-process engine computes.
+/// [`compute_experts`] over any [`ExpertSource`] holding whole experts (one expert's tokens
+/// computed together): exactly what the single-process engine computes. An expert held as
+/// slices is refused ([`MoeError::Sliced`]): slices take the two rounds of
+/// [`routed_hidden_segments`] and [`routed_down_segments`].
 pub fn compute_routed(
     kernels: &Kernels,
     source: &dyn ExpertSource,

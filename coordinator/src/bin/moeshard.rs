@@ -435,6 +435,7 @@ impl DistArgs {
             },
             launch: None,
             slice_experts: self.slice_experts,
+            slice_chunk_slots: None,
             numa_auto: self.numa == "auto",
             topology: self.topology.clone(),
             model_per_node: self.model_per_node.clone(),

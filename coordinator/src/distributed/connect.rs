@@ -36,6 +36,9 @@ pub struct DistOptions {
     /// In an even plan, slice every routed expert over all nodes instead of placing whole
     /// experts (balanced at any batch size; DESIGN.md "Placement").
     pub slice_experts: bool,
+    /// Chunks of at most this many assignments for sliced layers' two rounds (`None`: as
+    /// the protocol's limits require; small values test the chunking).
+    pub slice_chunk_slots: Option<usize>,
     /// One node per NUMA node of the topology, pinned there, with a sliced even plan.
     pub numa_auto: bool,
     /// The topology for `numa_auto` (`synthetic:…` or `xml:…`); default: this machine.
@@ -71,6 +74,7 @@ impl Default for DistOptions {
             split_dense: false,
             launch: None,
             slice_experts: false,
+            slice_chunk_slots: None,
             numa_auto: false,
             topology: None,
             model_per_node: Vec::new(),
@@ -255,6 +259,10 @@ pub fn open_distributed(
             replica_choice: opts.replica_choice,
         },
     )?;
+    let remote = match opts.slice_chunk_slots {
+        Some(n) => remote.with_slice_chunks(n),
+        None => remote,
+    };
     info!(nodes = remote.node_names().len(), "experts placed on nodes");
     Ok(DistributedEngine {
         engine: Engine::with_executor(model, Box::new(remote)),

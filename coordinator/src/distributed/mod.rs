@@ -5,7 +5,10 @@
 //! the node holding each expert or slice (one replica chosen per slice), sends each
 //! involved node ONE dispatch with the rows of the tokens it needs, all nodes in flight at
 //! once, and adds the partial sums in the plan's node order, so results are deterministic:
-//! with one node they are bit-identical to the single-process engine.
+//! with one node they are bit-identical to the single-process engine. A layer with experts
+//! held as slices takes two rounds instead (each assignment's SwiGLU rows, joined and
+//! quantized here; then each node's rows of down per assignment, added here in routing
+//! order): bit-identical with any slicing.
 //!
 //! Failover: a node that misses the dispatch deadline ([`deadline`]: by default a multiple
 //! of its measured dispatch times), drops or refuses is marked down; its part of the step
@@ -14,7 +17,8 @@
 //! re-verified (model identity, the slices the plan gives it) and reused. An expert with
 //! no live replica fails the step naming it, or, in degraded mode, is dropped from the
 //! tokens routed to it (their other experts' weights rescaled to the original total),
-//! counted and logged.
+//! counted and logged — in layers of whole experts; a sliced expert missing a slice always
+//! fails the step.
 //!
 //! - [`launcher`]: loopback mode (N node processes on 127.0.0.1, or in-process nodes).
 //! - [`connect`]: links to daemons already running, from a cluster file.
@@ -215,6 +219,9 @@ pub struct RemoteExperts {
     /// where the layer's experts are held as slices (two rounds); `None` where each expert
     /// is whole on its node (one round) or the layer has no routed experts.
     sliced_down: Vec<Option<GgmlType>>,
+    /// The most assignments in one chunk of a sliced layer's two rounds (`None`: what the
+    /// protocol's limits allow).
+    slice_chunk_slots: Option<usize>,
     policy: FailurePolicy,
     /// (token, expert) assignments dropped in degraded mode.
     dropped: AtomicU64,
@@ -230,6 +237,13 @@ impl Drop for RemoteExperts {
         self.prober.abort();
     }
 }
+
+/// Which (expert, slice index, replicas) of a layer a routing covers.
+type SliceFilter<'a> = dyn Fn(u32, usize, &[usize]) -> bool + 'a;
+
+/// A routed round's work per node, the assignments dropped (degraded mode), and the node
+/// that serves each (expert, slice index).
+type Routing = (Vec<NodeWork>, Vec<Assignment>, HashMap<(u32, usize), usize>);
 
 /// What one node is asked for in one round of a step: its token rows and assignments.
 struct NodeWork {
@@ -507,6 +521,7 @@ impl RemoteExperts {
             plan,
             n_embd,
             sliced_down,
+            slice_chunk_slots: None,
             policy,
             dropped: AtomicU64::new(0),
             dropped_logged_ms: AtomicU64::new(0),
@@ -514,6 +529,14 @@ impl RemoteExperts {
             next_step: AtomicU64::new(1),
             prober,
         })
+    }
+
+    /// Cuts sliced layers' two rounds into chunks of at most `slots` assignments (whole
+    /// experts per chunk): what the protocol's limits force on big batches, made small to
+    /// test it.
+    pub fn with_slice_chunks(mut self, slots: usize) -> RemoteExperts {
+        self.slice_chunk_slots = Some(slots.max(1));
+        self
     }
 
     /// The nodes' names, in plan order.
@@ -548,7 +571,7 @@ impl RemoteExperts {
         layer: usize,
         assignments: &[Assignment],
         live: &[bool],
-        keep: &dyn Fn(&[usize]) -> bool,
+        keep: &SliceFilter<'_>,
     ) -> HashMap<(u32, usize), usize> {
         let mut tokens: HashMap<u32, usize> = HashMap::new();
         for a in assignments {
@@ -563,7 +586,7 @@ impl RemoteExperts {
             let Some(slices) = self.plan.slices(layer, Part::Routed, e as usize) else {
                 continue;
             };
-            for (i, s) in slices.iter().enumerate().filter(|(_, s)| keep(&s.replicas)) {
+            for (i, s) in (slices.iter().enumerate()).filter(|(i, s)| keep(e, *i, &s.replicas)) {
                 let homes: Vec<usize> = (s.replicas.iter().copied())
                     .filter(|&r| live.get(r).copied().unwrap_or(false))
                     .collect();
@@ -595,8 +618,8 @@ impl RemoteExperts {
         n_tokens: usize,
         assignments: &[Assignment],
         live: &[bool],
-        keep: &dyn Fn(&[usize]) -> bool,
-    ) -> Result<(Vec<NodeWork>, Vec<Assignment>), EngineError> {
+        keep: &SliceFilter<'_>,
+    ) -> Result<Routing, EngineError> {
         let n_nodes = self.table.nodes.len();
         let chosen = match self.policy.replica_choice {
             ReplicaChoice::Layer => HashMap::new(),
@@ -608,6 +631,7 @@ impl RemoteExperts {
         // (expert, its holders) of every slice without a live replica: all named at once.
         let mut missing: Vec<(u32, Vec<usize>)> = Vec::new();
         let mut dropped: Vec<Assignment> = Vec::new();
+        let mut served: HashMap<(u32, usize), usize> = HashMap::new();
         for (slot, a) in assignments.iter().enumerate() {
             let slices = self
                 .plan
@@ -620,10 +644,14 @@ impl RemoteExperts {
                 })?;
             nodes.clear();
             let mut lost = false;
-            for (i, s) in slices.iter().enumerate().filter(|(_, s)| keep(&s.replicas)) {
+            let kept = (slices.iter().enumerate()).filter(|(i, s)| keep(a.expert, *i, &s.replicas));
+            for (i, s) in kept {
                 let choice = chosen.get(&(a.expert, i)).copied();
                 match choice.or_else(|| pick_live(&s.replicas, layer, live)) {
-                    Some(node) => nodes.push(node),
+                    Some(node) => {
+                        nodes.push(node);
+                        served.insert((a.expert, i), node);
+                    }
                     None => {
                         lost = true;
                         if !missing.iter().any(|(e, _)| *e == a.expert) {
@@ -685,7 +713,7 @@ impl RemoteExperts {
                 }
             })
             .collect();
-        Ok((work, dropped))
+        Ok((work, dropped, served))
     }
 
     /// The experts of `missing` (expert, holders) and the names of their holders, each
@@ -979,13 +1007,15 @@ impl RemoteExperts {
         }
         let live = self.live();
         let all = |_: &[usize]| true;
-        let (work, dropped) = match round {
+        let all_slices = |_: u32, _: usize, _: &[usize]| true;
+        let (work, dropped, served) = match round {
             Round::Routed | Round::SliceHidden | Round::SliceDown => {
-                self.route(layer, n_tokens, assignments, &live, &all)?
+                self.route(layer, n_tokens, assignments, &live, &all_slices)?
             }
             Round::DenseHidden | Round::DenseDown => (
                 self.route_dense(layer, round, n_tokens, &live, &all)?,
                 Vec::new(),
+                HashMap::new(),
             ),
         };
         if round.per_slot() && !dropped.is_empty() {
@@ -1023,6 +1053,7 @@ impl RemoteExperts {
             let mut live = live;
             let mut work = work;
             let mut dropped = dropped;
+            let mut served = served;
             // (node, its rows, its assignments' slots and experts, its answer) in the order
             // they are added.
             type Answer = (usize, Vec<usize>, Vec<(usize, u32)>, Partials);
@@ -1072,26 +1103,33 @@ impl RemoteExperts {
                 let was_failed = |replicas: &[usize]| {
                     pick_live(replicas, layer, &before).is_some_and(|n| failed.contains(&n))
                 };
+                // Routed slices: exactly those the failed nodes were serving (with
+                // `--replica-choice load` not necessarily the default replica).
+                let served_by_failed = |expert: u32, i: usize, _: &[usize]| {
+                    served.get(&(expert, i)).is_some_and(|n| failed.contains(n))
+                };
                 let retry = match round {
                     Round::Routed if self.policy.degraded => {
                         // Whatever is lost now must be lost for every token of the step, and
                         // some of a lost expert's slices may already be summed: start the
                         // step over on the live nodes.
                         done.clear();
-                        self.route(layer, n_tokens, &assignments, &live, &all)
-                            .map(|(w, d)| {
+                        self.route(layer, n_tokens, &assignments, &live, &all_slices)
+                            .map(|(w, d, s)| {
                                 dropped = d;
+                                served = s;
                                 w
                             })
                     }
                     Round::Routed | Round::SliceHidden | Round::SliceDown => self
-                        .route(layer, n_tokens, &assignments, &live, &was_failed)
-                        .and_then(|(w, d)| {
+                        .route(layer, n_tokens, &assignments, &live, &served_by_failed)
+                        .and_then(|(w, d, s)| {
                             if round.per_slot() && !d.is_empty() {
                                 Err(EngineError::Node(format!(
                                     "layer {layer}: a sliced expert's slice has no live replica"
                                 )))
                             } else {
+                                served.extend(s);
                                 Ok(w)
                             }
                         }),
@@ -1252,6 +1290,57 @@ fn pick_live(replicas: &[usize], layer: usize, live: &[bool]) -> Option<usize> {
         .find(|&r| live.get(r).copied().unwrap_or(false))
 }
 
+/// The assignment slots in chunks of whole experts (each expert's slots in one chunk), at
+/// most `max_slots` per chunk unless one expert alone has more; slots ascending in each.
+fn slot_chunks(assignments: &[Assignment], max_slots: usize) -> Vec<Vec<usize>> {
+    if assignments.len() <= max_slots {
+        return vec![(0..assignments.len()).collect()];
+    }
+    let mut by_expert: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (slot, a) in assignments.iter().enumerate() {
+        by_expert.entry(a.expert).or_default().push(slot);
+    }
+    let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
+    for slots in by_expert.into_values() {
+        let last = chunks.last_mut().expect("non-empty");
+        if !last.is_empty() && last.len() + slots.len() > max_slots {
+            chunks.push(slots);
+        } else {
+            last.extend(slots);
+        }
+    }
+    for c in &mut chunks {
+        c.sort_unstable();
+    }
+    chunks
+}
+
+/// The assignments of `slots`, in order.
+fn pick(assignments: &[Assignment], slots: &[usize]) -> Vec<Assignment> {
+    slots.iter().map(|&s| assignments[s]).collect()
+}
+
+/// The sequence runs of a slice down round's rows (one per assignment of `sub`, token-major),
+/// from the batch's token `segments`.
+fn slot_segments(sub: &[Assignment], segments: Option<&[usize]>) -> Option<Vec<usize>> {
+    let lengths = segments?;
+    let mut seq_of = Vec::new();
+    for (s, &len) in lengths.iter().enumerate() {
+        seq_of.extend(std::iter::repeat_n(s, len));
+    }
+    let mut runs: Vec<usize> = Vec::new();
+    let mut last = None;
+    for a in sub {
+        let s = seq_of.get(a.token as usize).copied();
+        match runs.last_mut() {
+            Some(n) if last == s => *n += 1,
+            _ => runs.push(1),
+        }
+        last = s;
+    }
+    Some(runs)
+}
+
 fn part_to_wire(p: Part) -> FfnPart {
     match p {
         Part::Routed => FfnPart::Routed,
@@ -1270,48 +1359,65 @@ impl ExpertExecutor for RemoteExperts {
         let Some(down_type) = self.sliced_down.get(layer).copied().flatten() else {
             return self.run_step(layer, Round::Routed, inputs, assignments, segments);
         };
-        // Experts held as slices: two rounds, exactly as a dense part is split. First each
-        // assignment's SwiGLU rows from the nodes holding its expert's slices.
+        // Experts held as slices: two rounds, exactly as a dense part is split. The
+        // assignments go in chunks of whole experts (every slot of an expert in one chunk,
+        // so its tokens are computed together, in the single-process float order) small
+        // enough for the protocol's limits; usually one chunk.
+        debug_assert!(
+            assignments.windows(2).all(|w| w[0].token <= w[1].token),
+            "assignments are token-major"
+        );
         let n_ff = self.routed_n_ff(layer);
         let n_embd = self.n_embd;
-        let hidden_round =
-            self.run_step(layer, Round::SliceHidden, inputs, assignments, segments)?;
+        let max_slots = self.slice_chunk_slots.unwrap_or(
+            (proto::limits::MAX_DISPATCH_VALUES / n_ff.max(n_embd).max(1))
+                .min(proto::limits::MAX_DISPATCH_ASSIGNMENTS),
+        );
+        let chunks = slot_chunks(assignments, max_slots);
+        // The first chunk's first round starts now (the nodes work while the coordinator
+        // computes its shared expert); the rest follow in `wait`.
+        let first = pick(assignments, &chunks[0]);
+        let first_round = self.run_step(layer, Round::SliceHidden, inputs, &first, segments)?;
+        let inputs = if chunks.len() > 1 {
+            inputs.to_vec()
+        } else {
+            Vec::new()
+        };
         let assignments = assignments.to_vec();
-        // The second round's rows are the assignments (token-major): their sequences' runs.
-        let slot_segments: Option<Vec<usize>> = segments.map(|lengths| {
-            let mut seq_of = Vec::new();
-            for (s, &len) in lengths.iter().enumerate() {
-                seq_of.extend(std::iter::repeat_n(s, len));
-            }
-            let mut runs: Vec<usize> = Vec::new();
-            let mut last = None;
-            for a in &assignments {
-                let s = seq_of.get(a.token as usize).copied();
-                match runs.last_mut() {
-                    Some(n) if last == s => *n += 1,
-                    _ => runs.push(1),
-                }
-                last = s;
-            }
-            runs
-        });
+        let segments: Option<Vec<usize>> = segments.map(<[usize]>::to_vec);
         Ok(Pending::new(move |out: &mut [f32]| {
-            let n_slots = assignments.len();
-            let mut hidden = vec![0.0f32; n_slots * n_ff];
-            hidden_round.wait(&mut hidden)?;
-            // Each assignment's whole hidden row, quantized once, as the single-process
-            // engine quantizes it for down.
-            let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
-            let slots = shared::moe::per_slot_rows(&assignments);
-            let mut outputs = vec![0.0f32; n_slots * n_embd];
-            self.run_step(
-                layer,
-                Round::SliceDown,
-                &[hidden],
-                &slots,
-                slot_segments.as_deref(),
-            )?
-            .wait(&mut outputs)?;
+            let mut outputs = vec![0.0f32; assignments.len() * n_embd];
+            let mut hidden_round = Some(first_round);
+            for chunk in &chunks {
+                let sub = pick(&assignments, chunk);
+                let round = match hidden_round.take() {
+                    Some(r) => r,
+                    None => self.run_step(
+                        layer,
+                        Round::SliceHidden,
+                        &inputs,
+                        &sub,
+                        segments.as_deref(),
+                    )?,
+                };
+                let mut hidden = vec![0.0f32; sub.len() * n_ff];
+                round.wait(&mut hidden)?;
+                // Each assignment's whole hidden row, quantized once, as the single-process
+                // engine quantizes it for down.
+                let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
+                let mut rows = vec![0.0f32; sub.len() * n_embd];
+                self.run_step(
+                    layer,
+                    Round::SliceDown,
+                    &[hidden],
+                    &shared::moe::per_slot_rows(&sub),
+                    slot_segments(&sub, segments.as_deref()).as_deref(),
+                )?
+                .wait(&mut rows)?;
+                for (row, &slot) in rows.chunks_exact(n_embd).zip(chunk) {
+                    outputs[slot * n_embd..(slot + 1) * n_embd].copy_from_slice(row);
+                }
+            }
             // The weighted sum in routing order, as a node holding whole experts adds it.
             add_weighted(out, n_embd, &assignments, |slot| {
                 &outputs[slot * n_embd..(slot + 1) * n_embd]

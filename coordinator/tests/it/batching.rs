@@ -108,3 +108,27 @@ fn batching_is_exact_on_nodes_too() {
         }
     }
 }
+
+/// Sliced experts (two rounds per MoE layer; the second round's rows are the assignments,
+/// with their sequences' runs), also cut into chunks of whole experts: a batch of sequences
+/// still gets exactly what each sequence gets alone.
+#[test]
+fn batching_is_exact_with_sliced_experts() {
+    for arch in ARCHS {
+        let dir = fixtures().join(arch);
+        let prompt = ids(&read_json(&dir.join("reference.json"))["prompt_tokens"]);
+        // Q8_0: experts of 32-element blocks, so they are cut.
+        let model = dir.join("model-q8_0.gguf");
+        for chunk in [None, Some(3)] {
+            let mut opts = options(2, TransportKind::Inproc);
+            opts.slice_experts = true;
+            opts.slice_chunk_slots = chunk;
+            let d = open_distributed(&model, &opts).unwrap();
+            check(
+                &d.engine,
+                &format!("{arch} q8_0 sliced over 2 nodes, chunks {chunk:?}"),
+                &prompt,
+            );
+        }
+    }
+}

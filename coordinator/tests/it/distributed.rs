@@ -649,3 +649,34 @@ fn k_quant_experts_sliced_over_nodes_are_exact() {
         assert_eq!(greedy(&d.engine, &prompt, 4), want_greedy, "x{n}");
     }
 }
+
+/// A sliced layer's two rounds cut into chunks of whole experts (what the protocol's limits
+/// force on big batches: DeepSeek-V3 at 512 tokens makes two), here 3 assignments at most
+/// per chunk: every expert's tokens stay together, so the logits are still the
+/// single-process engine's, bit for bit.
+#[test]
+fn sliced_rounds_in_chunks_are_exact() {
+    for (arch, variant) in [("mixtral", "f16"), ("deepseek2", "q8_0")] {
+        let dir = fixtures().join(arch);
+        let prompt = ids(&read_json(&dir.join("reference.json"))["prompt_tokens"]);
+        let model = dir.join(format!("model-{variant}.gguf"));
+        let single = Engine::open(&model).unwrap();
+        let want = single.eval(&prompt).unwrap();
+        let mut opts = options(2, TransportKind::Grpc);
+        opts.slice_experts = true;
+        opts.slice_chunk_slots = Some(3);
+        let d = open(&model, &opts);
+        let got = d.engine.eval(&prompt).unwrap();
+        check_logits(
+            &got,
+            &want,
+            true,
+            &format!("{arch} {variant} sliced, chunks of 3"),
+        );
+        assert_eq!(
+            greedy(&d.engine, &prompt, 8),
+            greedy(&single, &prompt, 8),
+            "{arch} {variant}"
+        );
+    }
+}

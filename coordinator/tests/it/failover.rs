@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use coordinator::distributed::connect::{open_distributed, DistOptions, DistributedEngine};
-use coordinator::distributed::DeadlinePolicy;
 use coordinator::distributed::PROBE_INTERVAL;
+use coordinator::distributed::{DeadlinePolicy, ReplicaChoice};
 use coordinator::engine::Engine;
 use coordinator::sampler::{Sampler, SamplerConfig};
 use proto::transport::TransportKind;
@@ -96,17 +96,24 @@ fn a_killed_node_with_replicas_changes_no_greedy_token() {
             .unwrap()
             .0;
         let plan = two_of_three_plan(&model, tmp.path());
-        for transport in [TransportKind::Grpc, TransportKind::Quic] {
+        // With `--replica-choice load` the replica serving a slice is not always the
+        // layer's default one: the retry must re-send what node1 actually served.
+        for (transport, choice) in [
+            (TransportKind::Grpc, ReplicaChoice::Layer),
+            (TransportKind::Quic, ReplicaChoice::Layer),
+            (TransportKind::Grpc, ReplicaChoice::Load),
+        ] {
             let opts = DistOptions {
                 plan: Some(plan.clone()),
                 deadline: DeadlinePolicy::Fixed(Duration::from_secs(3)),
+                replica_choice: choice,
                 ..options(3, transport)
             };
             let d = open_distributed(&model, &opts).unwrap();
             let got = greedy_killing(d, &prompt, 5);
             assert_eq!(
                 got, want,
-                "{arch} {transport}: greedy tokens with node1 killed"
+                "{arch} {transport} {choice:?}: greedy tokens with node1 killed"
             );
         }
     }

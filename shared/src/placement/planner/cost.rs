@@ -128,9 +128,10 @@ impl ExpertCost {
     pub fn slice_core_seconds(&self, ff: Range<usize>, rates: &KernelRates) -> f64 {
         let rows = ff.len() as f64;
         let row = |ty: GgmlType| (self.n_embd / ty.block_elems() * ty.block_bytes()) as f64;
-        let down = self.n_embd as f64
-            * ff.len().div_ceil(self.down.block_elems()) as f64
-            * self.down.block_bytes() as f64;
+        let down_rows =
+            crate::placement::slice_down_rows(ff.start, ff.len(), self.n_ff, self.n_embd).len();
+        let down = down_rows as f64
+            * (self.n_ff / self.down.block_elems().max(1) * self.down.block_bytes()) as f64;
         rows * row(self.gate) / rates.bytes_per_s(self.gate)
             + rows * row(self.up) / rates.bytes_per_s(self.up)
             + down / rates.bytes_per_s(self.down)
