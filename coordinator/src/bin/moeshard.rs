@@ -384,10 +384,14 @@ struct DistArgs {
     #[arg(long, value_parser = ["layer", "load"], default_value = "layer")]
     replica_choice: String,
     /// In the even plan, slice every routed expert over all nodes (at quant-block
-    /// boundaries) instead of placing whole experts: balanced at any batch size, exact (two
-    /// rounds per MoE layer instead of one)
-    #[arg(long)]
+    /// boundaries): balanced at any batch size, exact (two rounds per MoE layer). The
+    /// default, unless --replicas or --degraded asks for whole experts
+    #[arg(long, conflicts_with = "whole_experts")]
     slice_experts: bool,
+    /// In the even plan, place whole experts, split evenly between the nodes (one round per
+    /// MoE layer; a step waits for the node its tokens picked most experts on)
+    #[arg(long)]
+    whole_experts: bool,
     /// `auto`: one expert node per NUMA node, pinned to its cores and memory, every expert
     /// sliced over them (the dual-socket setup in one command)
     #[arg(long, value_parser = ["auto", "off"], default_value = "off")]
@@ -434,7 +438,13 @@ impl DistArgs {
                 _ => coordinator::distributed::ReplicaChoice::Layer,
             },
             launch: None,
-            slice_experts: self.slice_experts,
+            experts: if self.slice_experts {
+                coordinator::distributed::connect::ExpertPlacement::Sliced
+            } else if self.whole_experts {
+                coordinator::distributed::connect::ExpertPlacement::Whole
+            } else {
+                coordinator::distributed::connect::ExpertPlacement::Auto
+            },
             slice_chunk_slots: None,
             numa_auto: self.numa == "auto",
             topology: self.topology.clone(),

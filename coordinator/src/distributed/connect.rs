@@ -33,9 +33,8 @@ pub struct DistOptions {
     /// done for a dense model, which has nothing else to spread).
     pub split_dense: bool,
     pub launch: Option<LaunchOptions>,
-    /// In an even plan, slice every routed expert over all nodes instead of placing whole
-    /// experts (balanced at any batch size; DESIGN.md "Placement").
-    pub slice_experts: bool,
+    /// How an even plan places the routed experts.
+    pub experts: ExpertPlacement,
     /// Chunks of at most this many assignments for sliced layers' two rounds (`None`: as
     /// the protocol's limits require; small values test the chunking).
     pub slice_chunk_slots: Option<usize>,
@@ -73,7 +72,7 @@ impl Default for DistOptions {
             plan: None,
             split_dense: false,
             launch: None,
-            slice_experts: false,
+            experts: ExpertPlacement::Auto,
             slice_chunk_slots: None,
             numa_auto: false,
             topology: None,
@@ -107,6 +106,19 @@ fn routed_down_types(
         .collect()
 }
 
+/// How an even plan (`--nodes N`, `--cluster` without `--plan`, `--numa auto`) places the
+/// routed experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExpertPlacement {
+    /// Sliced over all nodes, unless `--replicas` or `--degraded` asks for whole experts.
+    #[default]
+    Auto,
+    /// Every expert sliced over all nodes (`--slice-experts`).
+    Sliced,
+    /// Whole experts, split evenly between the nodes (`--whole-experts`).
+    Whole,
+}
+
 fn node_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("node{i}")).collect()
 }
@@ -132,7 +144,14 @@ pub fn open_distributed(
         None => LaunchOptions::this_executable()?,
     };
     let mut nodes = opts.nodes;
-    let mut slice_experts = opts.slice_experts;
+    // Slices are the balanced placement (DESIGN.md "Placement": every node reads its share
+    // of every expert a token uses) and exact; whole experts are what replicas and degraded
+    // mode work with.
+    let slice_experts = match opts.experts {
+        ExpertPlacement::Sliced => true,
+        ExpertPlacement::Whole => false,
+        ExpertPlacement::Auto => opts.replicas <= 1 && !opts.degraded,
+    };
     if opts.numa_auto {
         if cluster.is_some() {
             return Err(DistributedError::Launch(
@@ -153,9 +172,6 @@ pub fn open_distributed(
         }
         nodes = Some(pins.len());
         launch_opts.numa = pins;
-        // Slices are the balanced placement (DESIGN: every socket reads its share of every
-        // expert); a slice is rows of its matrices, mapped from any file without a copy.
-        slice_experts = true;
         if opts.model_per_node.is_empty() {
             if launch_opts.numa.len() > 1 {
                 warn!(
@@ -179,7 +195,7 @@ pub fn open_distributed(
     if opts.replicas > 1 && slice_experts {
         return Err(DistributedError::Launch(
             "--replicas places whole experts on several nodes; it does not go with sliced \
-             experts (--slice-experts, or --numa auto with split files)"
+             experts (--slice-experts)"
                 .into(),
         )
         .into());

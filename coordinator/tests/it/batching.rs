@@ -2,7 +2,7 @@
 //! exactly — bit for bit — the logits it gets alone, on every fixture, in one process and
 //! with the experts on 2 loopback nodes.
 
-use coordinator::distributed::connect::open_distributed;
+use coordinator::distributed::connect::{open_distributed, ExpertPlacement};
 use coordinator::engine::{Engine, SeqStep};
 use coordinator::kv_cache::KvCache;
 use coordinator::models::Logits;
@@ -121,7 +121,7 @@ fn batching_is_exact_with_sliced_experts() {
         let model = dir.join("model-q8_0.gguf");
         for chunk in [None, Some(3)] {
             let mut opts = options(2, TransportKind::Inproc);
-            opts.slice_experts = true;
+            opts.experts = ExpertPlacement::Sliced;
             opts.slice_chunk_slots = chunk;
             let d = open_distributed(&model, &opts).unwrap();
             check(

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coordinator::distributed::connect::{open_distributed, DistOptions, DistributedEngine};
+use coordinator::distributed::connect::{
+    open_distributed, DistOptions, DistributedEngine, ExpertPlacement,
+};
 use coordinator::distributed::launcher::LaunchOptions;
 use coordinator::distributed::DeadlinePolicy;
 use coordinator::engine::Engine;
@@ -154,32 +156,47 @@ fn matrix(arch: &str) {
         let want = single.eval(&prompt).unwrap();
         let want_greedy = greedy(&single, &prompt, N_GREEDY);
 
-        let mut configs: Vec<(String, DistOptions)> = Vec::new();
+        let shape = ModelShape::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
+        // Experts of one ffn_down block cannot be cut: the sliced even plan then places them
+        // whole, alternating nodes, and their partial sums regroup.
+        let cuttable = (shape.layers.iter())
+            .filter_map(|l| l.routed)
+            .all(|f| f.n_ff / f.block.max(1) >= 2);
+        // (name, options, bit-identical expected)
+        let mut configs: Vec<(String, DistOptions, bool)> = Vec::new();
         for transport in TRANSPORTS {
             for n in 1..=3 {
-                configs.push((format!("{transport} x{n}"), options(n, transport)));
+                // The default even plan: every expert sliced (two exact rounds).
+                let exact = n == 1 || cuttable;
+                configs.push((format!("{transport} x{n}"), options(n, transport), exact));
             }
+            // Whole experts split between the nodes: one round, partial sums regrouped.
+            let mut whole = options(2, transport);
+            whole.experts = ExpertPlacement::Whole;
+            configs.push((format!("{transport} x2 whole experts"), whole, false));
         }
+        let mut whole3 = options(3, TransportKind::Grpc);
+        whole3.experts = ExpertPlacement::Whole;
+        configs.push(("grpc x3 whole experts".into(), whole3, false));
         let mut replicas = options(2, TransportKind::Grpc);
         replicas.plan = Some(replica_plan(&model, tmp.path()));
-        configs.push(("grpc x2 with replicas".into(), replicas));
-        let shape = ModelShape::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
+        configs.push(("grpc x2 with replicas".into(), replicas, false));
         if shape.layers.iter().any(|l| l.dense.is_some()) {
             let mut dense_exact = options(2, TransportKind::Grpc);
             dense_exact.plan = Some(dense_split_plan(&model, tmp.path()));
             configs.push((
                 "grpc x2, dense parts split, experts on node0".into(),
                 dense_exact,
+                true,
             ));
         }
 
-        for (name, opts) in &configs {
+        for (name, opts, exact) in &configs {
             let d = open(&model, opts);
             let got = d.engine.eval(&prompt).unwrap();
             let diff = max_abs(&got, &want);
             eprintln!("{arch} {variant} {name}: max |Δ| vs single process = {diff:.2e}");
-            let exact = opts.nodes == Some(1) || name.contains("dense parts split");
-            check_logits(&got, &want, exact, &format!("{arch} {variant} {name}"));
+            check_logits(&got, &want, *exact, &format!("{arch} {variant} {name}"));
             assert_eq!(
                 greedy(&d.engine, &prompt, N_GREEDY),
                 want_greedy,
@@ -190,15 +207,11 @@ fn matrix(arch: &str) {
         // Every routed expert sliced over the nodes (--slice-experts, alone and with
         // --numa auto on a synthetic 2-package topology, which also pins each node): the
         // exact two-round split, so the logits are the single-process engine's, bit for bit.
-        // (Experts of one ffn_down block cannot be cut: they go whole to alternating nodes,
-        // whose partial sums regroup as above.)
-        let cuttable = (shape.layers.iter())
-            .filter_map(|l| l.routed)
-            .all(|f| f.n_ff / f.block.max(1) >= 2);
+
         let mut sliced = options(2, TransportKind::Inproc);
-        sliced.slice_experts = true;
+        sliced.experts = ExpertPlacement::Sliced;
         let mut sliced3 = options(3, TransportKind::Grpc);
-        sliced3.slice_experts = true;
+        sliced3.experts = ExpertPlacement::Sliced;
         let numa = DistOptions {
             nodes: None,
             numa_auto: true,
@@ -223,9 +236,9 @@ fn matrix(arch: &str) {
         }
 
         // Dense FFNs and shared experts split over 2 nodes too (exactly), with the routed
-        // experts whole on both nodes: their partial sums regroup, and the f16 KV cache and
-        // Q8 activation rounding downstream can turn a last-bit difference into a rounding
-        // step, so only greedy tokens must match.
+        // experts sliced (exact where they can be cut) and then whole on both nodes (their
+        // partial sums regroup, and the f16 KV cache and Q8 activation rounding downstream
+        // can turn a last-bit difference into a rounding step: only greedy tokens must match).
         let mut dense = options(2, TransportKind::Inproc);
         dense.split_dense = true;
         let d = open(&model, &dense);
@@ -234,10 +247,27 @@ fn matrix(arch: &str) {
             "{arch} {variant} dense split x2: max |Δ| vs single process = {:.2e}",
             max_abs(&got, &want)
         );
+        if cuttable {
+            check_logits(
+                &got,
+                &want,
+                true,
+                &format!("{arch} {variant} dense split x2"),
+            );
+        }
         assert_eq!(
             greedy(&d.engine, &prompt, N_GREEDY),
             want_greedy,
             "{arch} {variant} dense split x2: greedy tokens"
+        );
+        let mut dense_whole = options(2, TransportKind::Inproc);
+        dense_whole.split_dense = true;
+        dense_whole.experts = ExpertPlacement::Whole;
+        let d = open(&model, &dense_whole);
+        assert_eq!(
+            greedy(&d.engine, &prompt, N_GREEDY),
+            want_greedy,
+            "{arch} {variant} dense split x2, whole experts: greedy tokens"
         );
     }
 }
@@ -335,7 +365,11 @@ fn killed_or_stalled_node_is_named_within_the_deadline() {
         for stall in [false, true] {
             let mut opts = options(2, transport);
             opts.deadline = DeadlinePolicy::Fixed(deadline);
-            opts.slice_experts = sliced;
+            opts.experts = if sliced {
+                ExpertPlacement::Sliced
+            } else {
+                ExpertPlacement::Whole
+            };
             let mut d = open(&model, &opts);
             d.engine.eval(&prompt).unwrap();
             let nodes = d.local_nodes.as_mut().unwrap();
@@ -635,7 +669,7 @@ fn k_quant_experts_sliced_over_nodes_are_exact() {
     let want_greedy = greedy(&single, &prompt, 4);
     for (n, transport) in [(2, TransportKind::Inproc), (3, TransportKind::Grpc)] {
         let mut opts = options(n, transport);
-        opts.slice_experts = true;
+        opts.experts = ExpertPlacement::Sliced;
         let d = open(&model, &opts);
         let got = d.engine.eval(&prompt).unwrap();
         let diff = max_abs(&got, &want);
@@ -663,7 +697,7 @@ fn sliced_rounds_in_chunks_are_exact() {
         let single = Engine::open(&model).unwrap();
         let want = single.eval(&prompt).unwrap();
         let mut opts = options(2, TransportKind::Grpc);
-        opts.slice_experts = true;
+        opts.experts = ExpertPlacement::Sliced;
         opts.slice_chunk_slots = Some(3);
         let d = open(&model, &opts);
         let got = d.engine.eval(&prompt).unwrap();
