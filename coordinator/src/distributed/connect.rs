@@ -110,7 +110,9 @@ fn routed_down_types(
 /// routed experts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ExpertPlacement {
-    /// Sliced over all nodes, unless `--replicas` or `--degraded` asks for whole experts.
+    /// Sliced over the nodes this process starts (`--nodes N`, `--numa auto`), unless
+    /// `--replicas` or `--degraded` asks for whole experts; whole with a cluster file (its
+    /// daemons hold what they were started with).
     #[default]
     Auto,
     /// Every expert sliced over all nodes (`--slice-experts`).
@@ -146,11 +148,12 @@ pub fn open_distributed(
     let mut nodes = opts.nodes;
     // Slices are the balanced placement (DESIGN.md "Placement": every node reads its share
     // of every expert a token uses) and exact; whole experts are what replicas and degraded
-    // mode work with.
+    // mode work with, and what daemons of a cluster file started with `--experts` ranges
+    // hold (a cluster without a plan keeps the whole-expert even plan).
     let slice_experts = match opts.experts {
         ExpertPlacement::Sliced => true,
         ExpertPlacement::Whole => false,
-        ExpertPlacement::Auto => opts.replicas <= 1 && !opts.degraded,
+        ExpertPlacement::Auto => opts.replicas <= 1 && !opts.degraded && opts.cluster.is_none(),
     };
     if opts.numa_auto {
         if cluster.is_some() {
