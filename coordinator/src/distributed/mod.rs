@@ -288,8 +288,9 @@ impl Round {
     }
 }
 
-/// The runs of `tokens` (ascending batch rows) that belong to one sequence, given the
-/// batch's segments; empty for a batch of one sequence.
+/// The runs of `tokens` (non-decreasing batch rows: a node's rows, or the token of each
+/// assignment of a slice round) that belong to one sequence, given the batch's segments;
+/// empty for a batch of one sequence.
 fn local_segments(tokens: &[usize], segments: Segments<'_>) -> Vec<usize> {
     let Some(lengths) = segments else {
         return Vec::new();
@@ -1166,10 +1167,15 @@ impl RemoteExperts {
                 // then by a replica) is the same values.
                 for (node, _, slots, p) in &done {
                     let w = p.n_embd();
+                    // An expert's places, looked up once per node (not per assignment).
+                    let mut places: HashMap<u32, Vec<std::ops::Range<usize>>> = HashMap::new();
                     for (src, &(slot, expert)) in p.data().chunks_exact(w.max(1)).zip(slots) {
                         let dst = &mut out[slot * n_embd..(slot + 1) * n_embd];
                         let mut at = 0;
-                        for r in self.slice_places(*node, layer, expert, round) {
+                        let expert_places = places
+                            .entry(expert)
+                            .or_insert_with(|| self.slice_places(*node, layer, expert, round));
+                        for r in expert_places.iter() {
                             dst[r.clone()].copy_from_slice(&src[at..at + r.len()]);
                             at += r.len();
                         }
@@ -1320,27 +1326,6 @@ fn pick(assignments: &[Assignment], slots: &[usize]) -> Vec<Assignment> {
     slots.iter().map(|&s| assignments[s]).collect()
 }
 
-/// The sequence runs of a slice down round's rows (one per assignment of `sub`, token-major),
-/// from the batch's token `segments`.
-fn slot_segments(sub: &[Assignment], segments: Option<&[usize]>) -> Option<Vec<usize>> {
-    let lengths = segments?;
-    let mut seq_of = Vec::new();
-    for (s, &len) in lengths.iter().enumerate() {
-        seq_of.extend(std::iter::repeat_n(s, len));
-    }
-    let mut runs: Vec<usize> = Vec::new();
-    let mut last = None;
-    for a in sub {
-        let s = seq_of.get(a.token as usize).copied();
-        match runs.last_mut() {
-            Some(n) if last == s => *n += 1,
-            _ => runs.push(1),
-        }
-        last = s;
-    }
-    Some(runs)
-}
-
 fn part_to_wire(p: Part) -> FfnPart {
     match p {
         Part::Routed => FfnPart::Routed,
@@ -1406,12 +1391,16 @@ impl ExpertExecutor for RemoteExperts {
                 // engine quantizes it for down.
                 let hidden = Activations::quantize(Kernels::get(), down_type, &hidden, n_ff);
                 let mut rows = vec![0.0f32; sub.len() * n_embd];
+                // The round's rows are the assignments, token-major: each sequence's runs.
+                let slot_tokens: Vec<usize> = sub.iter().map(|a| a.token as usize).collect();
+                let slot_segments = (segments.as_deref())
+                    .map(|_| local_segments(&slot_tokens, segments.as_deref()));
                 self.run_step(
                     layer,
                     Round::SliceDown,
                     &[hidden],
                     &shared::moe::per_slot_rows(&sub),
-                    slot_segments(&sub, segments.as_deref()).as_deref(),
+                    slot_segments.as_deref(),
                 )?
                 .wait(&mut rows)?;
                 for (row, &slot) in rows.chunks_exact(n_embd).zip(chunk) {
@@ -1588,5 +1577,7 @@ mod tests {
             vec![1, 2, 1]
         );
         assert_eq!(local_segments(&[], Some(&[3])), Vec::<usize>::new());
+        // A slice round's rows: the tokens of the assignments, each repeated per expert.
+        assert_eq!(local_segments(&[0, 0, 1, 1, 2], Some(&[2, 1])), vec![4, 1]);
     }
 }

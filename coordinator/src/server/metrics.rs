@@ -393,66 +393,78 @@ impl Metrics {
                 "Whether the expert node answered its stats request and is not marked down.",
                 &up,
             );
-            metric(
-                "moeshard_node_dispatches_total",
-                "counter",
-                "Dispatches the node has answered since it started.",
-                &per_node(&|s| s.dispatches as f64),
+            // Each node's counters from its `Stats` answer: (name, type, help, value).
+            type NodeMetric = (
+                &'static str,
+                &'static str,
+                &'static str,
+                fn(&proto::wire::Stats) -> f64,
             );
-            metric(
-                "moeshard_node_tokens_total",
-                "counter",
-                "Token rows the node has received in dispatches.",
-                &per_node(&|s| s.tokens as f64),
-            );
-            metric(
-                "moeshard_node_assignments_total",
-                "counter",
-                "(token, expert) assignments the node has computed.",
-                &per_node(&|s| s.assignments as f64),
-            );
-            metric(
-                "moeshard_node_errors_total",
-                "counter",
-                "Dispatches the node answered with an error.",
-                &per_node(&|s| s.errors as f64),
-            );
-            metric(
-                "moeshard_node_compute_seconds_total",
-                "counter",
-                "Time the node spent computing experts.",
-                &per_node(&|s| s.compute_ns as f64 / 1e9),
-            );
-            metric(
-                "moeshard_node_received_bytes_total",
-                "counter",
-                "Bytes of dispatches the node has received.",
-                &per_node(&|s| s.bytes_in as f64),
-            );
-            metric(
-                "moeshard_node_sent_bytes_total",
-                "counter",
-                "Bytes of partial sums the node has sent.",
-                &per_node(&|s| s.bytes_out as f64),
-            );
-            metric(
-                "moeshard_node_dram_cache_bytes",
-                "gauge",
-                "Bytes of experts the node's DRAM tier holds now (0 without --dram-cache).",
-                &per_node(&|s| s.dram_cache_bytes as f64),
-            );
-            metric(
-                "moeshard_node_dram_hit_bytes_total",
-                "counter",
-                "Weight bytes the node's dispatches read from its DRAM tier.",
-                &per_node(&|s| s.dram_hit_bytes as f64),
-            );
-            metric(
-                "moeshard_node_dram_miss_bytes_total",
-                "counter",
-                "Weight bytes the node's dispatches read from the mapping with the DRAM tier on.",
-                &per_node(&|s| s.dram_miss_bytes as f64),
-            );
+            let node_metrics: [NodeMetric; 10] = [
+                (
+                    "moeshard_node_dispatches_total",
+                    "counter",
+                    "Dispatches the node has answered since it started.",
+                    |s| s.dispatches as f64,
+                ),
+                (
+                    "moeshard_node_tokens_total",
+                    "counter",
+                    "Token rows the node has received in dispatches.",
+                    |s| s.tokens as f64,
+                ),
+                (
+                    "moeshard_node_assignments_total",
+                    "counter",
+                    "(token, expert) assignments the node has computed.",
+                    |s| s.assignments as f64,
+                ),
+                (
+                    "moeshard_node_errors_total",
+                    "counter",
+                    "Dispatches the node answered with an error.",
+                    |s| s.errors as f64,
+                ),
+                (
+                    "moeshard_node_compute_seconds_total",
+                    "counter",
+                    "Time the node spent computing experts.",
+                    |s| s.compute_ns as f64 / 1e9,
+                ),
+                (
+                    "moeshard_node_received_bytes_total",
+                    "counter",
+                    "Bytes of dispatches the node has received.",
+                    |s| s.bytes_in as f64,
+                ),
+                (
+                    "moeshard_node_sent_bytes_total",
+                    "counter",
+                    "Bytes of partial sums the node has sent.",
+                    |s| s.bytes_out as f64,
+                ),
+                (
+                    "moeshard_node_dram_cache_bytes",
+                    "gauge",
+                    "Bytes of experts the node's DRAM tier holds now (0 without --dram-cache).",
+                    |s| s.dram_cache_bytes as f64,
+                ),
+                (
+                    "moeshard_node_dram_hit_bytes_total",
+                    "counter",
+                    "Weight bytes the node's dispatches read from its DRAM tier.",
+                    |s| s.dram_hit_bytes as f64,
+                ),
+                (
+                    "moeshard_node_dram_miss_bytes_total",
+                    "counter",
+                    "Weight bytes the node's dispatches read from the mapping with the DRAM tier on.",
+                    |s| s.dram_miss_bytes as f64,
+                ),
+            ];
+            for (name, kind, help, value) in node_metrics {
+                metric(name, kind, help, &per_node(&value));
+            }
         }
         out
     }
