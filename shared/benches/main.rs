@@ -21,7 +21,7 @@ use criterion::{Criterion, Throughput};
 use rayon::ThreadPool;
 
 use shared::quant::dispatch::Kernels;
-use shared::quant::matmul::{matmul, Activations, WeightMatrix};
+use shared::quant::matmul::{matmul, matmul_vec_dot, Activations, WeightMatrix};
 use shared::quant::{reference, GgmlType};
 
 /// Columns of every benchmark matrix (n_embd of a mid-size model; whole blocks of every type).
@@ -173,7 +173,8 @@ mod kernels {
     }
 
     /// Kernel rate on cache-resident weights (the performance model's `kernel_rate`): a
-    /// matrix of [`RESIDENT_BYTES`] on one thread, times 1, 4 and 8 tokens.
+    /// matrix of [`RESIDENT_BYTES`] on one thread, times 1, 4 and 8 tokens (a `MUL_MAT`), and
+    /// 8 tokens routed to one expert (a `MUL_MAT_ID`, whose float order may differ).
     pub(super) fn bench_resident(
         c: &mut Criterion,
         pools: &[(String, ThreadPool)],
@@ -183,7 +184,8 @@ mod kernels {
         let (_, pool) = &pools[0];
         for &ty in types {
             let row_bytes = ty.row_bytes(N_COLS).unwrap_or(1);
-            let n_rows = RESIDENT_BYTES.div_ceil(row_bytes);
+            // A multiple of 8 rows, as real models' matrices: ggml repacks Q4_K only then.
+            let n_rows = RESIDENT_BYTES.div_ceil(row_bytes).next_multiple_of(8);
             let mut rng = Rng(shared::rng::SplitMix64::new(ty.id().into()));
             let data: Vec<u8> = (0..n_rows).flat_map(|_| random_row(&mut rng, ty)).collect();
             let w = match WeightMatrix::new(ty, n_rows, N_COLS, &data) {
@@ -208,6 +210,19 @@ mod kernels {
                         })
                     })
                 });
+                if n_tokens == BATCH {
+                    // The same tokens routed to one expert (MUL_MAT_ID's float order).
+                    let id = format!("kernel_rate/{ty}/{n_tokens}e");
+                    group.bench_function(format!("{n_tokens}tok_expert"), |b| {
+                        b.iter_custom(|iters| {
+                            pool.install(|| {
+                                timed(&id, bytes, iters, || {
+                                    matmul_vec_dot(kernels, &w, black_box(&act), &mut out);
+                                })
+                            })
+                        })
+                    });
+                }
             }
             group.finish();
         }
@@ -319,11 +334,16 @@ fn summary_resident(types: &[GgmlType]) {
     let rows: Vec<String> = types
         .iter()
         .filter_map(|ty| {
-            let ids = [1, 4, BATCH].map(|t| format!("kernel_rate/{ty}/{t}"));
+            let ids = [
+                format!("kernel_rate/{ty}/1"),
+                format!("kernel_rate/{ty}/4"),
+                format!("kernel_rate/{ty}/{BATCH}"),
+                format!("kernel_rate/{ty}/{BATCH}e"),
+            ];
             let median = ids.each_ref().map(|id| gbps(id));
             let best = ids.each_ref().map(|id| best_gbps(id));
             let one = best[0]?;
-            let cells: Vec<String> = [1, 4, BATCH]
+            let cells: Vec<String> = [1, 4, BATCH, BATCH]
                 .iter()
                 .enumerate()
                 .map(|(i, &t)| match (median[i], best[i]) {
@@ -341,8 +361,8 @@ fn summary_resident(types: &[GgmlType]) {
     println!("kernel rate, cache-resident weights, 1 thread: GB/s of weights, median / best");
     println!("(in brackets: token-rows per second relative to one token)");
     println!();
-    println!("| type | 1 token | 4 tokens | 8 tokens |");
-    println!("|---|---|---|---|");
+    println!("| type | 1 token | 4 tokens | 8 tokens | 8 tokens, one expert |");
+    println!("|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }

@@ -535,6 +535,69 @@ impl Kernels {
         }
     }
 
+    /// Consecutive Q4_K weight rows (`w`) times the Q8_K token rows `xs` in CPU_REPACK's
+    /// orders: `out[r * stride + t]` is bit-identical to [`Kernels::repack_dot_batch`] of row
+    /// `r` and token `t` (with the same `gemm`). The AVX-512 level computes tiles of rows ×
+    /// tokens: 16 rows × up to 15 tokens in the lanes of `vpdpbusd`, or, for fewer than 8
+    /// tokens, rows × tokens with each row's quants unpacked once for the tile's tokens.
+    ///
+    /// Panics as [`Kernels::dot_batch_rows`] does, or if `ty` is not Q4_K.
+    #[allow(clippy::too_many_arguments)]
+    pub fn repack_dot_tiles(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        stride: usize,
+        gemm: bool,
+    ) {
+        assert_eq!(
+            ty,
+            GgmlType::Q4_K,
+            "repack_dot_tiles: {ty} has no repacked order"
+        );
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
+        check_rows("repack_dot_tiles", ty, n, w, n_rows);
+        if n_rows == 0 {
+            return;
+        }
+        let (_, x_bytes) = check_dot(ty, n, w_row);
+        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
+        assert_eq!(
+            xs.len(),
+            x_bytes * n_tokens,
+            "repack_dot_tiles {ty}: {} activation bytes are not whole rows of {x_bytes}",
+            xs.len()
+        );
+        assert!(
+            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
+            "repack_dot_tiles {ty}: output of {} values for {n_rows} rows of stride {stride} \
+             and {n_tokens} tokens",
+            out.len()
+        );
+        if n_tokens == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 && n > 0 {
+            // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
+            // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
+            // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
+            // checked above).
+            unsafe {
+                super::x86_64::avx512::repack_q4_k(n, w, xs, out, stride, gemm);
+            }
+            return;
+        }
+        for (r, row) in w.chunks_exact(w_row).enumerate() {
+            let o = &mut out[r * stride..r * stride + n_tokens];
+            self.repack_dot_batch(ty, n, row, xs, o, gemm);
+        }
+    }
+
     /// [`Kernels::vec_dot_batch`] for a Q4_K matrix with a multiple of 8 rows, which ggml's
     /// CPU_REPACK buffer interleaves and multiplies with its own kernels, in their float
     /// order: the GEMM kernel's when `gemm` (a 2-D `MUL_MAT`'s tokens in whole groups of

@@ -566,20 +566,33 @@ fn matmul_rows_in(
             }
             let mut t0 = seg_start;
             while t0 < seg_end {
-                let t1 = (t0 + TOKEN_GROUP).min(seg_end);
+                // The repacked kernels group the tokens themselves (15 to the lanes of a
+                // vector), so they take a segment whole.
+                let group = if repacked { seg_tokens } else { TOKEN_GROUP };
+                let t1 = (t0 + group).min(seg_end);
                 let xs = &x.data[t0 * x_row..t1 * x_row];
+                if repacked {
+                    // A 2-D MUL_MAT takes its tokens four at a time through the GEMM kernel
+                    // and the rest one at a time through GEMV; MUL_MAT_ID uses GEMV. Both
+                    // orders are per (row, token), so the rows × tokens go through in tiles.
+                    let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
+                    let x_split = (split - t0) * x_row;
+                    let (xs_gemm, xs_gemv) = xs.split_at(x_split);
+                    kernels.repack_dot_tiles(ty, n, chunk, xs_gemm, &mut dst[t0..], n_tokens, true);
+                    kernels.repack_dot_tiles(
+                        ty,
+                        n,
+                        chunk,
+                        xs_gemv,
+                        &mut dst[split..],
+                        n_tokens,
+                        false,
+                    );
+                    t0 = t1;
+                    continue;
+                }
                 for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
                     let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
-                    if repacked {
-                        // A 2-D MUL_MAT takes its tokens four at a time through the GEMM
-                        // kernel and the rest one at a time through GEMV; MUL_MAT_ID uses GEMV.
-                        let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
-                        let x_split = (split - t0) * x_row;
-                        let (out_gemm, out_gemv) = row_out.split_at_mut(split - t0);
-                        kernels.repack_dot_batch(ty, n, w_row, &xs[..x_split], out_gemm, true);
-                        kernels.repack_dot_batch(ty, n, w_row, &xs[x_split..], out_gemv, false);
-                        continue;
-                    }
                     if tiled {
                         kernels.tiled_dot_batch(ty, n, w_row, xs, row_out);
                         continue;

@@ -321,6 +321,53 @@ fn check_rows(
     Ok(())
 }
 
+/// Q4_K rows × tokens in tiles (`repack_dot_tiles`) equal each row's `repack_dot_batch` in
+/// the same order, bit for bit, at every level; the padding between rows is left alone.
+fn check_repack_tiles(
+    n_blocks: usize,
+    n_rows: usize,
+    batch: usize,
+    seed: u64,
+    gemm: bool,
+) -> Result<(), TestCaseError> {
+    let ty = GgmlType::Q4_K;
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * ty.block_elems();
+    let w: Vec<u8> = (0..n_rows)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let xs = random_activations(&mut rng, ty, n, batch);
+    let row_bytes = w.len() / n_rows;
+    let stride = batch + 3;
+    for kernels in Kernels::supported() {
+        let mut got = vec![f32::NAN; n_rows * stride];
+        kernels.repack_dot_tiles(ty, n, &w, &xs, &mut got, stride, gemm);
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            let mut want = vec![f32::NAN; batch];
+            kernels.repack_dot_batch(ty, n, row, &xs, &mut want, gemm);
+            for t in 0..batch {
+                prop_assert_eq!(
+                    got[r * stride + t].to_bits(),
+                    want[t].to_bits(),
+                    "{} gemm {}: row {} of {}, token {} of {}: {} vs {}",
+                    kernels.isa(),
+                    gemm,
+                    r,
+                    n_rows,
+                    t,
+                    batch,
+                    got[r * stride + t],
+                    want[t]
+                );
+            }
+            for pad in &got[r * stride + batch..(r + 1) * stride] {
+                prop_assert!(pad.is_nan(), "{}: padding written", kernels.isa());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Several weight rows times several tokens (`dot_batch_rows`) equal each row's
 /// `vec_dot_batch`, bit for bit, at every level; the padding between rows is left alone.
 fn check_batch_rows(
@@ -414,6 +461,19 @@ proptest! {
         seed in any::<u64>(),
     ) {
         check_rows(GgmlType::Q4_K, n_blocks, n_rows, seed, true)?;
+    }
+
+    /// Q4_K rows × tokens in CPU_REPACK's GEMV and GEMM orders, in tiles, give each pair's
+    /// `repack_dot_batch` bit for bit, for row and token counts around the tile shapes.
+    #[test]
+    fn repack_tiles_equal_repack_batch(
+        n_blocks in 1usize..=9,
+        n_rows in 1usize..=37,
+        batch in 1usize..=19,
+        seed in any::<u64>(),
+        gemm in any::<bool>(),
+    ) {
+        check_repack_tiles(n_blocks, n_rows, batch, seed, gemm)?;
     }
 
     #[test]

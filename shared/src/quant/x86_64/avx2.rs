@@ -90,7 +90,7 @@ pub(super) fn u16_at(bytes: &[u8], at: usize) -> u16 {
 }
 
 #[inline]
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(bytes: &[u8], at: usize) -> u32 {
     let b = &bytes[at..at + 4];
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }

@@ -18,7 +18,7 @@ use super::avx2::{
     batch_rows, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32,
     k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, legacy_batch_rows,
     load8, prefetch_span, q4k_quants, q6k_quants, q8_0_rows, row_tile, rows_driver, store8,
-    token_blocks, u16_at, unpack_q4_0, unpack_q4_1, unpack_q5_0, unpack_q5_1, unpack_q8_0,
+    token_blocks, u16_at, u32_at, unpack_q4_0, unpack_q4_1, unpack_q5_0, unpack_q5_1, unpack_q8_0,
     TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
@@ -340,3 +340,614 @@ rows_driver!(
     q4_k_repack_rows_tile,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K in CPU_REPACK's orders, a tile of weight rows × tokens at a time, in 512-bit vectors.
+//
+// Both repacked orders are per (row, token) pair: per super-block, exact integer sums are
+// converted and added with scalar FMAs into two accumulators. So a tile computes the integer
+// sums of up to 16 pairs in 512-bit registers (each row's unpacked quants reused for every
+// token, each token's quants for every row), reduces them to one lane per pair, and runs the
+// pairs' scalar float steps side by side in the lanes of one vector: lane p does exactly the
+// operations the one-pair kernel does, so every result keeps its bits.
+
+/// Tokens per tile at most.
+const TILE_TOKENS: usize = 8;
+
+/// Rows per tile for a tile of `t` tokens: at most 16 pairs, at most 4 rows.
+const fn tile_rows(t: usize) -> usize {
+    let r = 16 / t;
+    if r > 4 {
+        4
+    } else {
+        r
+    }
+}
+
+/// `pshufb` patterns giving, as i16 in every lane, byte `2c` of a broadcast u64 in the low
+/// 256 bits and byte `2c + 1` in the high 256 bits: sub-block scales for quarter `c`.
+const K4_SCALE512: [[u8; 64]; 4] = {
+    let mut t = [[0x80u8; 64]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut i = 0;
+        while i < 64 {
+            if i % 2 == 0 {
+                t[c][i] = if i < 32 { 2 * c as u8 } else { 2 * c as u8 + 1 };
+            }
+            i += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// 64 bytes at `at`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld512(bytes: &[u8], at: usize) -> __m512i {
+    let chunk = &bytes[at..at + 64];
+    // SAFETY: `chunk` is 64 readable bytes and `loadu` has no alignment requirement.
+    unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) }
+}
+
+/// `acc` + the sums of adjacent i16 products of `a` and `b`, in one `vpdpwssd`. The
+/// intrinsic is split by LLVM's generic tuning into `vpmaddwd` + `vpaddd` (two instructions on
+/// the one port that multiplies 512-bit vectors), which the tile kernels are bound by.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpwssd512(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut r = acc;
+    // SAFETY: `vpdpwssd` only reads and writes the three vector registers named; the enclosing
+    // function's target features (AVX-512 F and VNNI) make the instruction available.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {r}, {a}, {b}",
+            r = inout(zmm_reg) r,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    r
+}
+
+/// Sixteen i32 from an array.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn idx512(v: &[i32; 16]) -> __m512i {
+    // SAFETY: `v` is 64 readable bytes.
+    unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+}
+
+/// Four 128-bit values as one 512-bit vector (element k in bits 128k..128k+128).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn join4(v: [__m128i; 4]) -> __m512i {
+    let lo = _mm256_set_m128i(v[1], v[0]);
+    let hi = _mm256_set_m128i(v[3], v[2]);
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// Lane p = the sum of the 16 lanes of `v[p]` (wrapping, i.e. exact for the sums here).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce16(v: &[__m512i; 16]) -> __m512i {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for each pair (a, b).
+    let mut s = [_mm512_setzero_si512(); 8];
+    for (k, o) in s.iter_mut().enumerate() {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        *o = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    }
+    // Per 128-bit lane l: the lane-l sums of pairs 4k..4k+4.
+    let mut u = [_mm512_setzero_si512(); 4];
+    for (k, o) in u.iter_mut().enumerate() {
+        let (a, b) = (s[2 * k], s[2 * k + 1]);
+        *o = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    }
+    // Sum the four 128-bit lanes: lanes (0+1, 2+3) of two vectors, then the two halves.
+    let fold = |a: __m512i, b: __m512i| {
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x88>(a, b),
+            _mm512_shuffle_i32x4::<0xDD>(a, b),
+        )
+    };
+    let w0 = fold(u[0], u[1]);
+    let w1 = fold(u[2], u[3]);
+    fold(w0, w1)
+}
+
+/// Index vectors of a tile (lane p = pair (p / T, p % T); lanes past `R·T` repeat pair 0).
+struct TileIdx {
+    /// Lane of row r's `d` (2r) and `dmin` (2r + 1) in the converted f16 pairs.
+    d: __m512i,
+    dmin: __m512i,
+    /// Token t's activation scale.
+    x: __m512i,
+    /// Quarter c's mins (i16 pair c of row r: lane 4r + c) and bsum pairs (token t: 4t + c).
+    mins: [__m512i; 4],
+    bsums: [__m512i; 4],
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn tile_idx<const R: usize, const T: usize>() -> TileIdx {
+    let mut d = [0i32; 16];
+    let mut dmin = [0i32; 16];
+    let mut x = [0i32; 16];
+    let mut mins = [[0i32; 16]; 4];
+    let mut bsums = [[0i32; 16]; 4];
+    for p in 0..16 {
+        let (r, t) = if p < R * T { (p / T, p % T) } else { (0, 0) };
+        d[p] = 2 * r as i32;
+        dmin[p] = 2 * r as i32 + 1;
+        x[p] = t as i32;
+        for c in 0..4 {
+            mins[c][p] = (4 * r + c) as i32;
+            bsums[c][p] = (4 * t + c) as i32;
+        }
+    }
+    TileIdx {
+        d: idx512(&d),
+        dmin: idx512(&dmin),
+        x: idx512(&x),
+        mins: [
+            idx512(&mins[0]),
+            idx512(&mins[1]),
+            idx512(&mins[2]),
+            idx512(&mins[3]),
+        ],
+        bsums: [
+            idx512(&bsums[0]),
+            idx512(&bsums[1]),
+            idx512(&bsums[2]),
+            idx512(&bsums[3]),
+        ],
+    }
+}
+
+/// `R` Q4_K rows × `T` Q8_K tokens in CPU_REPACK's GEMV order (`GEMM = false`, as
+/// `avx2::q4_k_repack_tile`) or GEMM order (as `avx2::q4_k_repack_gemm_tile`): lane
+/// `r * T + t` of the result is row r · token t, bit for bit.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_repack_pairs<const R: usize, const T: usize, const GEMM: bool>(
+    w: [&[u8]; R],
+    x: [&[u8]; T],
+    idx: &TileIdx,
+) -> [f32; 16] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_m = _mm512_setzero_ps();
+    let n_blocks = x[0].len() / Q8_K_BYTES;
+    for i in 0..n_blocks {
+        let wo = i * 144;
+        let xo = i * Q8_K_BYTES;
+        // Per row: d and dmin (f16 pairs converted together, as `f16_pair` does), scales
+        // and mins.
+        let mut dpairs = [0u32; 4];
+        let mut sc = [0u64; R];
+        let mut mins = [_mm_setzero_si128(); 4];
+        for r in 0..R {
+            prefetch_span(w[r], wo, wo + 144);
+            dpairs[r] = u32_at(w[r], wo);
+            let (s, m) = k4_scales_mins(&w[r][wo + 4..wo + 16]);
+            sc[r] = s;
+            mins[r] = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(m as i64));
+        }
+        // SAFETY: `dpairs` is 16 readable bytes.
+        let dv = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dpairs.as_ptr().cast()) });
+        let dz = _mm512_castps256_ps512(dv);
+        // Per token: the activation scale and the bsums added in pairs (`k4_min_prod`).
+        let mut xd = [0.0f32; 16];
+        let mut bs = [_mm_setzero_si128(); 8];
+        for t in 0..T {
+            xd[t] = f32_at(x[t], xo);
+            bs[t] = _mm_hadd_epi16(
+                ld128(x[t], xo + Q8_K_BSUMS),
+                ld128(x[t], xo + Q8_K_BSUMS + 16),
+            );
+        }
+        // SAFETY: `xd` is 16 readable f32.
+        let xz = unsafe { _mm512_loadu_ps(xd.as_ptr()) };
+        let xp = _mm512_permutexvar_ps(idx.x, xz);
+        let scale = _mm512_mul_ps(_mm512_permutexvar_ps(idx.d, dz), xp);
+        let scale_m = _mm512_mul_ps(_mm512_permutexvar_ps(idx.dmin, dz), xp);
+        let mins_z = join4(mins);
+        let (bs_lo, bs_hi) = (
+            join4([bs[0], bs[1], bs[2], bs[3]]),
+            join4([bs[4], bs[5], bs[6], bs[7]]),
+        );
+        // Mins term of each quarter: i16 pair c of the mins · bsum pair c, per lane.
+        let mut mq = [_mm512_setzero_si512(); 4];
+        for (c, q) in mq.iter_mut().enumerate() {
+            let a = _mm512_permutexvar_epi32(idx.mins[c], mins_z);
+            let b = _mm512_permutex2var_epi32(bs_lo, idx.bsums[c], bs_hi);
+            *q = _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, b);
+        }
+
+        let mut sums = [_mm512_setzero_si512(); 16];
+        let mut quarter = [_mm512_setzero_si512(); 4];
+        for c in 0..4 {
+            let mut wq = [_mm512_setzero_si512(); R];
+            let mut sv = [_mm512_setzero_si512(); R];
+            for r in 0..R {
+                // Low nibbles (sub-block 2c) in the low 256 bits, high (2c + 1) in the high.
+                let q = _mm512_broadcast_i64x4(ld(w[r], wo + 16 + 32 * c));
+                let q = _mm512_mask_srli_epi16::<4>(q, 0xFFFF_0000, q);
+                wq[r] = _mm512_and_si512(q, m4);
+                sv[r] =
+                    _mm512_shuffle_epi8(_mm512_set1_epi64(sc[r] as i64), ld512(&K4_SCALE512[c], 0));
+            }
+            for t in 0..T {
+                let xq = ld512(x[t], xo + Q8_K_QS + 64 * c);
+                for r in 0..R {
+                    let p = _mm512_maddubs_epi16(wq[r], xq);
+                    sums[r * T + t] = dpwssd512(sums[r * T + t], p, sv[r]);
+                }
+            }
+            if GEMM {
+                quarter[c] = reduce16(&sums);
+                sums = [_mm512_setzero_si512(); 16];
+            }
+        }
+        if GEMM {
+            for c in 0..4 {
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quarter[c]), scale, acc);
+                acc_m = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq[c]), scale_m, acc_m);
+            }
+        } else {
+            let total = reduce16(&sums);
+            let m = _mm512_add_epi32(
+                _mm512_add_epi32(mq[0], mq[1]),
+                _mm512_add_epi32(mq[2], mq[3]),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc);
+            acc_m = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), scale_m, acc_m);
+        }
+    }
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` is 16 writable f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc, acc_m)) };
+    out
+}
+
+/// Every row of `w` × `T` tokens (`xs`), `R` rows at a time (the last tile repeats the last
+/// row and drops its values): `out[r * stride + t]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_repack_token_tile<const R: usize, const T: usize, const GEMM: bool>(
+    w: &[u8],
+    w_row: usize,
+    xs: &[u8],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let x: [&[u8]; T] = split(xs, xs.len() / T);
+    let idx = tile_idx::<R, T>();
+    let n_rows = w.len() / w_row;
+    let mut r0 = 0;
+    while r0 < n_rows {
+        let mut rows: [&[u8]; R] = [&[]; R];
+        for (k, row) in rows.iter_mut().enumerate() {
+            let r = (r0 + k).min(n_rows - 1);
+            *row = &w[r * w_row..(r + 1) * w_row];
+        }
+        let v = q4_k_repack_pairs::<R, T, GEMM>(rows, x, &idx);
+        for k in 0..R.min(n_rows - r0) {
+            let o = (r0 + k) * stride;
+            out[o..o + T].copy_from_slice(&v[k * T..(k + 1) * T]);
+        }
+        r0 += R;
+    }
+}
+
+macro_rules! repack_tiles {
+    ($(#[$doc:meta])* $name:ident, $gemm:expr) => {
+        $(#[$doc])*
+        ///
+        /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds
+        /// every `r * stride + t`; checked by `dispatch`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+            let w_row = n / 256 * 144;
+            let x_row = n / 256 * Q8_K_BYTES;
+            if w_row == 0 || xs.is_empty() {
+                return;
+            }
+            let n_tokens = xs.len() / x_row;
+            let mut t0 = 0;
+            while t0 < n_tokens {
+                let tt = (n_tokens - t0).min(TILE_TOKENS);
+                let xt = &xs[t0 * x_row..(t0 + tt) * x_row];
+                let o = &mut out[t0..];
+                match tt {
+                    8 => q4_k_repack_token_tile::<{ tile_rows(8) }, 8, $gemm>(w, w_row, xt, o, stride),
+                    7 => q4_k_repack_token_tile::<{ tile_rows(7) }, 7, $gemm>(w, w_row, xt, o, stride),
+                    6 => q4_k_repack_token_tile::<{ tile_rows(6) }, 6, $gemm>(w, w_row, xt, o, stride),
+                    5 => q4_k_repack_token_tile::<{ tile_rows(5) }, 5, $gemm>(w, w_row, xt, o, stride),
+                    4 => q4_k_repack_token_tile::<{ tile_rows(4) }, 4, $gemm>(w, w_row, xt, o, stride),
+                    3 => q4_k_repack_token_tile::<{ tile_rows(3) }, 3, $gemm>(w, w_row, xt, o, stride),
+                    2 => q4_k_repack_token_tile::<{ tile_rows(2) }, 2, $gemm>(w, w_row, xt, o, stride),
+                    _ => q4_k_repack_token_tile::<{ tile_rows(1) }, 1, $gemm>(w, w_row, xt, o, stride),
+                }
+                t0 += tt;
+            }
+        }
+    };
+}
+
+repack_tiles!(
+    /// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMV order (each value as
+    /// `avx2::dot_q4_k_repack` gives it): `out[r * stride + t]`.
+    tiles_q4_k_repack,
+    false
+);
+repack_tiles!(
+    /// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMM order (each value as
+    /// `avx2::dot_q4_k_repack_gemm` gives it): `out[r * stride + t]`.
+    tiles_q4_k_repack_gemm,
+    true
+);
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K in CPU_REPACK's orders with tokens in the lanes.
+//
+// ggml's repacked kernels interleave 8 weight rows once at load time so that vector lanes are
+// rows. The weights here stay as the file has them, so the lanes are tokens instead: the
+// tokens' quants are rearranged once per call (cheap: they are shared by every row), and
+// each weight row's quants, unpacked to bytes, are broadcast four at a time into `vpdpbusd`.
+// `vpdpbusd` multiplies unsigned by signed bytes, so the activations enter as x + 128 and a
+// 16th lane of ones yields each sub-block's sum of weights to take 128 of them back off. Every
+// integer is exact and each lane runs the one-pair kernel's float steps, so every result
+// keeps the bits of `avx2::dot_q4_k_repack` (GEMV) or `avx2::dot_q4_k_repack_gemm` (GEMM).
+
+/// Tokens in the lanes of one tile (the 16th lane holds ones).
+const LANE_TOKENS: usize = 15;
+
+/// 16 lanes, 64-byte aligned so that each load is one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Lanes<T: Copy>([T; 16]);
+
+/// Up to [`LANE_TOKENS`] Q8_K rows rearranged for [`q4_k_lanes_rows`], per super-block:
+/// 64 vectors of four quants (+ 128) per token, the scales, and the bsums added in pairs.
+struct TokenLanes {
+    /// Super-block `i`, quants `4g..4g + 4`: `quants[64 * i + g]`, lane t (lane 15: ones).
+    quants: Vec<Lanes<u32>>,
+    /// Super-block `i`: each token's `d`.
+    scales: Vec<Lanes<f32>>,
+    /// Super-block `i`, quarter `c`: `bsums[4 * i + c]`, lane t = the i16 pair
+    /// (`b[4c] + b[4c + 1]`, `b[4c + 2] + b[4c + 3]`) of token t (as `k4_min_prod` adds them).
+    bsums: Vec<Lanes<u32>>,
+}
+
+impl TokenLanes {
+    fn new(xs: &[u8], x_row: usize) -> TokenLanes {
+        let n_tokens = xs.len() / x_row;
+        let n_blocks = x_row / Q8_K_BYTES;
+        let mut quants = vec![Lanes([0u32; 16]); 64 * n_blocks];
+        let mut scales = vec![Lanes([0.0f32; 16]); n_blocks];
+        let mut bsums = vec![Lanes([0u32; 16]); 4 * n_blocks];
+        for q in quants.iter_mut() {
+            q.0[15] = 0x0101_0101;
+        }
+        for t in 0..n_tokens {
+            let row = &xs[t * x_row..(t + 1) * x_row];
+            for (i, b) in row.chunks_exact(Q8_K_BYTES).enumerate() {
+                scales[i].0[t] = f32_at(b, 0);
+                for g in 0..64 {
+                    quants[64 * i + g].0[t] = u32_at(b, Q8_K_QS + 4 * g) ^ 0x8080_8080;
+                }
+                let bs = |k: usize| {
+                    let at = Q8_K_BSUMS + 2 * k;
+                    i16::from_le_bytes([b[at], b[at + 1]])
+                };
+                for c in 0..4 {
+                    let lo = bs(4 * c).wrapping_add(bs(4 * c + 1)) as u16;
+                    let hi = bs(4 * c + 2).wrapping_add(bs(4 * c + 3)) as u16;
+                    bsums[4 * i + c].0[t] = u32::from(lo) | (u32::from(hi) << 16);
+                }
+            }
+        }
+        TokenLanes {
+            quants,
+            scales,
+            bsums,
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld_lanes_i(v: &Lanes<u32>) -> __m512i {
+    // SAFETY: `v` is 64 readable, aligned bytes.
+    unsafe { _mm512_load_si512(v.0.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld_lanes_f(v: &Lanes<f32>) -> __m512 {
+    // SAFETY: `v` is 64 readable, aligned bytes.
+    unsafe { _mm512_load_ps(v.0.as_ptr()) }
+}
+
+/// `S - 128 · S[15]` in every lane: a lane's Σ w·(x + 128) less 128 Σ w (lane 15's sum).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn less_offset(s: __m512i) -> __m512i {
+    let ones = _mm512_permutexvar_epi32(_mm512_set1_epi32(15), s);
+    _mm512_sub_epi32(s, _mm512_slli_epi32::<7>(ones))
+}
+
+/// `R` Q4_K rows × the tokens of `x`: lane t of result r is row r · token t in CPU_REPACK's
+/// GEMV order (`GEMM = false`) or GEMM order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_lanes_rows<const R: usize, const GEMM: bool>(w: [&[u8]; R], x: &TokenLanes) -> [__m512; R] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_m = [_mm512_setzero_ps(); R];
+    let mut wq = [[Lanes([0u32; 16]); 4]; R];
+    for (i, xs) in x.scales.iter().enumerate() {
+        let wo = i * 144;
+        let mut d = [0.0f32; R];
+        let mut dmin = [0.0f32; R];
+        let mut sc = [0u64; R];
+        let mut mn = [0u64; R];
+        for r in 0..R {
+            prefetch_span(w[r], wo, wo + 144);
+            (d[r], dmin[r]) = f16_pair(w[r], wo);
+            (sc[r], mn[r]) = k4_scales_mins(&w[r][wo + 4..wo + 16]);
+            // The row's 256 quants as bytes, in element order.
+            for (c, dst) in wq[r].iter_mut().enumerate() {
+                let q = ld(w[r], wo + 16 + 32 * c);
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                let dst = &mut dst.0;
+                // SAFETY: `dst` is 64 writable bytes (two 32-byte halves).
+                unsafe {
+                    _mm256_storeu_si256(dst.as_mut_ptr().cast(), lo);
+                    _mm256_storeu_si256(dst.as_mut_ptr().add(8).cast(), hi);
+                }
+            }
+        }
+        let xq = &x.quants[64 * i..64 * (i + 1)];
+        // Per row: Σ_j scale_j · Σ w·(x + 128) over sub-block j, by quarter for GEMM.
+        let mut s = [[_mm512_setzero_si512(); 4]; R];
+        for j in 0..8 {
+            let mut dsum = [_mm512_setzero_si512(); R];
+            for k in 0..8 {
+                let g = 8 * j + k;
+                let xv = ld_lanes_i(&xq[g]);
+                for r in 0..R {
+                    let wv = _mm512_set1_epi32(wq[r][g / 16].0[g % 16] as i32);
+                    dsum[r] = _mm512_dpbusd_epi32(dsum[r], xv, wv);
+                }
+            }
+            for r in 0..R {
+                let scale = _mm512_set1_epi32(((sc[r] >> (8 * j)) & 0xFF) as i32);
+                let q = if GEMM { j / 2 } else { 0 };
+                s[r][q] = _mm512_add_epi32(s[r][q], _mm512_mullo_epi32(dsum[r], scale));
+            }
+        }
+        let xd = ld_lanes_f(xs);
+        let bsums = &x.bsums[4 * i..4 * (i + 1)];
+        for r in 0..R {
+            let scale = _mm512_mul_ps(_mm512_set1_ps(d[r]), xd);
+            let scale_m = _mm512_mul_ps(_mm512_set1_ps(dmin[r]), xd);
+            let mut mq = [_mm512_setzero_si512(); 4];
+            for (c, m) in mq.iter_mut().enumerate() {
+                let pair = ((mn[r] >> (16 * c)) & 0xFF) | (((mn[r] >> (16 * c + 8)) & 0xFF) << 16);
+                let pair = _mm512_set1_epi32(pair as i32);
+                *m = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ld_lanes_i(&bsums[c]), pair);
+            }
+            if GEMM {
+                for c in 0..4 {
+                    let q = _mm512_cvtepi32_ps(less_offset(s[r][c]));
+                    acc[r] = _mm512_fmadd_ps(q, scale, acc[r]);
+                    acc_m[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq[c]), scale_m, acc_m[r]);
+                }
+            } else {
+                let total = _mm512_cvtepi32_ps(less_offset(s[r][0]));
+                let m = _mm512_add_epi32(
+                    _mm512_add_epi32(mq[0], mq[1]),
+                    _mm512_add_epi32(mq[2], mq[3]),
+                );
+                acc[r] = _mm512_fmadd_ps(total, scale, acc[r]);
+                acc_m[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), scale_m, acc_m[r]);
+            }
+        }
+    }
+    let mut out = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        out[r] = _mm512_sub_ps(acc[r], acc_m[r]);
+    }
+    out
+}
+
+/// Rows per call of [`q4_k_lanes_rows`].
+/// Rows per call of [`q4_k_lanes_rows`]: the tokens' quants, loaded once, serve 16 rows.
+const LANE_ROWS: usize = 16;
+
+/// Token counts from which a group of tokens goes through the lanes kernel rather than the
+/// tiles kernel: the lanes kernel costs the same for 1 to 15 tokens (measured on the
+/// tilebench of `cargo bench -p shared`: equal at about 8 tokens).
+const LANES_MIN_TOKENS: usize = 8;
+
+/// Every row of `w` × the tokens of `lanes` (at most [`LANE_TOKENS`]), [`LANE_ROWS`] rows at
+/// a time (the last call repeats the last row and drops its values): `out[r * stride + t]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_lanes<const GEMM: bool>(
+    w: &[u8],
+    w_row: usize,
+    lanes: &TokenLanes,
+    n_tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n_rows = w.len() / w_row;
+    let mut r0 = 0;
+    while r0 < n_rows {
+        let mut rows: [&[u8]; LANE_ROWS] = [&[]; LANE_ROWS];
+        for (k, row) in rows.iter_mut().enumerate() {
+            let r = (r0 + k).min(n_rows - 1);
+            *row = &w[r * w_row..(r + 1) * w_row];
+        }
+        let v = q4_k_lanes_rows::<LANE_ROWS, GEMM>(rows, lanes);
+        for (k, &v) in v.iter().enumerate().take(n_rows - r0) {
+            let mut vals = [0.0f32; 16];
+            // SAFETY: `vals` is 16 writable f32.
+            unsafe { _mm512_storeu_ps(vals.as_mut_ptr(), v) };
+            let o = (r0 + k) * stride;
+            out[o..o + n_tokens].copy_from_slice(&vals[..n_tokens]);
+        }
+        r0 += LANE_ROWS;
+    }
+}
+
+/// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMV order (`gemm = false`, each value as
+/// `avx2::dot_q4_k_repack` gives it) or GEMM order (as `avx2::dot_q4_k_repack_gemm`):
+/// `out[r * stride + t]`. Groups of 15 tokens go through the lanes kernel, a remainder of
+/// fewer than [`LANES_MIN_TOKENS`] through the tiles kernel.
+///
+/// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
+/// `r * stride + t`; checked by `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) fn repack_q4_k(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    out: &mut [f32],
+    stride: usize,
+    gemm: bool,
+) {
+    let w_row = n / 256 * 144;
+    let x_row = n / 256 * Q8_K_BYTES;
+    if w_row == 0 || xs.is_empty() {
+        return;
+    }
+    let n_tokens = xs.len() / x_row;
+    let mut t0 = 0;
+    while n_tokens - t0 >= LANES_MIN_TOKENS {
+        let tt = (n_tokens - t0).min(LANE_TOKENS);
+        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
+        let o = &mut out[t0..];
+        if gemm {
+            q4_k_lanes::<true>(w, w_row, &lanes, tt, o, stride);
+        } else {
+            q4_k_lanes::<false>(w, w_row, &lanes, tt, o, stride);
+        }
+        t0 += tt;
+    }
+    if t0 < n_tokens {
+        let rest = &xs[t0 * x_row..];
+        let o = &mut out[t0..];
+        if gemm {
+            tiles_q4_k_repack_gemm(n, w, rest, o, stride);
+        } else {
+            tiles_q4_k_repack(n, w, rest, o, stride);
+        }
+    }
+}
