@@ -693,6 +693,69 @@ impl Kernels {
         }
     }
 
+    /// Consecutive weight rows (`w`) times the Q8_K token rows `xs` in the order of ggml's
+    /// tiled matmul: `out[r * stride + t]` is bit-identical to [`Kernels::tiled_dot_batch`]
+    /// of row `r` and token `t`. At the AVX-512 level, Q6_K's rows go 16 at a time with up to
+    /// 15 tokens in the lanes of `vpdpbusd` (8 tokens or more).
+    ///
+    /// Panics as [`Kernels::dot_batch_rows`] does, or unless [`Kernels::has_tiled_order`]`(ty)`.
+    pub fn tiled_dot_tiles(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(
+            Kernels::has_tiled_order(ty),
+            "tiled_dot_tiles: {ty} has no tiled order"
+        );
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
+        check_rows("tiled_dot_tiles", ty, n, w, n_rows);
+        if n_rows == 0 {
+            return;
+        }
+        let (_, x_bytes) = check_dot(ty, n, w_row);
+        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
+        assert_eq!(
+            xs.len(),
+            x_bytes * n_tokens,
+            "tiled_dot_tiles {ty}: {} activation bytes are not whole rows of {x_bytes}",
+            xs.len()
+        );
+        assert!(
+            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
+            "tiled_dot_tiles {ty}: output of {} values for {n_rows} rows of stride {stride} \
+             and {n_tokens} tokens",
+            out.len()
+        );
+        if n_tokens == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K && n > 0 {
+            // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
+            // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
+            // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
+            // checked above).
+            unsafe { super::x86_64::avx512::tiled_q6_k(n, w, xs, out, stride) };
+            return;
+        }
+        for (r, row) in w.chunks_exact(w_row).enumerate() {
+            let o = &mut out[r * stride..r * stride + n_tokens];
+            self.tiled_dot_batch(ty, n, row, xs, o);
+        }
+    }
+
+    /// Whether [`Kernels::tiled_dot_tiles`] takes a whole batch at once (it groups the
+    /// tokens itself) rather than a few tokens at a time.
+    pub fn has_tiled_tiles(&self, ty: GgmlType) -> bool {
+        self.isa == Isa::Avx512 && ty == GgmlType::Q6_K
+    }
+
     /// [`Kernels::vec_dot_batch`] for a matrix product over a batch of `batch_tokens` tokens
     /// (of which `out` may be a part): ggml computes batches of two tokens or more with
     /// llamafile's tinyBLAS where it supports the type, whose float order differs from

@@ -568,7 +568,8 @@ fn matmul_rows_in(
             while t0 < seg_end {
                 // The repacked kernels group the tokens themselves (15 to the lanes of a
                 // vector), so they take a segment whole.
-                let group = if repacked { seg_tokens } else { TOKEN_GROUP };
+                let whole = repacked || (tiled && kernels.has_tiled_tiles(ty));
+                let group = if whole { seg_tokens } else { TOKEN_GROUP };
                 let t1 = (t0 + group).min(seg_end);
                 let xs = &x.data[t0 * x_row..t1 * x_row];
                 if repacked {
@@ -591,12 +592,13 @@ fn matmul_rows_in(
                     t0 = t1;
                     continue;
                 }
+                if tiled {
+                    kernels.tiled_dot_tiles(ty, n, chunk, xs, &mut dst[t0..], n_tokens);
+                    t0 = t1;
+                    continue;
+                }
                 for (r, w_row) in chunk.chunks_exact(row_bytes).enumerate() {
                     let row_out = &mut dst[r * n_tokens + t0..r * n_tokens + t1];
-                    if tiled {
-                        kernels.tiled_dot_batch(ty, n, w_row, xs, row_out);
-                        continue;
-                    }
                     kernels.gemm_dot_batch(
                         ty,
                         n,

@@ -368,6 +368,52 @@ fn check_repack_tiles(
     Ok(())
 }
 
+/// K-quant rows × tokens in the tiled matmul's order (`tiled_dot_tiles`) equal each row's
+/// `tiled_dot_batch`, bit for bit, at every level; the padding between rows is left alone.
+fn check_tiled_tiles(
+    ty: GgmlType,
+    n_blocks: usize,
+    n_rows: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * ty.block_elems();
+    let w: Vec<u8> = (0..n_rows)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let xs = random_activations(&mut rng, ty, n, batch);
+    let row_bytes = w.len() / n_rows;
+    let stride = batch + 3;
+    for kernels in Kernels::supported() {
+        let mut got = vec![f32::NAN; n_rows * stride];
+        kernels.tiled_dot_tiles(ty, n, &w, &xs, &mut got, stride);
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            let mut want = vec![f32::NAN; batch];
+            kernels.tiled_dot_batch(ty, n, row, &xs, &mut want);
+            for t in 0..batch {
+                prop_assert_eq!(
+                    got[r * stride + t].to_bits(),
+                    want[t].to_bits(),
+                    "{} {}: row {} of {}, token {} of {}: {} vs {}",
+                    kernels.isa(),
+                    ty,
+                    r,
+                    n_rows,
+                    t,
+                    batch,
+                    got[r * stride + t],
+                    want[t]
+                );
+            }
+            for pad in &got[r * stride + batch..(r + 1) * stride] {
+                prop_assert!(pad.is_nan(), "{}: padding written", kernels.isa());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Several weight rows times several tokens (`dot_batch_rows`) equal each row's
 /// `vec_dot_batch`, bit for bit, at every level; the padding between rows is left alone.
 fn check_batch_rows(
@@ -474,6 +520,19 @@ proptest! {
         gemm in any::<bool>(),
     ) {
         check_repack_tiles(n_blocks, n_rows, batch, seed, gemm)?;
+    }
+
+    /// K-quant rows × tokens in the tiled matmul's order, in tiles, give each pair's
+    /// `tiled_dot_batch` bit for bit, for row and token counts around the tile shapes.
+    #[test]
+    fn tiled_tiles_equal_tiled_batch(
+        ty in prop::sample::select(vec![GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::Q2_K]),
+        n_blocks in 1usize..=9,
+        n_rows in 1usize..=37,
+        batch in 1usize..=19,
+        seed in any::<u64>(),
+    ) {
+        check_tiled_tiles(ty, n_blocks, n_rows, batch, seed)?;
     }
 
     #[test]

@@ -720,6 +720,9 @@ struct TokenLanes {
     /// Super-block `i`, quarter `c`: `bsums[4 * i + c]`, lane t = the i16 pair
     /// (`b[4c] + b[4c + 1]`, `b[4c + 2] + b[4c + 3]`) of token t (as `k4_min_prod` adds them).
     bsums: Vec<Lanes<u32>>,
+    /// Super-block `i`, pair `q`: `bsums16[8 * i + q]`, lane t = the i16 pair
+    /// (`b[2q]`, `b[2q + 1]`) of token t (the sums of 16-element sub-blocks, for Q6_K).
+    bsums16: Vec<Lanes<u32>>,
 }
 
 impl TokenLanes {
@@ -729,6 +732,7 @@ impl TokenLanes {
         let mut quants = vec![Lanes([0u32; 16]); 64 * n_blocks];
         let mut scales = vec![Lanes([0.0f32; 16]); n_blocks];
         let mut bsums = vec![Lanes([0u32; 16]); 4 * n_blocks];
+        let mut bsums16 = vec![Lanes([0u32; 16]); 8 * n_blocks];
         for q in quants.iter_mut() {
             q.0[15] = 0x0101_0101;
         }
@@ -748,12 +752,17 @@ impl TokenLanes {
                     let hi = bs(4 * c + 2).wrapping_add(bs(4 * c + 3)) as u16;
                     bsums[4 * i + c].0[t] = u32::from(lo) | (u32::from(hi) << 16);
                 }
+                for q in 0..8 {
+                    let (lo, hi) = (bs(2 * q) as u16, bs(2 * q + 1) as u16);
+                    bsums16[8 * i + q].0[t] = u32::from(lo) | (u32::from(hi) << 16);
+                }
             }
         }
         TokenLanes {
             quants,
             scales,
             bsums,
+            bsums16,
         }
     }
 }
@@ -870,16 +879,91 @@ fn q4_k_lanes_rows<const R: usize, const GEMM: bool>(w: [&[u8]; R], x: &TokenLan
 /// Rows per call of [`q4_k_lanes_rows`]: the tokens' quants, loaded once, serve 16 rows.
 const LANE_ROWS: usize = 16;
 
+/// `R` Q6_K rows × the tokens of `x`: lane t of result r is row r · token t in the order of
+/// ggml's tiled matmul (as `avx2::dot_q6_k_tiled`: per super-block `r = d · s1` rounded,
+/// then one FMA with the token's scale). The quants enter as q + 32 (unsigned, 0..=63): the
+/// 32 Σ x taken back off comes from the token's bsums, one per 16-element sub-block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q6_k_lanes_rows<const R: usize>(w: [&[u8]; R], x: &TokenLanes) -> [__m512; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut wq = [[Lanes([0u32; 16]); 4]; R];
+    for (i, xs) in x.scales.iter().enumerate() {
+        let wo = i * 210;
+        let mut d = [0.0f32; R];
+        let mut sc = [[0i8; 16]; R];
+        for r in 0..R {
+            prefetch_span(w[r], wo, wo + 210);
+            d[r] = f16_at(w[r], wo + 208);
+            for (k, s) in sc[r].iter_mut().enumerate() {
+                *s = w[r][wo + 192 + k] as i8;
+            }
+            // The row's 256 quants + 32 as bytes, in element order.
+            for half in 0..2 {
+                let u = q6k_quants(
+                    ld(w[r], wo + 64 * half),
+                    ld(w[r], wo + 64 * half + 32),
+                    ld(w[r], wo + 128 + 32 * half),
+                );
+                for (g, v) in u.into_iter().enumerate() {
+                    let dst = &mut wq[r][2 * half + g / 2].0[8 * (g % 2)..];
+                    // SAFETY: `dst` is at least 32 writable bytes.
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), v) };
+                }
+            }
+        }
+        let xq = &x.quants[64 * i..64 * (i + 1)];
+        let mut s = [_mm512_setzero_si512(); R];
+        // (`j` indexes the sub-blocks of every row's scales and of the tokens' quants.)
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..16 {
+            let mut dsum = [_mm512_setzero_si512(); R];
+            for k in 0..4 {
+                let g = 4 * j + k;
+                let xv = ld_lanes_i(&xq[g]);
+                for r in 0..R {
+                    let wv = _mm512_set1_epi32(wq[r][g / 16].0[g % 16] as i32);
+                    dsum[r] = _mm512_dpbusd_epi32(dsum[r], xv, wv);
+                }
+            }
+            for r in 0..R {
+                let scale = _mm512_set1_epi32(i32::from(sc[r][j]));
+                s[r] = _mm512_add_epi32(s[r], _mm512_mullo_epi32(dsum[r], scale));
+            }
+        }
+        let xd = ld_lanes_f(xs);
+        let bsums = &x.bsums16[8 * i..8 * (i + 1)];
+        for r in 0..R {
+            let mut offset = _mm512_setzero_si512();
+            for (q, b) in bsums.iter().enumerate() {
+                let pair = u32::from(sc[r][2 * q] as i16 as u16)
+                    | (u32::from(sc[r][2 * q + 1] as i16 as u16) << 16);
+                offset = _mm512_dpwssd_epi32(offset, ld_lanes_i(b), _mm512_set1_epi32(pair as i32));
+            }
+            let s1 = _mm512_sub_epi32(less_offset(s[r]), _mm512_slli_epi32::<5>(offset));
+            let v = _mm512_mul_ps(_mm512_set1_ps(d[r]), _mm512_cvtepi32_ps(s1));
+            acc[r] = _mm512_fmadd_ps(v, xd, acc[r]);
+        }
+    }
+    acc
+}
+
 /// Token counts from which a group of tokens goes through the lanes kernel rather than the
 /// tiles kernel: the lanes kernel costs the same for 1 to 15 tokens (measured on the
 /// tilebench of `cargo bench -p shared`: equal at about 8 tokens).
 const LANES_MIN_TOKENS: usize = 8;
 
+/// The lanes kernels: Q4_K in the GEMV and GEMM orders of CPU_REPACK, Q6_K in the tiled
+/// matmul's.
+const LANES_Q4_K_GEMV: u8 = 0;
+const LANES_Q4_K_GEMM: u8 = 1;
+const LANES_Q6_K_TILED: u8 = 2;
+
 /// Every row of `w` × the tokens of `lanes` (at most [`LANE_TOKENS`]), [`LANE_ROWS`] rows at
 /// a time (the last call repeats the last row and drops its values): `out[r * stride + t]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_k_lanes<const GEMM: bool>(
+fn lanes_rows<const TY: u8>(
     w: &[u8],
     w_row: usize,
     lanes: &TokenLanes,
@@ -895,7 +979,11 @@ fn q4_k_lanes<const GEMM: bool>(
             let r = (r0 + k).min(n_rows - 1);
             *row = &w[r * w_row..(r + 1) * w_row];
         }
-        let v = q4_k_lanes_rows::<LANE_ROWS, GEMM>(rows, lanes);
+        let v = match TY {
+            LANES_Q4_K_GEMV => q4_k_lanes_rows::<LANE_ROWS, false>(rows, lanes),
+            LANES_Q4_K_GEMM => q4_k_lanes_rows::<LANE_ROWS, true>(rows, lanes),
+            _ => q6_k_lanes_rows::<LANE_ROWS>(rows, lanes),
+        };
         for (k, &v) in v.iter().enumerate().take(n_rows - r0) {
             let mut vals = [0.0f32; 16];
             // SAFETY: `vals` is 16 writable f32.
@@ -935,9 +1023,9 @@ pub(crate) fn repack_q4_k(
         let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
         let o = &mut out[t0..];
         if gemm {
-            q4_k_lanes::<true>(w, w_row, &lanes, tt, o, stride);
+            lanes_rows::<LANES_Q4_K_GEMM>(w, w_row, &lanes, tt, o, stride);
         } else {
-            q4_k_lanes::<false>(w, w_row, &lanes, tt, o, stride);
+            lanes_rows::<LANES_Q4_K_GEMV>(w, w_row, &lanes, tt, o, stride);
         }
         t0 += tt;
     }
@@ -948,6 +1036,37 @@ pub(crate) fn repack_q4_k(
             tiles_q4_k_repack_gemm(n, w, rest, o, stride);
         } else {
             tiles_q4_k_repack(n, w, rest, o, stride);
+        }
+    }
+}
+
+/// Q6_K rows × Q8_K tokens in the order of ggml's tiled matmul (each value as
+/// `avx2::dot_q6_k_tiled` gives it): `out[r * stride + t]`. Groups of 15 tokens go through
+/// the lanes kernel, a remainder of fewer than [`LANES_MIN_TOKENS`] through the one-row
+/// kernel.
+///
+/// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
+/// `r * stride + t`; checked by `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) fn tiled_q6_k(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+    let w_row = n / 256 * 210;
+    let x_row = n / 256 * Q8_K_BYTES;
+    if w_row == 0 || xs.is_empty() {
+        return;
+    }
+    let n_tokens = xs.len() / x_row;
+    let mut t0 = 0;
+    while n_tokens - t0 >= LANES_MIN_TOKENS {
+        let tt = (n_tokens - t0).min(LANE_TOKENS);
+        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
+        lanes_rows::<LANES_Q6_K_TILED>(w, w_row, &lanes, tt, &mut out[t0..], stride);
+        t0 += tt;
+    }
+    if t0 < n_tokens {
+        let rest = &xs[t0 * x_row..];
+        for (r, row) in w.chunks_exact(w_row).enumerate() {
+            let o = r * stride + t0;
+            super::avx2::dot_q6_k_tiled(n, row, rest, &mut out[o..o + (n_tokens - t0)]);
         }
     }
 }
