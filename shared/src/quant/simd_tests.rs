@@ -476,6 +476,18 @@ proptest! {
         check_batch_rows(ty, n_blocks, n_rows, batch, pad, seed)?;
     }
 
+    /// Q8_0 (the prompt's hottest batched kernel for Q8_0 models) over more rows and tokens.
+    #[test]
+    fn q8_0_batch_rows_equal_vec_dot_batch(
+        n_blocks in n_blocks(),
+        n_rows in 1usize..=7,
+        batch in 1usize..=40,
+        pad in 0usize..=3,
+        seed in any::<u64>(),
+    ) {
+        check_batch_rows(GgmlType::Q8_0, n_blocks, n_rows, batch, pad, seed)?;
+    }
+
     #[test]
     fn dot_matches_reference(
         ty in prop::sample::select(GgmlType::WEIGHT_TYPES.to_vec()),
