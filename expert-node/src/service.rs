@@ -431,8 +431,10 @@ impl NodeCore {
             None if self.inline => shared::parallel::serial(&mut run),
             None => run(),
         };
+        // What the expert math refuses is the request's doing (a hidden row of the wrong
+        // width, a token or expert out of range, an expert held otherwise), not the node's.
         result.map_err(|e| RemoteError {
-            code: wire::ErrorCode::Internal,
+            code: wire::ErrorCode::BadRequest,
             message: format!("layer {}: {e}", req.layer),
         })?;
         let c = &self.counters;
@@ -447,9 +449,13 @@ impl NodeCore {
         c.compute_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.dispatches.fetch_add(1, Ordering::Relaxed);
-        c.tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
-        c.assignments
-            .fetch_add(req.assignments.len() as u64, Ordering::Relaxed);
+        // A split FFN's second round computes on the first round's rows (for routed slices,
+        // one per assignment): its tokens and assignments were counted then.
+        if req.stage != Stage::Down {
+            c.tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
+            c.assignments
+                .fetch_add(req.assignments.len() as u64, Ordering::Relaxed);
+        }
         debug!(
             node = %self.name,
             step_id = req.step_id,

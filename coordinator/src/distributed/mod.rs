@@ -848,6 +848,16 @@ impl RemoteExperts {
         (self.plan.shape().part(layer, Part::Routed)).map_or(0, |f| f.n_ff)
     }
 
+    /// `work` less the nodes whose answer would have no columns: in a sliced layer's down
+    /// round, a node whose slices of the routed experts hold no rows of down (thin slices of
+    /// a wide model) has nothing to add.
+    fn without_empty(&self, layer: usize, round: Round, mut work: Vec<NodeWork>) -> Vec<NodeWork> {
+        if round == Round::SliceDown {
+            work.retain(|w| self.answer_width(w.node, layer, round, &w.assignments) > 0);
+        }
+        work
+    }
+
     /// The width of a node's answer rows in `round` for its `assignments` (routed rounds):
     /// for routed slices, the widest of its experts' joined places (as the node computes it).
     fn answer_width(
@@ -1011,7 +1021,9 @@ impl RemoteExperts {
         let all_slices = |_: u32, _: usize, _: &[usize]| true;
         let (work, dropped, served) = match round {
             Round::Routed | Round::SliceHidden | Round::SliceDown => {
-                self.route(layer, n_tokens, assignments, &live, &all_slices)?
+                let (work, dropped, served) =
+                    self.route(layer, n_tokens, assignments, &live, &all_slices)?;
+                (self.without_empty(layer, round, work), dropped, served)
             }
             Round::DenseHidden | Round::DenseDown => (
                 self.route_dense(layer, round, n_tokens, &live, &all)?,
@@ -1131,7 +1143,7 @@ impl RemoteExperts {
                                 )))
                             } else {
                                 served.extend(s);
-                                Ok(w)
+                                Ok(self.without_empty(layer, round, w))
                             }
                         }),
                     Round::DenseHidden | Round::DenseDown => {
