@@ -303,6 +303,15 @@ static AVX512: Kernels = {
     }
 };
 
+/// Token rows prepared once for the tiles kernels by [`Kernels::prepare_tokens`].
+pub struct PreparedTokens {
+    #[cfg(target_arch = "x86_64")]
+    groups: Option<super::x86_64::avx512::LaneGroups>,
+    /// What they were made from (elements per row, bytes): checked where they are used.
+    n: usize,
+    len: usize,
+}
+
 /// Token rows from which ggml's tiled matmul takes a `MUL_MAT` (or, in a `MUL_MAT_ID`, the
 /// tokens routed to one expert): `ggml_tiled_min_batch`.
 pub const TILED_MIN_TOKENS: usize = 8;
@@ -535,6 +544,37 @@ impl Kernels {
         }
     }
 
+    /// The Q8_K token rows `xs` (of `n` elements) rearranged once for the tiles kernels
+    /// ([`Kernels::repack_dot_tiles`], [`Kernels::tiled_dot_tiles`]) of a matrix product that
+    /// runs them on many chunks of rows: at the AVX-512 level, groups of 15 tokens in the
+    /// lanes of a vector (others need nothing).
+    ///
+    /// Panics if `xs` is not whole Q8_K rows of `n`.
+    pub fn prepare_tokens(&self, n: usize, xs: &[u8]) -> PreparedTokens {
+        let x_row = GgmlType::Q8_K.row_bytes(n).unwrap_or(0);
+        assert!(
+            x_row > 0 && xs.len().is_multiple_of(x_row),
+            "prepare_tokens: {} bytes are not whole Q8_K rows of {n}",
+            xs.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            return PreparedTokens {
+                // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C
+                // and AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `xs` is whole rows of `n`.
+                groups: Some(unsafe { super::x86_64::avx512::lane_groups(n, xs) }),
+                n,
+                len: xs.len(),
+            };
+        }
+        PreparedTokens {
+            #[cfg(target_arch = "x86_64")]
+            groups: None,
+            n,
+            len: xs.len(),
+        }
+    }
+
     /// Consecutive Q4_K weight rows (`w`) times the Q8_K token rows `xs` in CPU_REPACK's
     /// orders: `out[r * stride + t]` is bit-identical to [`Kernels::repack_dot_batch`] of row
     /// `r` and token `t` (with the same `gemm`). The AVX-512 level computes tiles of rows ×
@@ -549,6 +589,7 @@ impl Kernels {
         n: usize,
         w: &[u8],
         xs: &[u8],
+        prepared: Option<&PreparedTokens>,
         out: &mut [f32],
         stride: usize,
         gemm: bool,
@@ -581,6 +622,15 @@ impl Kernels {
         if n_tokens == 0 {
             return;
         }
+        if let Some(p) = prepared {
+            assert!(
+                (p.n, p.len) == (n, xs.len()),
+                "repack_dot_tiles {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
+                p.len,
+                p.n,
+                xs.len()
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 && n > 0 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
@@ -588,7 +638,16 @@ impl Kernels {
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
             unsafe {
-                super::x86_64::avx512::repack_q4_k(n, w, xs, out, stride, gemm);
+                use super::x86_64::avx512;
+                let own;
+                let groups = match prepared.and_then(|p| p.groups.as_ref()) {
+                    Some(g) => g,
+                    None => {
+                        own = avx512::lane_groups(n, xs);
+                        &own
+                    }
+                };
+                avx512::repack_q4_k(n, w, xs, groups, out, stride, gemm);
             }
             return;
         }
@@ -699,12 +758,14 @@ impl Kernels {
     /// 15 tokens in the lanes of `vpdpbusd` (8 tokens or more).
     ///
     /// Panics as [`Kernels::dot_batch_rows`] does, or unless [`Kernels::has_tiled_order`]`(ty)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn tiled_dot_tiles(
         &self,
         ty: GgmlType,
         n: usize,
         w: &[u8],
         xs: &[u8],
+        prepared: Option<&PreparedTokens>,
         out: &mut [f32],
         stride: usize,
     ) {
@@ -735,13 +796,33 @@ impl Kernels {
         if n_tokens == 0 {
             return;
         }
+        if let Some(p) = prepared {
+            assert!(
+                (p.n, p.len) == (n, xs.len()),
+                "tiled_dot_tiles {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
+                p.len,
+                p.n,
+                xs.len()
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K && n > 0 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
-            unsafe { super::x86_64::avx512::tiled_q6_k(n, w, xs, out, stride) };
+            unsafe {
+                use super::x86_64::avx512;
+                let own;
+                let groups = match prepared.and_then(|p| p.groups.as_ref()) {
+                    Some(g) => g,
+                    None => {
+                        own = avx512::lane_groups(n, xs);
+                        &own
+                    }
+                };
+                avx512::tiled_q6_k(n, w, xs, groups, out, stride);
+            }
             return;
         }
         for (r, row) in w.chunks_exact(w_row).enumerate() {

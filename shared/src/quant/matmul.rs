@@ -17,7 +17,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use super::dispatch::{Kernels, TILED_MIN_TOKENS};
+use super::dispatch::{Kernels, PreparedTokens, TILED_MIN_TOKENS};
 use super::GgmlType;
 
 /// Why a weight matrix or a buffer of activation rows was refused.
@@ -533,6 +533,33 @@ fn matmul_rows_in(
         start += len;
     }
 
+    // The token rows of the runs that go through the tiles kernels, prepared once for all
+    // the tasks: per run, [GEMM part, GEMV part] of a repacked weight, [all] of a tiled one.
+    let tiled_tiles = Kernels::has_tiled_order(ty) && kernels.has_tiled_tiles(ty);
+    let prepare =
+        |a: usize, b: usize| Some(kernels.prepare_tokens(n, &x.data[a * x_row..b * x_row]));
+    let prepared: Vec<[Option<PreparedTokens>; 2]> = groups
+        .iter()
+        .map(|&(seg_start, seg_tokens, seg_len)| {
+            let seg_end = seg_start + seg_tokens;
+            if n_tokens == 1 {
+                [None, None]
+            } else if repacked {
+                let n_gemm = seg_start + seg_len - seg_len % 4;
+                let split = if gemm {
+                    n_gemm.clamp(seg_start, seg_end)
+                } else {
+                    seg_start
+                };
+                [prepare(seg_start, split), prepare(split, seg_end)]
+            } else if tiled_tiles && seg_len >= TILED_MIN_TOKENS {
+                [prepare(seg_start, seg_end), None]
+            } else {
+                [None, None]
+            }
+        })
+        .collect();
+
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
         if n_tokens == 1 {
@@ -545,7 +572,7 @@ fn matmul_rows_in(
             }
             return;
         }
-        for &(seg_start, seg_tokens, seg_len) in &groups {
+        for (&(seg_start, seg_tokens, seg_len), prepared) in groups.iter().zip(&prepared) {
             let seg_end = seg_start + seg_tokens;
             // ggml picks the float order by the (segment's) batch size.
             let n_gemm = seg_start + seg_len - seg_len % 4;
@@ -568,7 +595,7 @@ fn matmul_rows_in(
             while t0 < seg_end {
                 // The repacked kernels group the tokens themselves (15 to the lanes of a
                 // vector), so they take a segment whole.
-                let whole = repacked || (tiled && kernels.has_tiled_tiles(ty));
+                let whole = repacked || (tiled && tiled_tiles);
                 let group = if whole { seg_tokens } else { TOKEN_GROUP };
                 let t1 = (t0 + group).min(seg_end);
                 let xs = &x.data[t0 * x_row..t1 * x_row];
@@ -579,12 +606,23 @@ fn matmul_rows_in(
                     let split = if gemm { n_gemm.clamp(t0, t1) } else { t0 };
                     let x_split = (split - t0) * x_row;
                     let (xs_gemm, xs_gemv) = xs.split_at(x_split);
-                    kernels.repack_dot_tiles(ty, n, chunk, xs_gemm, &mut dst[t0..], n_tokens, true);
+                    let [p_gemm, p_gemv] = prepared;
+                    kernels.repack_dot_tiles(
+                        ty,
+                        n,
+                        chunk,
+                        xs_gemm,
+                        p_gemm.as_ref(),
+                        &mut dst[t0..],
+                        n_tokens,
+                        true,
+                    );
                     kernels.repack_dot_tiles(
                         ty,
                         n,
                         chunk,
                         xs_gemv,
+                        p_gemv.as_ref(),
                         &mut dst[split..],
                         n_tokens,
                         false,
@@ -593,7 +631,8 @@ fn matmul_rows_in(
                     continue;
                 }
                 if tiled {
-                    kernels.tiled_dot_tiles(ty, n, chunk, xs, &mut dst[t0..], n_tokens);
+                    let p = prepared[0].as_ref().filter(|_| whole);
+                    kernels.tiled_dot_tiles(ty, n, chunk, xs, p, &mut dst[t0..], n_tokens);
                     t0 = t1;
                     continue;
                 }
@@ -632,9 +671,16 @@ fn matmul_rows_in(
         rows_per_task * n_tokens,
         &task,
     );
-    for (r, values) in by_row.chunks_exact(n_tokens).enumerate() {
-        for (t, &v) in values.iter().enumerate() {
-            out[t * n_rows + r] = v;
+    // To token-major order in blocks of 16 rows: each token's 16 values are one cache line
+    // of `out`, and the 16 rows being read stay in cache across the tokens.
+    for (b, block) in by_row.chunks(16 * n_tokens).enumerate() {
+        let r0 = 16 * b;
+        let rows = block.len() / n_tokens;
+        for t in 0..n_tokens {
+            let dst = &mut out[t * n_rows + r0..t * n_rows + r0 + rows];
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = block[r * n_tokens + t];
+            }
         }
     }
 }

@@ -341,7 +341,25 @@ fn check_repack_tiles(
     let stride = batch + 3;
     for kernels in Kernels::supported() {
         let mut got = vec![f32::NAN; n_rows * stride];
-        kernels.repack_dot_tiles(ty, n, &w, &xs, &mut got, stride, gemm);
+        let prepared = kernels.prepare_tokens(n, &xs);
+        kernels.repack_dot_tiles(ty, n, &w, &xs, None, &mut got, stride, gemm);
+        let mut got_prepared = vec![f32::NAN; n_rows * stride];
+        kernels.repack_dot_tiles(
+            ty,
+            n,
+            &w,
+            &xs,
+            Some(&prepared),
+            &mut got_prepared,
+            stride,
+            gemm,
+        );
+        prop_assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            got_prepared.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{}: prepared tokens give other values",
+            kernels.isa()
+        );
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
             let mut want = vec![f32::NAN; batch];
             kernels.repack_dot_batch(ty, n, row, &xs, &mut want, gemm);
@@ -387,7 +405,16 @@ fn check_tiled_tiles(
     let stride = batch + 3;
     for kernels in Kernels::supported() {
         let mut got = vec![f32::NAN; n_rows * stride];
-        kernels.tiled_dot_tiles(ty, n, &w, &xs, &mut got, stride);
+        let prepared = kernels.prepare_tokens(n, &xs);
+        kernels.tiled_dot_tiles(ty, n, &w, &xs, None, &mut got, stride);
+        let mut got_prepared = vec![f32::NAN; n_rows * stride];
+        kernels.tiled_dot_tiles(ty, n, &w, &xs, Some(&prepared), &mut got_prepared, stride);
+        prop_assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            got_prepared.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{}: prepared tokens give other values",
+            kernels.isa()
+        );
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
             let mut want = vec![f32::NAN; batch];
             kernels.tiled_dot_batch(ty, n, row, &xs, &mut want);

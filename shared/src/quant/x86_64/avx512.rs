@@ -726,23 +726,36 @@ struct TokenLanes {
 }
 
 impl TokenLanes {
+    #[target_feature(enable = "avx512f")]
     fn new(xs: &[u8], x_row: usize) -> TokenLanes {
         let n_tokens = xs.len() / x_row;
         let n_blocks = x_row / Q8_K_BYTES;
-        let mut quants = vec![Lanes([0u32; 16]); 64 * n_blocks];
+        let mut quants = Vec::with_capacity(64 * n_blocks);
         let mut scales = vec![Lanes([0.0f32; 16]); n_blocks];
         let mut bsums = vec![Lanes([0u32; 16]); 4 * n_blocks];
         let mut bsums16 = vec![Lanes([0u32; 16]); 8 * n_blocks];
-        for q in quants.iter_mut() {
-            q.0[15] = 0x0101_0101;
+        let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
+        for i in 0..n_blocks {
+            // 64 quants of each token (+ 128; absent tokens 0, lane 15 ones), transposed.
+            for c in 0..4 {
+                let mut rows = [_mm512_setzero_si512(); 16];
+                for (t, r) in rows.iter_mut().enumerate().take(n_tokens) {
+                    let at = t * x_row + i * Q8_K_BYTES + Q8_K_QS + 64 * c;
+                    *r = _mm512_xor_si512(ld512(xs, at), flip);
+                }
+                rows[15] = _mm512_set1_epi32(0x0101_0101);
+                for v in transpose16(&rows) {
+                    let mut l = Lanes([0u32; 16]);
+                    // SAFETY: `l` is 64 writable, aligned bytes.
+                    unsafe { _mm512_store_si512(l.0.as_mut_ptr().cast(), v) };
+                    quants.push(l);
+                }
+            }
         }
         for t in 0..n_tokens {
             let row = &xs[t * x_row..(t + 1) * x_row];
             for (i, b) in row.chunks_exact(Q8_K_BYTES).enumerate() {
                 scales[i].0[t] = f32_at(b, 0);
-                for g in 0..64 {
-                    quants[64 * i + g].0[t] = u32_at(b, Q8_K_QS + 4 * g) ^ 0x8080_8080;
-                }
                 let bs = |k: usize| {
                     let at = Q8_K_BSUMS + 2 * k;
                     i16::from_le_bytes([b[at], b[at + 1]])
@@ -765,6 +778,39 @@ impl TokenLanes {
             bsums16,
         }
     }
+}
+
+/// The 16 × 16 transpose of 32-bit elements: element c of result r is element r of `v[c]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(v: &[__m512i; 16]) -> [__m512i; 16] {
+    // Within 128-bit lanes: a[2i], a[2i + 1] interleave rows 2i and 2i + 1; then b[4i + j]'s
+    // lane L holds column 4L + j of rows 4i..4i + 4.
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    // Then a 4 × 4 transpose of 128-bit lanes among b[j], b[4 + j], b[8 + j], b[12 + j].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x44>(b[j], b[4 + j]);
+        let c1 = _mm512_shuffle_i32x4::<0xEE>(b[j], b[4 + j]);
+        let c2 = _mm512_shuffle_i32x4::<0x44>(b[8 + j], b[12 + j]);
+        let c3 = _mm512_shuffle_i32x4::<0xEE>(b[8 + j], b[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(c0, c2);
+        out[4 + j] = _mm512_shuffle_i32x4::<0xDD>(c0, c2);
+        out[8 + j] = _mm512_shuffle_i32x4::<0x88>(c1, c3);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(c1, c3);
+    }
+    out
 }
 
 #[inline]
@@ -793,11 +839,14 @@ fn less_offset(s: __m512i) -> __m512i {
 /// GEMV order (`GEMM = false`) or GEMM order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_k_lanes_rows<const R: usize, const GEMM: bool>(w: [&[u8]; R], x: &TokenLanes) -> [__m512; R] {
+fn q4_k_lanes_rows<const R: usize, const GEMM: bool>(
+    w: [&[u8]; R],
+    x: &TokenLanes,
+    wq: &mut [[Lanes<u32>; 4]; R],
+) -> [__m512; R] {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut acc_m = [_mm512_setzero_ps(); R];
-    let mut wq = [[Lanes([0u32; 16]); 4]; R];
     for (i, xs) in x.scales.iter().enumerate() {
         let wo = i * 144;
         let mut d = [0.0f32; R];
@@ -885,9 +934,12 @@ const LANE_ROWS: usize = 16;
 /// 32 Σ x taken back off comes from the token's bsums, one per 16-element sub-block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q6_k_lanes_rows<const R: usize>(w: [&[u8]; R], x: &TokenLanes) -> [__m512; R] {
+fn q6_k_lanes_rows<const R: usize>(
+    w: [&[u8]; R],
+    x: &TokenLanes,
+    wq: &mut [[Lanes<u32>; 4]; R],
+) -> [__m512; R] {
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut wq = [[Lanes([0u32; 16]); 4]; R];
     for (i, xs) in x.scales.iter().enumerate() {
         let wo = i * 210;
         let mut d = [0.0f32; R];
@@ -972,6 +1024,8 @@ fn lanes_rows<const TY: u8>(
     stride: usize,
 ) {
     let n_rows = w.len() / w_row;
+    // Each row's quants as bytes, rewritten for every super-block.
+    let mut wq = [[Lanes([0u32; 16]); 4]; LANE_ROWS];
     let mut r0 = 0;
     while r0 < n_rows {
         let mut rows: [&[u8]; LANE_ROWS] = [&[]; LANE_ROWS];
@@ -980,9 +1034,9 @@ fn lanes_rows<const TY: u8>(
             *row = &w[r * w_row..(r + 1) * w_row];
         }
         let v = match TY {
-            LANES_Q4_K_GEMV => q4_k_lanes_rows::<LANE_ROWS, false>(rows, lanes),
-            LANES_Q4_K_GEMM => q4_k_lanes_rows::<LANE_ROWS, true>(rows, lanes),
-            _ => q6_k_lanes_rows::<LANE_ROWS>(rows, lanes),
+            LANES_Q4_K_GEMV => q4_k_lanes_rows::<LANE_ROWS, false>(rows, lanes, &mut wq),
+            LANES_Q4_K_GEMM => q4_k_lanes_rows::<LANE_ROWS, true>(rows, lanes, &mut wq),
+            _ => q6_k_lanes_rows::<LANE_ROWS>(rows, lanes, &mut wq),
         };
         for (k, &v) in v.iter().enumerate().take(n_rows - r0) {
             let mut vals = [0.0f32; 16];
@@ -995,10 +1049,35 @@ fn lanes_rows<const TY: u8>(
     }
 }
 
+/// A batch of Q8_K token rows cut for the lanes kernels: groups of up to [`LANE_TOKENS`]
+/// tokens rearranged ([`TokenLanes`]) while at least [`LANES_MIN_TOKENS`] remain, then the
+/// remaining tokens (from `rest`), which the other kernels take as they are. Made once per
+/// matrix product and shared by its parallel tasks.
+pub(crate) struct LaneGroups {
+    groups: Vec<(usize, usize, TokenLanes)>,
+    rest: usize,
+}
+
+/// The [`LaneGroups`] of the Q8_K rows `xs` (of `n` elements each).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) fn lane_groups(n: usize, xs: &[u8]) -> LaneGroups {
+    let x_row = n / 256 * Q8_K_BYTES;
+    let n_tokens = xs.len().checked_div(x_row).unwrap_or(0);
+    let mut groups = Vec::new();
+    let mut t0 = 0;
+    while n_tokens - t0 >= LANES_MIN_TOKENS {
+        let tt = (n_tokens - t0).min(LANE_TOKENS);
+        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
+        groups.push((t0, tt, lanes));
+        t0 += tt;
+    }
+    LaneGroups { groups, rest: t0 }
+}
+
 /// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMV order (`gemm = false`, each value as
 /// `avx2::dot_q4_k_repack` gives it) or GEMM order (as `avx2::dot_q4_k_repack_gemm`):
-/// `out[r * stride + t]`. Groups of 15 tokens go through the lanes kernel, a remainder of
-/// fewer than [`LANES_MIN_TOKENS`] through the tiles kernel.
+/// `out[r * stride + t]`. `groups` (of `xs`) go through the lanes kernel, the remainder
+/// through the tiles kernel.
 ///
 /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
 /// `r * stride + t`; checked by `dispatch`.
@@ -1007,6 +1086,7 @@ pub(crate) fn repack_q4_k(
     n: usize,
     w: &[u8],
     xs: &[u8],
+    groups: &LaneGroups,
     out: &mut [f32],
     stride: usize,
     gemm: bool,
@@ -1016,20 +1096,16 @@ pub(crate) fn repack_q4_k(
     if w_row == 0 || xs.is_empty() {
         return;
     }
-    let n_tokens = xs.len() / x_row;
-    let mut t0 = 0;
-    while n_tokens - t0 >= LANES_MIN_TOKENS {
-        let tt = (n_tokens - t0).min(LANE_TOKENS);
-        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
-        let o = &mut out[t0..];
+    for (t0, tt, lanes) in &groups.groups {
+        let o = &mut out[*t0..];
         if gemm {
-            lanes_rows::<LANES_Q4_K_GEMM>(w, w_row, &lanes, tt, o, stride);
+            lanes_rows::<LANES_Q4_K_GEMM>(w, w_row, lanes, *tt, o, stride);
         } else {
-            lanes_rows::<LANES_Q4_K_GEMV>(w, w_row, &lanes, tt, o, stride);
+            lanes_rows::<LANES_Q4_K_GEMV>(w, w_row, lanes, *tt, o, stride);
         }
-        t0 += tt;
     }
-    if t0 < n_tokens {
+    let t0 = groups.rest;
+    if t0 < xs.len() / x_row {
         let rest = &xs[t0 * x_row..];
         let o = &mut out[t0..];
         if gemm {
@@ -1041,27 +1117,30 @@ pub(crate) fn repack_q4_k(
 }
 
 /// Q6_K rows × Q8_K tokens in the order of ggml's tiled matmul (each value as
-/// `avx2::dot_q6_k_tiled` gives it): `out[r * stride + t]`. Groups of 15 tokens go through
-/// the lanes kernel, a remainder of fewer than [`LANES_MIN_TOKENS`] through the one-row
-/// kernel.
+/// `avx2::dot_q6_k_tiled` gives it): `out[r * stride + t]`. `groups` (of `xs`) go through
+/// the lanes kernel, the remainder through the one-row kernel.
 ///
 /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
 /// `r * stride + t`; checked by `dispatch`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) fn tiled_q6_k(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+pub(crate) fn tiled_q6_k(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    groups: &LaneGroups,
+    out: &mut [f32],
+    stride: usize,
+) {
     let w_row = n / 256 * 210;
     let x_row = n / 256 * Q8_K_BYTES;
     if w_row == 0 || xs.is_empty() {
         return;
     }
     let n_tokens = xs.len() / x_row;
-    let mut t0 = 0;
-    while n_tokens - t0 >= LANES_MIN_TOKENS {
-        let tt = (n_tokens - t0).min(LANE_TOKENS);
-        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
-        lanes_rows::<LANES_Q6_K_TILED>(w, w_row, &lanes, tt, &mut out[t0..], stride);
-        t0 += tt;
+    for (t0, tt, lanes) in &groups.groups {
+        lanes_rows::<LANES_Q6_K_TILED>(w, w_row, lanes, *tt, &mut out[*t0..], stride);
     }
+    let t0 = groups.rest;
     if t0 < n_tokens {
         let rest = &xs[t0 * x_row..];
         for (r, row) in w.chunks_exact(w_row).enumerate() {
