@@ -599,56 +599,20 @@ impl Kernels {
             GgmlType::Q4_K,
             "repack_dot_tiles: {ty} has no repacked order"
         );
-        let w_row = ty.row_bytes(n).unwrap_or(0);
-        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
-        check_rows("repack_dot_tiles", ty, n, w, n_rows);
-        if n_rows == 0 {
+        let Some((w_row, n_tokens)) =
+            check_tiles("repack_dot_tiles", ty, n, w, xs, prepared, out, stride)
+        else {
             return;
-        }
-        let (_, x_bytes) = check_dot(ty, n, w_row);
-        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
-        assert_eq!(
-            xs.len(),
-            x_bytes * n_tokens,
-            "repack_dot_tiles {ty}: {} activation bytes are not whole rows of {x_bytes}",
-            xs.len()
-        );
-        assert!(
-            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
-            "repack_dot_tiles {ty}: output of {} values for {n_rows} rows of stride {stride} \
-             and {n_tokens} tokens",
-            out.len()
-        );
-        if n_tokens == 0 {
-            return;
-        }
-        if let Some(p) = prepared {
-            assert!(
-                (p.n, p.len) == (n, xs.len()),
-                "repack_dot_tiles {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
-                p.len,
-                p.n,
-                xs.len()
-            );
-        }
+        };
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 && n > 0 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
-            unsafe {
-                use super::x86_64::avx512;
-                let own;
-                let groups = match prepared.and_then(|p| p.groups.as_ref()) {
-                    Some(g) => g,
-                    None => {
-                        own = avx512::lane_groups(n, xs);
-                        &own
-                    }
-                };
-                avx512::repack_q4_k(n, w, xs, groups, out, stride, gemm);
-            }
+            with_lane_groups(n, xs, prepared, |groups| unsafe {
+                super::x86_64::avx512::repack_q4_k(n, w, xs, groups, out, stride, gemm)
+            });
             return;
         }
         for (r, row) in w.chunks_exact(w_row).enumerate() {
@@ -773,56 +737,20 @@ impl Kernels {
             Kernels::has_tiled_order(ty),
             "tiled_dot_tiles: {ty} has no tiled order"
         );
-        let w_row = ty.row_bytes(n).unwrap_or(0);
-        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
-        check_rows("tiled_dot_tiles", ty, n, w, n_rows);
-        if n_rows == 0 {
+        let Some((w_row, n_tokens)) =
+            check_tiles("tiled_dot_tiles", ty, n, w, xs, prepared, out, stride)
+        else {
             return;
-        }
-        let (_, x_bytes) = check_dot(ty, n, w_row);
-        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
-        assert_eq!(
-            xs.len(),
-            x_bytes * n_tokens,
-            "tiled_dot_tiles {ty}: {} activation bytes are not whole rows of {x_bytes}",
-            xs.len()
-        );
-        assert!(
-            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
-            "tiled_dot_tiles {ty}: output of {} values for {n_rows} rows of stride {stride} \
-             and {n_tokens} tokens",
-            out.len()
-        );
-        if n_tokens == 0 {
-            return;
-        }
-        if let Some(p) = prepared {
-            assert!(
-                (p.n, p.len) == (n, xs.len()),
-                "tiled_dot_tiles {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
-                p.len,
-                p.n,
-                xs.len()
-            );
-        }
+        };
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K && n > 0 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
-            unsafe {
-                use super::x86_64::avx512;
-                let own;
-                let groups = match prepared.and_then(|p| p.groups.as_ref()) {
-                    Some(g) => g,
-                    None => {
-                        own = avx512::lane_groups(n, xs);
-                        &own
-                    }
-                };
-                avx512::tiled_q6_k(n, w, xs, groups, out, stride);
-            }
+            with_lane_groups(n, xs, prepared, |groups| unsafe {
+                super::x86_64::avx512::tiled_q6_k(n, w, xs, groups, out, stride)
+            });
             return;
         }
         for (r, row) in w.chunks_exact(w_row).enumerate() {
@@ -919,6 +847,71 @@ fn check_batch(
         return None;
     }
     Some(x_bytes)
+}
+
+/// Checks the arguments of a tiles kernel (as [`Kernels::dot_batch_rows`] does, and that
+/// `prepared` was made from `xs`); returns the weight row bytes and the token count, or
+/// `None` when there is nothing to compute.
+#[allow(clippy::too_many_arguments)]
+fn check_tiles(
+    what: &str,
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    prepared: Option<&PreparedTokens>,
+    out: &[f32],
+    stride: usize,
+) -> Option<(usize, usize)> {
+    let w_row = ty.row_bytes(n).unwrap_or(0);
+    let n_rows = w.len().checked_div(w_row).unwrap_or(0);
+    check_rows(what, ty, n, w, n_rows);
+    if n_rows == 0 {
+        return None;
+    }
+    let (_, x_bytes) = check_dot(ty, n, w_row);
+    let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
+    assert_eq!(
+        xs.len(),
+        x_bytes * n_tokens,
+        "{what} {ty}: {} activation bytes are not whole rows of {x_bytes}",
+        xs.len()
+    );
+    assert!(
+        n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
+        "{what} {ty}: output of {} values for {n_rows} rows of stride {stride} and {n_tokens} \
+         tokens",
+        out.len()
+    );
+    if let Some(p) = prepared {
+        assert!(
+            (p.n, p.len) == (n, xs.len()),
+            "{what} {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
+            p.len,
+            p.n,
+            xs.len()
+        );
+    }
+    (n_tokens > 0).then_some((w_row, n_tokens))
+}
+
+/// Runs `f` with the lane groups of `xs`: `prepared`'s, or made now.
+///
+/// Callers hold an AVX-512 table (so the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI)
+/// and have checked that `xs` is whole Q8_K rows of `n`.
+#[cfg(target_arch = "x86_64")]
+fn with_lane_groups<R>(
+    n: usize,
+    xs: &[u8],
+    prepared: Option<&PreparedTokens>,
+    f: impl FnOnce(&super::x86_64::avx512::LaneGroups) -> R,
+) -> R {
+    match prepared.and_then(|p| p.groups.as_ref()) {
+        Some(groups) => f(groups),
+        // SAFETY: the CPU has the features (callers hold an AVX-512 table); `xs` is whole
+        // rows of `n` (checked by the callers).
+        None => f(&unsafe { super::x86_64::avx512::lane_groups(n, xs) }),
+    }
 }
 
 /// Checks that `w` is `n_rows` whole rows of `n` elements of `ty`; returns the row bytes.

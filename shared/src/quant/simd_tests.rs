@@ -11,7 +11,7 @@
 
 use proptest::prelude::*;
 
-use super::dispatch::{Isa, Kernels, TILED_MIN_TOKENS};
+use super::dispatch::{Isa, Kernels, PreparedTokens, TILED_MIN_TOKENS};
 use super::matmul::{
     matmul, matmul_rows, matmul_segments, matmul_unrepacked, matmul_unrepacked_segments,
     matmul_vec_dot, matmul_vec_dot_segments, Activations, WeightMatrix,
@@ -321,16 +321,23 @@ fn check_rows(
     Ok(())
 }
 
-/// Q4_K rows × tokens in tiles (`repack_dot_tiles`) equal each row's `repack_dot_batch` in
-/// the same order, bit for bit, at every level; the padding between rows is left alone.
-fn check_repack_tiles(
+/// Rows × tokens of `ty` through a tiles kernel (`tiles(kernels, ty, n, w, xs, prepared, out,
+/// stride)`) equal each row's one-row kernel (`one(kernels, ty, n, row, xs, out)`) bit for bit, at
+/// every level, with and without tokens prepared beforehand; the padding between rows is left
+/// alone.
+type TilesFn =
+    fn(&Kernels, GgmlType, usize, &[u8], &[u8], Option<&PreparedTokens>, &mut [f32], usize);
+type OneRowFn = fn(&Kernels, GgmlType, usize, &[u8], &[u8], &mut [f32]);
+
+fn check_tiles(
+    ty: GgmlType,
     n_blocks: usize,
     n_rows: usize,
     batch: usize,
     seed: u64,
-    gemm: bool,
+    tiles: TilesFn,
+    one: OneRowFn,
 ) -> Result<(), TestCaseError> {
-    let ty = GgmlType::Q4_K;
     let mut rng = Rng(crate::rng::SplitMix64::new(seed));
     let n = n_blocks * ty.block_elems();
     let w: Vec<u8> = (0..n_rows)
@@ -341,10 +348,11 @@ fn check_repack_tiles(
     let stride = batch + 3;
     for kernels in Kernels::supported() {
         let mut got = vec![f32::NAN; n_rows * stride];
+        tiles(kernels, ty, n, &w, &xs, None, &mut got, stride);
         let prepared = kernels.prepare_tokens(n, &xs);
-        kernels.repack_dot_tiles(ty, n, &w, &xs, None, &mut got, stride, gemm);
         let mut got_prepared = vec![f32::NAN; n_rows * stride];
-        kernels.repack_dot_tiles(
+        tiles(
+            kernels,
             ty,
             n,
             &w,
@@ -352,72 +360,17 @@ fn check_repack_tiles(
             Some(&prepared),
             &mut got_prepared,
             stride,
-            gemm,
         );
         prop_assert_eq!(
             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             got_prepared.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{}: prepared tokens give other values",
-            kernels.isa()
+            "{} {}: prepared tokens give other values",
+            kernels.isa(),
+            ty
         );
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
             let mut want = vec![f32::NAN; batch];
-            kernels.repack_dot_batch(ty, n, row, &xs, &mut want, gemm);
-            for t in 0..batch {
-                prop_assert_eq!(
-                    got[r * stride + t].to_bits(),
-                    want[t].to_bits(),
-                    "{} gemm {}: row {} of {}, token {} of {}: {} vs {}",
-                    kernels.isa(),
-                    gemm,
-                    r,
-                    n_rows,
-                    t,
-                    batch,
-                    got[r * stride + t],
-                    want[t]
-                );
-            }
-            for pad in &got[r * stride + batch..(r + 1) * stride] {
-                prop_assert!(pad.is_nan(), "{}: padding written", kernels.isa());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// K-quant rows × tokens in the tiled matmul's order (`tiled_dot_tiles`) equal each row's
-/// `tiled_dot_batch`, bit for bit, at every level; the padding between rows is left alone.
-fn check_tiled_tiles(
-    ty: GgmlType,
-    n_blocks: usize,
-    n_rows: usize,
-    batch: usize,
-    seed: u64,
-) -> Result<(), TestCaseError> {
-    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
-    let n = n_blocks * ty.block_elems();
-    let w: Vec<u8> = (0..n_rows)
-        .flat_map(|_| random_weights(&mut rng, ty, n))
-        .collect();
-    let xs = random_activations(&mut rng, ty, n, batch);
-    let row_bytes = w.len() / n_rows;
-    let stride = batch + 3;
-    for kernels in Kernels::supported() {
-        let mut got = vec![f32::NAN; n_rows * stride];
-        let prepared = kernels.prepare_tokens(n, &xs);
-        kernels.tiled_dot_tiles(ty, n, &w, &xs, None, &mut got, stride);
-        let mut got_prepared = vec![f32::NAN; n_rows * stride];
-        kernels.tiled_dot_tiles(ty, n, &w, &xs, Some(&prepared), &mut got_prepared, stride);
-        prop_assert_eq!(
-            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            got_prepared.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{}: prepared tokens give other values",
-            kernels.isa()
-        );
-        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-            let mut want = vec![f32::NAN; batch];
-            kernels.tiled_dot_batch(ty, n, row, &xs, &mut want);
+            one(kernels, ty, n, row, &xs, &mut want);
             for t in 0..batch {
                 prop_assert_eq!(
                     got[r * stride + t].to_bits(),
@@ -558,7 +511,18 @@ proptest! {
         seed in any::<u64>(),
         gemm in any::<bool>(),
     ) {
-        check_repack_tiles(n_blocks, n_rows, batch, seed, gemm)?;
+        let (tiles, one): (TilesFn, OneRowFn) = if gemm {
+            (
+                |k, ty, n, w, xs, p, out, stride| k.repack_dot_tiles(ty, n, w, xs, p, out, stride, true),
+                |k, ty, n, row, xs, out| k.repack_dot_batch(ty, n, row, xs, out, true),
+            )
+        } else {
+            (
+                |k, ty, n, w, xs, p, out, stride| k.repack_dot_tiles(ty, n, w, xs, p, out, stride, false),
+                |k, ty, n, row, xs, out| k.repack_dot_batch(ty, n, row, xs, out, false),
+            )
+        };
+        check_tiles(GgmlType::Q4_K, n_blocks, n_rows, batch, seed, tiles, one)?;
     }
 
     /// K-quant rows × tokens in the tiled matmul's order, in tiles, give each pair's
@@ -571,7 +535,15 @@ proptest! {
         batch in 1usize..=19,
         seed in any::<u64>(),
     ) {
-        check_tiled_tiles(ty, n_blocks, n_rows, batch, seed)?;
+        check_tiles(
+            ty,
+            n_blocks,
+            n_rows,
+            batch,
+            seed,
+            |k, ty, n, w, xs, p, out, stride| k.tiled_dot_tiles(ty, n, w, xs, p, out, stride),
+            |k, ty, n, row, xs, out| k.tiled_dot_batch(ty, n, row, xs, out),
+        )?;
     }
 
     #[test]

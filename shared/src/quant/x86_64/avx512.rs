@@ -827,6 +827,27 @@ fn ld_lanes_f(v: &Lanes<f32>) -> __m512 {
     unsafe { _mm512_load_ps(v.0.as_ptr()) }
 }
 
+/// Per row, Σ over the groups of four quants `g0..g0 + xq.len()` of (the tokens' quants + 128)
+/// · (the row's quants, `wq`, broadcast): one `vpdpbusd` per row and group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn group_dots<const R: usize>(
+    xq: &[Lanes<u32>],
+    wq: &[[Lanes<u32>; 4]; R],
+    g0: usize,
+) -> [__m512i; R] {
+    let mut dsum = [_mm512_setzero_si512(); R];
+    for (k, x) in xq.iter().enumerate() {
+        let g = g0 + k;
+        let xv = ld_lanes_i(x);
+        for r in 0..R {
+            let wv = _mm512_set1_epi32(wq[r][g / 16].0[g % 16] as i32);
+            dsum[r] = _mm512_dpbusd_epi32(dsum[r], xv, wv);
+        }
+    }
+    dsum
+}
+
 /// `S - 128 · S[15]` in every lane: a lane's Σ w·(x + 128) less 128 Σ w (lane 15's sum).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -874,15 +895,7 @@ fn q4_k_lanes_rows<const R: usize, const GEMM: bool>(
         // Per row: Σ_j scale_j · Σ w·(x + 128) over sub-block j, by quarter for GEMM.
         let mut s = [[_mm512_setzero_si512(); 4]; R];
         for j in 0..8 {
-            let mut dsum = [_mm512_setzero_si512(); R];
-            for k in 0..8 {
-                let g = 8 * j + k;
-                let xv = ld_lanes_i(&xq[g]);
-                for r in 0..R {
-                    let wv = _mm512_set1_epi32(wq[r][g / 16].0[g % 16] as i32);
-                    dsum[r] = _mm512_dpbusd_epi32(dsum[r], xv, wv);
-                }
-            }
+            let dsum = group_dots(&xq[8 * j..8 * (j + 1)], wq, 8 * j);
             for r in 0..R {
                 let scale = _mm512_set1_epi32(((sc[r] >> (8 * j)) & 0xFF) as i32);
                 let q = if GEMM { j / 2 } else { 0 };
@@ -969,15 +982,7 @@ fn q6_k_lanes_rows<const R: usize>(
         // (`j` indexes the sub-blocks of every row's scales and of the tokens' quants.)
         #[allow(clippy::needless_range_loop)]
         for j in 0..16 {
-            let mut dsum = [_mm512_setzero_si512(); R];
-            for k in 0..4 {
-                let g = 4 * j + k;
-                let xv = ld_lanes_i(&xq[g]);
-                for r in 0..R {
-                    let wv = _mm512_set1_epi32(wq[r][g / 16].0[g % 16] as i32);
-                    dsum[r] = _mm512_dpbusd_epi32(dsum[r], xv, wv);
-                }
-            }
+            let dsum = group_dots(&xq[4 * j..4 * (j + 1)], wq, 4 * j);
             for r in 0..R {
                 let scale = _mm512_set1_epi32(i32::from(sc[r][j]));
                 s[r] = _mm512_add_epi32(s[r], _mm512_mullo_epi32(dsum[r], scale));
