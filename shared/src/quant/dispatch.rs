@@ -435,35 +435,12 @@ impl Kernels {
         out: &mut [f32],
         stride: usize,
     ) {
-        let w_row = ty.row_bytes(n).unwrap_or(0);
-        let n_rows = w.len().checked_div(w_row).unwrap_or(0);
-        check_rows("dot_batch_rows", ty, n, w, n_rows);
-        if n_rows == 0 {
+        // (No rows, tokens or elements: nothing to compute.)
+        let Some((w_row, n_tokens)) =
+            check_tiles("dot_batch_rows", ty, n, w, xs, None, out, stride)
+        else {
             return;
-        }
-        let (_, x_bytes) = check_dot(ty, n, w_row);
-        let n_tokens = xs.len().checked_div(x_bytes).unwrap_or(0);
-        assert_eq!(
-            xs.len(),
-            x_bytes * n_tokens,
-            "dot_batch_rows {ty}: {} activation bytes are not whole rows of {x_bytes}",
-            xs.len()
-        );
-        assert!(
-            n_tokens <= stride && out.len() >= (n_rows - 1) * stride + n_tokens,
-            "dot_batch_rows {ty}: output of {} values for {n_rows} rows of stride {stride} and \
-             {n_tokens} tokens",
-            out.len()
-        );
-        if n_tokens == 0 {
-            return;
-        }
-        if n == 0 {
-            for r in 0..n_rows {
-                out[r * stride..r * stride + n_tokens].fill(0.0);
-            }
-            return;
-        }
+        };
         match self.batch_rows[slot(ty)] {
             // SAFETY: features detected (invariant of `Kernels`); `w` is `n_rows` whole rows,
             // `xs` whole activation rows of `n`, and `out` holds every `r * stride + t`
@@ -849,9 +826,10 @@ fn check_batch(
     Some(x_bytes)
 }
 
-/// Checks the arguments of a tiles kernel (as [`Kernels::dot_batch_rows`] does, and that
-/// `prepared` was made from `xs`); returns the weight row bytes and the token count, or
-/// `None` when there is nothing to compute.
+/// Checks the arguments of a rows × tokens kernel ([`Kernels::dot_batch_rows`] and the tiles
+/// kernels): whole weight rows and activation rows, room in `out` for every `r * stride + t`,
+/// and `prepared` made from `xs`. Returns the weight row bytes and the token count, or `None`
+/// when there is nothing to compute.
 #[allow(clippy::too_many_arguments)]
 fn check_tiles(
     what: &str,
