@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the hot-path kernels against the machine's read bandwidth.
 //!
-//! Groups: `read_bandwidth` (a streaming sum over 1 GiB, one thread and all threads), then per
+//! Groups: `kernel_rate/<type>` (a cache-resident matrix on one thread times 1, 4 and 8
+//! tokens, and 8 tokens routed to one expert: whether a kernel or the memory is the limit),
+//! `read_bandwidth` (a streaming sum over 1 GiB, one thread and all threads), then per
 //! weight type `matvec/<type>` and `matmul8/<type>`: a 4096-column matrix of at least 256 MiB
 //! (far beyond the last-level cache) times one and eight activation rows, on a one-thread
 //! and an all-threads rayon pool. Every benchmark reports `Throughput::Bytes` of weights (or
