@@ -582,7 +582,7 @@ impl Kernels {
             return;
         };
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 && n > 0 {
+        if self.isa == Isa::Avx512 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
@@ -720,7 +720,7 @@ impl Kernels {
             return;
         };
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K && n > 0 {
+        if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all

@@ -535,16 +535,15 @@ fn matmul_rows_in(
 
     // The token rows of the runs that go through the tiles kernels, prepared once for all
     // the tasks: per run, [GEMM part, GEMV part] of a repacked weight, [all] of a tiled one.
-    let tiled_tiles = Kernels::has_tiled_order(ty) && kernels.has_tiled_tiles(ty);
+    let tiled_tiles = kernels.has_tiled_tiles(ty);
     let prepare =
         |a: usize, b: usize| Some(kernels.prepare_tokens(n, &x.data[a * x_row..b * x_row]));
-    let prepared: Vec<[Option<PreparedTokens>; 2]> = groups
-        .iter()
+    // (One token, decode's case, takes the rows kernels and needs none.)
+    let prepared: Vec<[Option<PreparedTokens>; 2]> = (groups.iter())
+        .filter(|_| n_tokens > 1)
         .map(|&(seg_start, seg_tokens, seg_len)| {
             let seg_end = seg_start + seg_tokens;
-            if n_tokens == 1 {
-                [None, None]
-            } else if repacked {
+            if repacked {
                 let n_gemm = seg_start + seg_len - seg_len % 4;
                 let split = if gemm {
                     n_gemm.clamp(seg_start, seg_end)

@@ -1079,13 +1079,51 @@ pub(crate) fn lane_groups(n: usize, xs: &[u8]) -> LaneGroups {
     LaneGroups { groups, rest: t0 }
 }
 
-/// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMV order (`gemm = false`, each value as
-/// `avx2::dot_q4_k_repack` gives it) or GEMM order (as `avx2::dot_q4_k_repack_gemm`):
-/// `out[r * stride + t]`. `groups` (of `xs`) go through the lanes kernel, the remainder
-/// through the tiles kernel.
+/// Every row of `w` × the tokens of `xs` with lanes kernel `TY`: `groups` (of `xs`) through
+/// it, the remaining tokens through the kernel of the same order for a few tokens.
 ///
 /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
 /// `r * stride + t`; checked by `dispatch`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn lanes_then_rest<const TY: u8>(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    groups: &LaneGroups,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let block_bytes = if TY == LANES_Q6_K_TILED { 210 } else { 144 };
+    let w_row = n / 256 * block_bytes;
+    let x_row = n / 256 * Q8_K_BYTES;
+    if w_row == 0 || xs.is_empty() {
+        return;
+    }
+    let n_tokens = xs.len() / x_row;
+    for (t0, tt, lanes) in &groups.groups {
+        lanes_rows::<TY>(w, w_row, lanes, *tt, &mut out[*t0..], stride);
+    }
+    let t0 = groups.rest;
+    if t0 == n_tokens {
+        return;
+    }
+    let rest = &xs[t0 * x_row..];
+    match TY {
+        LANES_Q4_K_GEMV => tiles_q4_k_repack(n, w, rest, &mut out[t0..], stride),
+        LANES_Q4_K_GEMM => tiles_q4_k_repack_gemm(n, w, rest, &mut out[t0..], stride),
+        _ => {
+            for (r, row) in w.chunks_exact(w_row).enumerate() {
+                let o = r * stride + t0;
+                super::avx2::dot_q6_k_tiled(n, row, rest, &mut out[o..o + (n_tokens - t0)]);
+            }
+        }
+    }
+}
+
+/// Q4_K rows × Q8_K tokens in CPU_REPACK's GEMV order (`gemm = false`, each value as
+/// `avx2::dot_q4_k_repack` gives it) or GEMM order (as `avx2::dot_q4_k_repack_gemm`):
+/// `out[r * stride + t]`, as [`lanes_then_rest`] computes it.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) fn repack_q4_k(
     n: usize,
@@ -1096,37 +1134,16 @@ pub(crate) fn repack_q4_k(
     stride: usize,
     gemm: bool,
 ) {
-    let w_row = n / 256 * 144;
-    let x_row = n / 256 * Q8_K_BYTES;
-    if w_row == 0 || xs.is_empty() {
-        return;
-    }
-    for (t0, tt, lanes) in &groups.groups {
-        let o = &mut out[*t0..];
-        if gemm {
-            lanes_rows::<LANES_Q4_K_GEMM>(w, w_row, lanes, *tt, o, stride);
-        } else {
-            lanes_rows::<LANES_Q4_K_GEMV>(w, w_row, lanes, *tt, o, stride);
-        }
-    }
-    let t0 = groups.rest;
-    if t0 < xs.len() / x_row {
-        let rest = &xs[t0 * x_row..];
-        let o = &mut out[t0..];
-        if gemm {
-            tiles_q4_k_repack_gemm(n, w, rest, o, stride);
-        } else {
-            tiles_q4_k_repack(n, w, rest, o, stride);
-        }
+    if gemm {
+        lanes_then_rest::<LANES_Q4_K_GEMM>(n, w, xs, groups, out, stride);
+    } else {
+        lanes_then_rest::<LANES_Q4_K_GEMV>(n, w, xs, groups, out, stride);
     }
 }
 
 /// Q6_K rows × Q8_K tokens in the order of ggml's tiled matmul (each value as
-/// `avx2::dot_q6_k_tiled` gives it): `out[r * stride + t]`. `groups` (of `xs`) go through
-/// the lanes kernel, the remainder through the one-row kernel.
-///
-/// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds every
-/// `r * stride + t`; checked by `dispatch`.
+/// `avx2::dot_q6_k_tiled` gives it): `out[r * stride + t]`, as [`lanes_then_rest`]
+/// computes it.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) fn tiled_q6_k(
     n: usize,
@@ -1136,21 +1153,5 @@ pub(crate) fn tiled_q6_k(
     out: &mut [f32],
     stride: usize,
 ) {
-    let w_row = n / 256 * 210;
-    let x_row = n / 256 * Q8_K_BYTES;
-    if w_row == 0 || xs.is_empty() {
-        return;
-    }
-    let n_tokens = xs.len() / x_row;
-    for (t0, tt, lanes) in &groups.groups {
-        lanes_rows::<LANES_Q6_K_TILED>(w, w_row, lanes, *tt, &mut out[*t0..], stride);
-    }
-    let t0 = groups.rest;
-    if t0 < n_tokens {
-        let rest = &xs[t0 * x_row..];
-        for (r, row) in w.chunks_exact(w_row).enumerate() {
-            let o = r * stride + t0;
-            super::avx2::dot_q6_k_tiled(n, row, rest, &mut out[o..o + (n_tokens - t0)]);
-        }
-    }
+    lanes_then_rest::<LANES_Q6_K_TILED>(n, w, xs, groups, out, stride);
 }
