@@ -2,7 +2,7 @@
 //!
 //! One binary runs on many Xeons, so the SIMD level is chosen when the process first asks for
 //! [`Kernels::get`]: the best level the CPU supports (`is_x86_feature_detected!`), lowered by
-//! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512` when set (for tests, benches and
+//! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512|amx` when set (for tests, benches and
 //! debugging). The choice is logged once. [`Kernels::scalar`] is the portable reference table
 //! and [`Kernels::supported`] lists every level the host can run, for tests and comparisons.
 //!
@@ -27,11 +27,14 @@ pub enum Isa {
     /// AVX2 plus AVX-512 F, BW, VL and VNNI (Cascade Lake and later, Zen 4): faster Q4_K, Q6_K
     /// and Q8_0 kernels, AVX2 for the rest.
     Avx512,
+    /// AVX-512 plus the AMX-INT8 tile unit (Sapphire Rapids and later, with the tile state
+    /// granted by the OS): batches of Q4_K rows × tokens on the tiles.
+    Amx,
 }
 
 impl Isa {
     /// Every level, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// The name used in logs and in `MOESHARD_KERNELS`.
     pub const fn name(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -55,6 +59,7 @@ impl Isa {
             Isa::Scalar => true,
             Isa::Avx2 => has_avx2(),
             Isa::Avx512 => has_avx2() && has_avx512(),
+            Isa::Amx => has_avx2() && has_avx512() && has_amx(),
         }
     }
 
@@ -87,6 +92,16 @@ fn has_avx512() -> bool {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_amx() -> bool {
+    super::x86_64::amx::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_amx() -> bool {
+    false
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -268,7 +283,15 @@ static AVX2: Kernels = {
 };
 
 #[cfg(target_arch = "x86_64")]
-static AVX512: Kernels = {
+static AVX512: Kernels = avx512_kernels(Isa::Avx512);
+
+/// The AMX level: AVX-512's table; `repack_dot_tiles` uses the tiles.
+#[cfg(target_arch = "x86_64")]
+static AMX: Kernels = avx512_kernels(Isa::Amx);
+
+/// The AVX-512 entries (AVX2's where AVX-512 has nothing better), for `isa`.
+#[cfg(target_arch = "x86_64")]
+const fn avx512_kernels(isa: Isa) -> Kernels {
     use super::x86_64::avx512;
     let (mut dot, mut gemm, quantize) = avx2_tables();
     dot[slot(GgmlType::Q4_K)] = avx512::dot_q4_k;
@@ -294,19 +317,24 @@ static AVX512: Kernels = {
     batch_rows[slot(GgmlType::Q5_1)] = Some(avx512::batch_rows_q5_1);
     batch_rows[slot(GgmlType::Q8_0)] = Some(avx512::batch_rows_q8_0);
     Kernels {
-        isa: Isa::Avx512,
+        isa,
         dot,
         gemm,
         quantize,
         rows,
         batch_rows,
     }
-};
+}
 
-/// Token rows prepared once for the tiles kernels by [`Kernels::prepare_tokens`].
+/// Token rows prepared once for the tiles kernels by [`Kernels::prepare_tokens`]: each
+/// rearrangement is made by the first kernel that needs it and shared by the others.
 pub struct PreparedTokens {
+    /// Groups of 15 tokens in lanes (AVX-512 lanes kernels).
     #[cfg(target_arch = "x86_64")]
-    groups: Option<super::x86_64::avx512::LaneGroups>,
+    lanes: OnceLock<super::x86_64::avx512::LaneGroups>,
+    /// Groups of 16 raw tokens (the tile unit's right-hand tiles).
+    #[cfg(target_arch = "x86_64")]
+    raw: OnceLock<super::x86_64::avx512::LaneGroups>,
     /// What they were made from (elements per row, bytes): checked where they are used.
     n: usize,
     len: usize,
@@ -341,7 +369,7 @@ impl Kernels {
                 Some((name, None)) => {
                     tracing::warn!(
                         requested = name,
-                        "unknown {ENV_KERNELS} value (want scalar, avx2 or avx512); ignored"
+                        "unknown {ENV_KERNELS} value (want scalar, avx2, avx512 or amx); ignored"
                     );
                     best
                 }
@@ -367,8 +395,10 @@ impl Kernels {
             Isa::Avx2 => Some(&AVX2),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Some(&AVX512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Some(&AMX),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => None,
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => None,
         }
     }
 
@@ -382,7 +412,7 @@ impl Kernels {
         self.isa
     }
 
-    /// The name of the SIMD level (`"scalar"`, `"avx2"`, `"avx512"`).
+    /// The name of the SIMD level (`"scalar"`, `"avx2"`, `"avx512"`, `"amx"`).
     pub fn isa(&self) -> &'static str {
         self.isa.name()
     }
@@ -504,7 +534,7 @@ impl Kernels {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 {
+        if self.isa >= Isa::Avx512 {
             let Some(_) = check_batch("repack_dot_rows", ty, n, &w[..w_row], x, &mut out[..1])
             else {
                 out.fill(0.0);
@@ -524,7 +554,8 @@ impl Kernels {
     /// The Q8_K token rows `xs` (of `n` elements) rearranged once for the tiles kernels
     /// ([`Kernels::repack_dot_tiles`], [`Kernels::tiled_dot_tiles`]) of a matrix product that
     /// runs them on many chunks of rows: at the AVX-512 level, groups of 15 tokens in the
-    /// lanes of a vector (others need nothing).
+    /// lanes of a vector, at the AMX level also groups of 16 for the tiles (each made when a
+    /// kernel first needs it; other levels need nothing).
     ///
     /// Panics if `xs` is not whole Q8_K rows of `n`.
     pub fn prepare_tokens(&self, n: usize, xs: &[u8]) -> PreparedTokens {
@@ -534,19 +565,11 @@ impl Kernels {
             "prepare_tokens: {} bytes are not whole Q8_K rows of {n}",
             xs.len()
         );
-        #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 {
-            return PreparedTokens {
-                // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C
-                // and AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `xs` is whole rows of `n`.
-                groups: Some(unsafe { super::x86_64::avx512::lane_groups(n, xs) }),
-                n,
-                len: xs.len(),
-            };
-        }
         PreparedTokens {
             #[cfg(target_arch = "x86_64")]
-            groups: None,
+            lanes: OnceLock::new(),
+            #[cfg(target_arch = "x86_64")]
+            raw: OnceLock::new(),
             n,
             len: xs.len(),
         }
@@ -556,7 +579,8 @@ impl Kernels {
     /// orders: `out[r * stride + t]` is bit-identical to [`Kernels::repack_dot_batch`] of row
     /// `r` and token `t` (with the same `gemm`). The AVX-512 level computes tiles of rows ×
     /// tokens: 16 rows × up to 15 tokens in the lanes of `vpdpbusd`, or, for fewer than 8
-    /// tokens, rows × tokens with each row's quants unpacked once for the tile's tokens.
+    /// tokens, rows × tokens with each row's quants unpacked once for the tile's tokens. The
+    /// AMX level computes 16 rows × up to 16 tokens per `tdpbusd` (from 6 tokens).
     ///
     /// Panics as [`Kernels::dot_batch_rows`] does, or if `ty` is not Q4_K.
     #[allow(clippy::too_many_arguments)]
@@ -582,12 +606,24 @@ impl Kernels {
             return;
         };
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 {
+        if self.isa == Isa::Amx {
+            // SAFETY: an AMX table is only handed out on a CPU with AVX2, FMA, F16C, AVX-512
+            // F/BW/VL/VNNI and AMX-INT8 whose tile state the OS granted (`amx::available`,
+            // invariant of `Kernels`); `w` is `n_rows` whole rows, `xs` whole activation rows
+            // of `n`, the groups are made from `xs`, and `out` holds every `r * stride + t`
+            // (all checked above).
+            with_token_groups(n, xs, prepared, true, |groups| unsafe {
+                super::x86_64::amx::repack_q4_k(n, w, xs, groups, out, stride, gemm)
+            });
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa >= Isa::Avx512 {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
-            with_lane_groups(n, xs, prepared, |groups| unsafe {
+            with_token_groups(n, xs, prepared, false, |groups| unsafe {
                 super::x86_64::avx512::repack_q4_k(n, w, xs, groups, out, stride, gemm)
             });
             return;
@@ -627,7 +663,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an AVX2 or AVX-512 table is only handed out on a CPU with AVX2, FMA and
             // F16C (invariant of `Kernels`); lengths were checked above.
-            Isa::Avx2 | Isa::Avx512 => unsafe {
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => unsafe {
                 if gemm {
                     super::x86_64::avx2::dot_q4_k_repack_gemm(n, w, xs, out)
                 } else {
@@ -635,7 +671,7 @@ impl Kernels {
                 }
             },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => self.vec_dot_batch(ty, n, w, xs, out),
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => self.vec_dot_batch(ty, n, w, xs, out),
         }
     }
 
@@ -673,7 +709,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: an AVX2 or AVX-512 table is only handed out on a CPU with AVX2, FMA and
             // F16C (invariant of `Kernels`); lengths were checked above.
-            Isa::Avx2 | Isa::Avx512 => unsafe {
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => unsafe {
                 use super::x86_64::avx2;
                 let f: DotFn = match ty {
                     GgmlType::Q2_K => avx2::dot_q2_k_tiled,
@@ -685,7 +721,7 @@ impl Kernels {
                 f(n, w, xs, out)
             },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => {
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => {
                 for (o, x) in out.iter_mut().zip(xs.chunks_exact(x_bytes)) {
                     *o = reference::vec_dot_tiled(ty, n, w, x);
                 }
@@ -720,12 +756,12 @@ impl Kernels {
             return;
         };
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx512 && ty == GgmlType::Q6_K {
+        if self.isa >= Isa::Avx512 && ty == GgmlType::Q6_K {
             // SAFETY: an AVX-512 table is only handed out on a CPU with AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs`
             // whole activation rows of `n`, and `out` holds every `r * stride + t` (all
             // checked above).
-            with_lane_groups(n, xs, prepared, |groups| unsafe {
+            with_token_groups(n, xs, prepared, false, |groups| unsafe {
                 super::x86_64::avx512::tiled_q6_k(n, w, xs, groups, out, stride)
             });
             return;
@@ -739,7 +775,7 @@ impl Kernels {
     /// Whether [`Kernels::tiled_dot_tiles`] takes a whole batch at once (it groups the
     /// tokens itself) rather than a few tokens at a time.
     pub fn has_tiled_tiles(&self, ty: GgmlType) -> bool {
-        self.isa == Isa::Avx512 && ty == GgmlType::Q6_K
+        self.isa >= Isa::Avx512 && ty == GgmlType::Q6_K
     }
 
     /// [`Kernels::vec_dot_batch`] for a matrix product over a batch of `batch_tokens` tokens
@@ -873,22 +909,32 @@ fn check_tiles(
     (n_tokens > 0).then_some((w_row, n_tokens))
 }
 
-/// Runs `f` with the lane groups of `xs`: `prepared`'s, or made now.
+/// Runs `f` with the token groups of `xs` for the lanes kernels, or (`raw`) for the tiles:
+/// `prepared`'s (made now if no kernel made them yet), or made for this call.
 ///
 /// Callers hold an AVX-512 table (so the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI)
-/// and have checked that `xs` is whole Q8_K rows of `n`.
+/// and have checked that `xs` is whole Q8_K rows of `n` and `prepared` made from it.
 #[cfg(target_arch = "x86_64")]
-fn with_lane_groups<R>(
+fn with_token_groups<R>(
     n: usize,
     xs: &[u8],
     prepared: Option<&PreparedTokens>,
+    raw: bool,
     f: impl FnOnce(&super::x86_64::avx512::LaneGroups) -> R,
 ) -> R {
-    match prepared.and_then(|p| p.groups.as_ref()) {
-        Some(groups) => f(groups),
-        // SAFETY: the CPU has the features (callers hold an AVX-512 table); `xs` is whole
-        // rows of `n` (checked by the callers).
-        None => f(&unsafe { super::x86_64::avx512::lane_groups(n, xs) }),
+    use super::x86_64::{amx, avx512};
+    // SAFETY: the CPU has the features (callers hold an AVX-512 table); `xs` is whole rows
+    // of `n` (checked by the callers).
+    let make = || unsafe {
+        if raw {
+            avx512::raw_groups(n, xs, amx::TILE_MIN_TOKENS)
+        } else {
+            avx512::lane_groups(n, xs)
+        }
+    };
+    match prepared {
+        Some(p) => f(if raw { &p.raw } else { &p.lanes }.get_or_init(make)),
+        None => f(&make()),
     }
 }
 

@@ -366,7 +366,7 @@ const fn tile_rows(t: usize) -> usize {
 
 /// `pshufb` patterns giving, as i16 in every lane, byte `2c` of a broadcast u64 in the low
 /// 256 bits and byte `2c + 1` in the high 256 bits: sub-block scales for quarter `c`.
-const K4_SCALE512: [[u8; 64]; 4] = {
+pub(super) const K4_SCALE512: [[u8; 64]; 4] = {
     let mut t = [[0x80u8; 64]; 4];
     let mut c = 0;
     while c < 4 {
@@ -649,7 +649,7 @@ macro_rules! repack_tiles {
         /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds
         /// every `r * stride + t`; checked by `dispatch`.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+        pub(super) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
             let w_row = n / 256 * 144;
             let x_row = n / 256 * Q8_K_BYTES;
             if w_row == 0 || xs.is_empty() {
@@ -708,33 +708,37 @@ const LANE_TOKENS: usize = 15;
 /// 16 lanes, 64-byte aligned so that each load is one cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Lanes<T: Copy>([T; 16]);
+pub(super) struct Lanes<T: Copy>(pub(super) [T; 16]);
 
 /// Up to [`LANE_TOKENS`] Q8_K rows rearranged for [`q4_k_lanes_rows`], per super-block:
 /// 64 vectors of four quants (+ 128) per token, the scales, and the bsums added in pairs.
-struct TokenLanes {
+/// (Or, raw, up to 16 tokens with their quants as they are: the tile unit's
+/// layout of the right-hand tile, `amx`.)
+pub(super) struct TokenLanes {
     /// Super-block `i`, quants `4g..4g + 4`: `quants[64 * i + g]`, lane t (lane 15: ones).
-    quants: Vec<Lanes<u32>>,
+    pub(super) quants: Vec<Lanes<u32>>,
     /// Super-block `i`: each token's `d`.
-    scales: Vec<Lanes<f32>>,
+    pub(super) scales: Vec<Lanes<f32>>,
     /// Super-block `i`, quarter `c`: `bsums[4 * i + c]`, lane t = the i16 pair
     /// (`b[4c] + b[4c + 1]`, `b[4c + 2] + b[4c + 3]`) of token t (as `k4_min_prod` adds them).
-    bsums: Vec<Lanes<u32>>,
+    pub(super) bsums: Vec<Lanes<u32>>,
     /// Super-block `i`, pair `q`: `bsums16[8 * i + q]`, lane t = the i16 pair
     /// (`b[2q]`, `b[2q + 1]`) of token t (the sums of 16-element sub-blocks, for Q6_K).
     bsums16: Vec<Lanes<u32>>,
 }
 
 impl TokenLanes {
+    /// Up to [`LANE_TOKENS`] tokens as quants + 128 with lane 15 ones, or (`raw`) up to 16
+    /// tokens with their quants as they are; absent tokens are zero.
     #[target_feature(enable = "avx512f")]
-    fn new(xs: &[u8], x_row: usize) -> TokenLanes {
+    fn build(xs: &[u8], x_row: usize, raw: bool) -> TokenLanes {
         let n_tokens = xs.len() / x_row;
         let n_blocks = x_row / Q8_K_BYTES;
         let mut quants = Vec::with_capacity(64 * n_blocks);
         let mut scales = vec![Lanes([0.0f32; 16]); n_blocks];
         let mut bsums = vec![Lanes([0u32; 16]); 4 * n_blocks];
         let mut bsums16 = vec![Lanes([0u32; 16]); 8 * n_blocks];
-        let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
+        let flip = _mm512_set1_epi32(if raw { 0 } else { 0x8080_8080u32 as i32 });
         for i in 0..n_blocks {
             // 64 quants of each token (+ 128; absent tokens 0, lane 15 ones), transposed.
             for c in 0..4 {
@@ -743,7 +747,9 @@ impl TokenLanes {
                     let at = t * x_row + i * Q8_K_BYTES + Q8_K_QS + 64 * c;
                     *r = _mm512_xor_si512(ld512(xs, at), flip);
                 }
-                rows[15] = _mm512_set1_epi32(0x0101_0101);
+                if !raw {
+                    rows[15] = _mm512_set1_epi32(0x0101_0101);
+                }
                 for v in transpose16(&rows) {
                     let mut l = Lanes([0u32; 16]);
                     // SAFETY: `l` is 64 writable, aligned bytes.
@@ -815,14 +821,14 @@ fn transpose16(v: &[__m512i; 16]) -> [__m512i; 16] {
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn ld_lanes_i(v: &Lanes<u32>) -> __m512i {
+pub(super) fn ld_lanes_i(v: &Lanes<u32>) -> __m512i {
     // SAFETY: `v` is 64 readable, aligned bytes.
     unsafe { _mm512_load_si512(v.0.as_ptr().cast()) }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn ld_lanes_f(v: &Lanes<f32>) -> __m512 {
+pub(super) fn ld_lanes_f(v: &Lanes<f32>) -> __m512 {
     // SAFETY: `v` is 64 readable, aligned bytes.
     unsafe { _mm512_load_ps(v.0.as_ptr()) }
 }
@@ -1059,20 +1065,34 @@ fn lanes_rows<const TY: u8>(
 /// remaining tokens (from `rest`), which the other kernels take as they are. Made once per
 /// matrix product and shared by its parallel tasks.
 pub(crate) struct LaneGroups {
-    groups: Vec<(usize, usize, TokenLanes)>,
-    rest: usize,
+    /// `(first token, tokens, their lanes)`.
+    pub(super) groups: Vec<(usize, usize, TokenLanes)>,
+    /// The first token left to the other kernels.
+    pub(super) rest: usize,
 }
 
 /// The [`LaneGroups`] of the Q8_K rows `xs` (of `n` elements each).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) fn lane_groups(n: usize, xs: &[u8]) -> LaneGroups {
+    groups_of(n, xs, LANE_TOKENS, LANES_MIN_TOKENS, false)
+}
+
+/// The Q8_K rows `xs` (of `n` elements each) in groups of 16 raw tokens (`TokenLanes::raw`)
+/// while at least `min_tokens` remain: the tile unit's right-hand tiles.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) fn raw_groups(n: usize, xs: &[u8], min_tokens: usize) -> LaneGroups {
+    groups_of(n, xs, 16, min_tokens, true)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn groups_of(n: usize, xs: &[u8], width: usize, min_tokens: usize, raw: bool) -> LaneGroups {
     let x_row = n / 256 * Q8_K_BYTES;
     let n_tokens = xs.len().checked_div(x_row).unwrap_or(0);
     let mut groups = Vec::new();
     let mut t0 = 0;
-    while n_tokens - t0 >= LANES_MIN_TOKENS {
-        let tt = (n_tokens - t0).min(LANE_TOKENS);
-        let lanes = TokenLanes::new(&xs[t0 * x_row..(t0 + tt) * x_row], x_row);
+    while n_tokens - t0 >= min_tokens.max(1) {
+        let tt = (n_tokens - t0).min(width);
+        let lanes = TokenLanes::build(&xs[t0 * x_row..(t0 + tt) * x_row], x_row, raw);
         groups.push((t0, tt, lanes));
         t0 += tt;
     }
