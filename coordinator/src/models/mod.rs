@@ -31,7 +31,7 @@ pub use experts::{DispatchMetrics, ExpertExecutor, InprocExperts, Pending};
 
 use crate::kv_cache::KvCache;
 use crate::routing_stats::RoutingCounter;
-use blocks::{add_bias, attend_head, rms_norm, Rope};
+use blocks::{add_bias, attend_heads, rms_norm, Rope};
 
 /// Why loading or running a model failed.
 #[derive(Debug, Error)]
@@ -632,17 +632,18 @@ impl Model {
         let rows = token_rows(seqs);
         let mut out = vec![0.0f32; n * out_width];
         let seqs = &*seqs;
-        out.par_chunks_exact_mut(hd_v)
-            .with_min_len(HEADS_PER_TASK)
+        // One task per token and KV head: the query heads that read it, together.
+        out.par_chunks_exact_mut(group * hd_v)
+            .with_min_len(HEADS_PER_TASK.div_ceil(group))
             .enumerate()
             .for_each(|(idx, o)| {
-                let (t, h) = (idx / hp.n_head, idx % hp.n_head);
+                let (t, kvh) = (idx / hp.n_head_kv, idx % hp.n_head_kv);
                 let (s, i) = rows[t];
                 let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
-                let kvh = h / group;
-                let qh = &q[t * q_width + h * hd_k..t * q_width + (h + 1) * hd_k];
-                attend_head(
-                    qh,
+                let q0 = t * q_width + kvh * group * hd_k;
+                attend_heads(
+                    &q[q0..q0 + group * hd_k],
+                    group,
                     pos0 + i + 1,
                     |j| &cache.k(il, j)[kvh * hd_k..(kvh + 1) * hd_k],
                     |j| &cache.v(il, j)[kvh * hd_v..(kvh + 1) * hd_v],
@@ -719,15 +720,21 @@ impl Model {
         {
             let rows = token_rows(seqs);
             let seqs = &*seqs;
+            // One task per token and group of heads (all read the one latent cache).
+            let heads = HEADS_PER_TASK.max(n_head.div_ceil(rayon::current_num_threads()));
+            let heads = (1..=heads)
+                .rev()
+                .find(|h| n_head.is_multiple_of(*h))
+                .unwrap_or(1);
             latent
-                .par_chunks_exact_mut(lora)
-                .with_min_len(HEADS_PER_TASK)
+                .par_chunks_exact_mut(heads * lora)
                 .enumerate()
                 .for_each(|(idx, o)| {
-                    let (s, i) = rows[idx / n_head];
+                    let (s, i) = rows[idx * heads / n_head];
                     let (cache, pos0, n_seq) = (&*seqs[s].cache, seqs[s].pos0, seqs[s].n);
-                    attend_head(
-                        &q_full[idx * kv_width..(idx + 1) * kv_width],
+                    attend_heads(
+                        &q_full[idx * heads * kv_width..(idx + 1) * heads * kv_width],
+                        heads,
                         pos0 + i + 1,
                         |j| cache.k(il, j),
                         |j| &cache.k(il, j)[..lora],
