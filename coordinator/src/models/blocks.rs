@@ -194,6 +194,41 @@ fn attend_one<'a>(
     attend_head_impl(q, n_kv, keys, values, scale, batch_tokens, out)
 }
 
+/// Loads and stores of 8-lane vectors for the attention kernels.
+#[cfg(target_arch = "x86_64")]
+mod lanes8 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Eight f16 values at `at` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn ld8h(v: &[f16], at: usize) -> __m256 {
+        let v = &v[at..at + 8];
+        // SAFETY: `v` holds 8 f16 values (16 bytes), read unaligned.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+    }
+
+    /// Eight f32 values at `at`.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(super) fn ld8(v: &[f32], at: usize) -> __m256 {
+        let v = &v[at..at + 8];
+        // SAFETY: `v` holds 8 f32 values, read unaligned.
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    }
+
+    /// The eight lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(super) fn lanes(v: __m256) -> [f32; 8] {
+        let mut l = [0.0f32; 8];
+        // SAFETY: `l` has room for 8 f32 values, written unaligned.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+        l
+    }
+}
+
 /// [`attend_heads`] in a batch (tinyBLAS's order) with 8-lane vectors: per cached position,
 /// the key converted once and dotted with every head; per 8 output elements, the values of
 /// every position converted once and accumulated for each head in registers (its 8 lane
@@ -212,32 +247,8 @@ unsafe fn attend_heads_avx2<'a>(
     scale: f32,
     out: &mut [f32],
 ) {
+    use lanes8::{lanes, ld8, ld8h};
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn ld8h(v: &[f16], at: usize) -> __m256 {
-        let v = &v[at..at + 8];
-        // SAFETY: `v` holds 8 f16 values (16 bytes), read unaligned.
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn ld8(v: &[f32], at: usize) -> __m256 {
-        let v = &v[at..at + 8];
-        // SAFETY: `v` holds 8 f32 values, read unaligned.
-        unsafe { _mm256_loadu_ps(v.as_ptr()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn lanes(v: __m256) -> [f32; 8] {
-        let mut l = [0.0f32; 8];
-        // SAFETY: `l` has room for 8 f32 values, written unaligned.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
-        l
-    }
 
     let (n, d) = (q.len() / n_q, out.len() / n_q);
     // Each head's query rounded to f16 (ggml's F16 matmul operand), as f32.
@@ -331,25 +342,8 @@ unsafe fn attend_head_avx2<'a>(
     batch_tokens: usize,
     out: &mut [f32],
 ) {
+    use lanes8::{lanes, ld8h as ld8};
     use std::arch::x86_64::*;
-
-    /// Eight f16 values at `at` as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn ld8(v: &[f16], at: usize) -> __m256 {
-        let v = &v[at..at + 8];
-        // SAFETY: `v` holds 8 f16 values (16 bytes), read unaligned.
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn lanes(v: __m256) -> [f32; 8] {
-        let mut l = [0.0f32; 8];
-        // SAFETY: `l` has room for 8 f32 values, written unaligned.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
-        l
-    }
 
     let q16 = to_f16(q);
     let n = q16.len();
