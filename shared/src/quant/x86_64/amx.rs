@@ -26,8 +26,8 @@ use std::sync::OnceLock;
 
 use super::avx2::{f16_pair, k4_scales_mins, ld, prefetch_span, Q8_K_BYTES};
 use super::avx512::{
-    ld_lanes_f, ld_lanes_i, tiles_q4_k_repack, tiles_q4_k_repack_gemm, LaneGroups, Lanes,
-    TokenLanes, K4_SCALE512,
+    ld_lanes_f, ld_lanes_i, repack_few_tokens, store_tokens, LaneGroups, Lanes, TokenLanes,
+    K4_SCALE512,
 };
 
 /// Tokens from which a group of tokens goes to the tile unit rather than to the AVX-512
@@ -416,23 +416,14 @@ pub(crate) unsafe fn repack_q4_k(
             }
             for ((t0, tt, _), acc) in groups.groups.iter().zip(&accs) {
                 for k in 0..TILE_ROWS.min(n_rows - r0) {
-                    let mut vals = [0.0f32; 16];
                     let v = _mm512_sub_ps(acc.sums[k], acc.mins[k]);
-                    // SAFETY: `vals` is 16 writable f32.
-                    unsafe { _mm512_storeu_ps(vals.as_mut_ptr(), v) };
-                    let o = (r0 + k) * stride + t0;
-                    out[o..o + tt].copy_from_slice(&vals[..*tt]);
+                    store_tokens(v, &mut out[(r0 + k) * stride + t0..], *tt);
                 }
             }
         }
     }
     let t0 = groups.rest;
     if t0 < n_tokens {
-        let rest = &xs[t0 * x_row..];
-        if gemm {
-            tiles_q4_k_repack_gemm(n, w, rest, &mut out[t0..], stride);
-        } else {
-            tiles_q4_k_repack(n, w, rest, &mut out[t0..], stride);
-        }
+        repack_few_tokens(n, w, &xs[t0 * x_row..], &mut out[t0..], stride, gemm);
     }
 }

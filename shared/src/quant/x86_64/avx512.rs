@@ -649,7 +649,7 @@ macro_rules! repack_tiles {
         /// `w` is whole rows of `n` elements, `xs` whole Q8_K rows of `n`, and `out` holds
         /// every `r * stride + t`; checked by `dispatch`.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub(super) fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+        fn $name(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
             let w_row = n / 256 * 144;
             let x_row = n / 256 * Q8_K_BYTES;
             if w_row == 0 || xs.is_empty() {
@@ -1050,11 +1050,7 @@ fn lanes_rows<const TY: u8>(
             _ => q6_k_lanes_rows::<LANE_ROWS>(rows, lanes, &mut wq),
         };
         for (k, &v) in v.iter().enumerate().take(n_rows - r0) {
-            let mut vals = [0.0f32; 16];
-            // SAFETY: `vals` is 16 writable f32.
-            unsafe { _mm512_storeu_ps(vals.as_mut_ptr(), v) };
-            let o = (r0 + k) * stride;
-            out[o..o + n_tokens].copy_from_slice(&vals[..n_tokens]);
+            store_tokens(v, &mut out[(r0 + k) * stride..], n_tokens);
         }
         r0 += LANE_ROWS;
     }
@@ -1099,6 +1095,35 @@ fn groups_of(n: usize, xs: &[u8], width: usize, min_tokens: usize, raw: bool) ->
     LaneGroups { groups, rest: t0 }
 }
 
+/// Lanes `0..n` of `v` into `out[..n]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn store_tokens(v: __m512, out: &mut [f32], n: usize) {
+    let mut vals = [0.0f32; 16];
+    // SAFETY: `vals` is 16 writable f32.
+    unsafe { _mm512_storeu_ps(vals.as_mut_ptr(), v) };
+    out[..n].copy_from_slice(&vals[..n]);
+}
+
+/// Q4_K rows × a few Q8_K tokens in CPU_REPACK's GEMM order (`gemm`) or GEMV order, with each
+/// row unpacked once for the tokens: `out[r * stride + t]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) fn repack_few_tokens(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    out: &mut [f32],
+    stride: usize,
+    gemm: bool,
+) {
+    if gemm {
+        tiles_q4_k_repack_gemm(n, w, xs, out, stride);
+    } else {
+        tiles_q4_k_repack(n, w, xs, out, stride);
+    }
+}
+
 /// Every row of `w` × the tokens of `xs` with lanes kernel `TY`: `groups` (of `xs`) through
 /// it, the remaining tokens through the kernel of the same order for a few tokens.
 ///
@@ -1130,8 +1155,9 @@ fn lanes_then_rest<const TY: u8>(
     }
     let rest = &xs[t0 * x_row..];
     match TY {
-        LANES_Q4_K_GEMV => tiles_q4_k_repack(n, w, rest, &mut out[t0..], stride),
-        LANES_Q4_K_GEMM => tiles_q4_k_repack_gemm(n, w, rest, &mut out[t0..], stride),
+        LANES_Q4_K_GEMV | LANES_Q4_K_GEMM => {
+            repack_few_tokens(n, w, rest, &mut out[t0..], stride, TY == LANES_Q4_K_GEMM)
+        }
         _ => {
             for (r, row) in w.chunks_exact(w_row).enumerate() {
                 let o = r * stride + t0;
