@@ -340,6 +340,21 @@ pub struct PreparedTokens {
     len: usize,
 }
 
+/// Q8_0 token rows prepared once by [`Kernels::prepare_block_tokens`] for
+/// [`Kernels::block_dot_tiles`] over many chunks of rows.
+pub struct BlockTokens {
+    /// The tile unit's right-hand tiles (AMX level only).
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<super::x86_64::amx::Q8_0Tokens>,
+    /// What they were made from (elements per row, bytes): checked where they are used.
+    n: usize,
+    len: usize,
+}
+
+/// Token rows from which a batch of a type with an exact-block order at this level
+/// ([`Kernels::has_block_order`]) takes that order.
+pub const BLOCK_ORDER_MIN_TOKENS: usize = 2;
+
 /// Token rows from which ggml's tiled matmul takes a `MUL_MAT` (or, in a `MUL_MAT_ID`, the
 /// tokens routed to one expert): `ggml_tiled_min_batch`.
 pub const TILED_MIN_TOKENS: usize = 8;
@@ -572,6 +587,101 @@ impl Kernels {
             raw: OnceLock::new(),
             n,
             len: xs.len(),
+        }
+    }
+
+    /// Whether this level multiplies batches of `ty` ([`BLOCK_ORDER_MIN_TOKENS`] tokens or
+    /// more) in exact-block order ([`reference::vec_dot_blocks`]) rather than in ggml's: Q8_0
+    /// on the tile unit, which sums whole blocks where ggml adds eight lanes of four products
+    /// (the two differ in the last bits; the tile unit makes a batch several times faster).
+    pub fn has_block_order(&self, ty: GgmlType) -> bool {
+        self.isa == Isa::Amx && ty == GgmlType::Q8_0
+    }
+
+    /// The Q8_0 token rows `xs` (of `n` elements) rearranged once for
+    /// [`Kernels::block_dot_tiles`] (the tile unit's right-hand tiles at the AMX level;
+    /// nothing at the others).
+    ///
+    /// Panics if `xs` is not whole Q8_0 rows of `n`.
+    pub fn prepare_block_tokens(&self, n: usize, xs: &[u8]) -> BlockTokens {
+        let x_row = GgmlType::Q8_0.row_bytes(n).unwrap_or(0);
+        assert!(
+            x_row > 0 && xs.len().is_multiple_of(x_row),
+            "prepare_block_tokens: {} bytes are not whole Q8_0 rows of {n}",
+            xs.len()
+        );
+        BlockTokens {
+            #[cfg(target_arch = "x86_64")]
+            tiles: (self.isa == Isa::Amx).then(|| super::x86_64::amx::Q8_0Tokens::new(n, xs)),
+            n,
+            len: xs.len(),
+        }
+    }
+
+    /// Consecutive Q8_0 weight rows (`w`) times the Q8_0 token rows `xs` in exact-block order:
+    /// `out[r * stride + t]` is [`reference::vec_dot_blocks`] of row `r` and token `t`, bit for
+    /// bit. The AMX level computes 16 rows × 16 tokens × one block per `tdpbssd`, the others
+    /// call the reference.
+    ///
+    /// Panics as [`Kernels::dot_batch_rows`] does, if `ty` is not Q8_0, or if `prepared` was
+    /// not made from `xs`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_dot_tiles(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        prepared: Option<&BlockTokens>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert_eq!(
+            ty,
+            GgmlType::Q8_0,
+            "block_dot_tiles: {ty} has no exact-block order"
+        );
+        let Some((w_row, n_tokens)) =
+            check_tiles("block_dot_tiles", ty, n, w, xs, None, out, stride)
+        else {
+            return;
+        };
+        if let Some(p) = prepared {
+            assert!(
+                (p.n, p.len) == (n, xs.len()),
+                "block_dot_tiles: tokens prepared for {} bytes of rows of {}, given {} of {n}",
+                p.len,
+                p.n,
+                xs.len()
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Amx {
+            use super::x86_64::amx;
+            let made;
+            let tokens = match prepared.and_then(|p| p.tiles.as_ref()) {
+                Some(t) => t,
+                None => {
+                    made = amx::Q8_0Tokens::new(n, xs);
+                    &made
+                }
+            };
+            assert!(
+                tokens.fits(n, xs),
+                "block_dot_tiles: prepared tokens do not fit"
+            );
+            // SAFETY: an AMX table is only handed out on a CPU with AVX2, FMA, F16C, AVX-512
+            // F/BW/VL/VNNI and AMX-INT8 whose tile state the OS granted (`amx::available`,
+            // invariant of `Kernels`); `w` is whole rows of `n`, `tokens` made from whole Q8_0
+            // rows of `n`, and `out` holds every `r * stride + t` (all checked above).
+            unsafe { amx::q8_0_blocks(n, w, tokens, out, stride) };
+            return;
+        }
+        let x_row = xs.len() / n_tokens;
+        for (r, row) in w.chunks_exact(w_row).enumerate() {
+            for (t, x) in xs.chunks_exact(x_row).enumerate() {
+                out[r * stride + t] = reference::vec_dot_blocks(ty, n, row, x);
+            }
         }
     }
 

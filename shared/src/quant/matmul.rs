@@ -17,7 +17,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use super::dispatch::{Kernels, PreparedTokens, TILED_MIN_TOKENS};
+use super::dispatch::{
+    BlockTokens, Kernels, PreparedTokens, BLOCK_ORDER_MIN_TOKENS, TILED_MIN_TOKENS,
+};
 use super::GgmlType;
 
 /// Why a weight matrix or a buffer of activation rows was refused.
@@ -559,6 +561,19 @@ fn matmul_rows_in(
         })
         .collect();
 
+    // The runs that take an exact-block order at this level (Q8_0 on the tile unit), their
+    // tokens prepared once for all the tasks.
+    let block_prepared: Vec<Option<BlockTokens>> = (groups.iter())
+        .map(|&(seg_start, seg_tokens, seg_len)| {
+            let block =
+                n_tokens > 1 && kernels.has_block_order(ty) && seg_len >= BLOCK_ORDER_MIN_TOKENS;
+            block.then(|| {
+                let xs = &x.data[seg_start * x_row..(seg_start + seg_tokens) * x_row];
+                kernels.prepare_block_tokens(n, xs)
+            })
+        })
+        .collect();
+
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
         if n_tokens == 1 {
@@ -571,8 +586,15 @@ fn matmul_rows_in(
             }
             return;
         }
-        for (&(seg_start, seg_tokens, seg_len), prepared) in groups.iter().zip(&prepared) {
+        for (g, &(seg_start, seg_tokens, seg_len)) in groups.iter().enumerate() {
             let seg_end = seg_start + seg_tokens;
+            if let Some(tokens) = &block_prepared[g] {
+                let xs = &x.data[seg_start * x_row..seg_end * x_row];
+                let out = &mut dst[seg_start..];
+                kernels.block_dot_tiles(ty, n, chunk, xs, Some(tokens), out, n_tokens);
+                continue;
+            }
+            let prepared = &prepared[g];
             // ggml picks the float order by the (segment's) batch size.
             let n_gemm = seg_start + seg_len - seg_len % 4;
             // ggml_compute_forward_mul_mat_tiled runs first unless the weight is repacked.

@@ -11,7 +11,7 @@
 
 use proptest::prelude::*;
 
-use super::dispatch::{Isa, Kernels, PreparedTokens, TILED_MIN_TOKENS};
+use super::dispatch::{Isa, Kernels, PreparedTokens, BLOCK_ORDER_MIN_TOKENS, TILED_MIN_TOKENS};
 use super::matmul::{
     matmul, matmul_rows, matmul_segments, matmul_unrepacked, matmul_unrepacked_segments,
     matmul_vec_dot, matmul_vec_dot_segments, Activations, WeightMatrix,
@@ -441,6 +441,71 @@ fn check_batch_rows(
     Ok(())
 }
 
+fn check_block_tiles(
+    n_blocks: usize,
+    n_rows: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let ty = GgmlType::Q8_0;
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * 32;
+    let w: Vec<u8> = (0..n_rows)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let xs = random_activations(&mut rng, ty, n, batch);
+    let (row_bytes, x_row) = (w.len() / n_rows, xs.len() / batch);
+    let stride = batch + 3;
+    for kernels in Kernels::supported() {
+        let mut got = vec![-7.0f32; n_rows * stride];
+        kernels.block_dot_tiles(ty, n, &w, &xs, None, &mut got, stride);
+        let prepared = kernels.prepare_block_tokens(n, &xs);
+        let mut got_prepared = vec![-7.0f32; n_rows * stride];
+        kernels.block_dot_tiles(ty, n, &w, &xs, Some(&prepared), &mut got_prepared, stride);
+        prop_assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            got_prepared.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{}: prepared tokens give other values",
+            kernels.isa()
+        );
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            for (t, x) in xs.chunks_exact(x_row).enumerate() {
+                let want = reference::vec_dot_blocks(ty, n, row, x);
+                prop_assert_eq!(
+                    got[r * stride + t].to_bits(),
+                    want.to_bits(),
+                    "{}: row {} token {} of {}x{}",
+                    kernels.isa(),
+                    r,
+                    t,
+                    n_rows,
+                    batch
+                );
+                // ggml's order sums the same integers: both within the rounding bound.
+                let ggml = reference::vec_dot(ty, n, row, x);
+                let bound = 2.0
+                    * (n_blocks + 4) as f64
+                    * f64::from(f32::EPSILON)
+                    * abs_terms(ty, n, row, x);
+                prop_assert!(
+                    (f64::from(want) - f64::from(ggml)).abs() <= bound,
+                    "row {} token {}: {} vs ggml's {} (bound {})",
+                    r,
+                    t,
+                    want,
+                    ggml,
+                    bound
+                );
+            }
+            // The gaps between a row's tokens are left alone.
+            prop_assert!(got[r * stride + batch..(r + 1) * stride]
+                .iter()
+                .all(|&v| v == -7.0));
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -544,6 +609,20 @@ proptest! {
             |k, ty, n, w, xs, p, out, stride| k.tiled_dot_tiles(ty, n, w, xs, p, out, stride),
             |k, ty, n, row, xs, out| k.tiled_dot_batch(ty, n, row, xs, out),
         )?;
+    }
+
+    /// Q8_0 rows × tokens in exact-block order (the tile unit's Q8_0 batches) give each
+    /// pair's `reference::vec_dot_blocks` bit for bit at every level, with the tokens
+    /// prepared or not, for row and token counts around the tiles' 16 × 16; and that order
+    /// stays within the rounding bound of ggml's.
+    #[test]
+    fn block_tiles_equal_vec_dot_blocks(
+        n_blocks in 1usize..=9,
+        n_rows in 1usize..=37,
+        batch in 1usize..=40,
+        seed in any::<u64>(),
+    ) {
+        check_block_tiles(n_blocks, n_rows, batch, seed)?;
     }
 
     #[test]
@@ -660,6 +739,8 @@ proptest! {
         for kernels in Kernels::supported() {
             let act = Activations::quantize(kernels, ty, &x, n_cols);
             let x_row = act.ty().row_bytes(n_cols).expect("whole blocks");
+            // Q8_0 batches on the tile unit: the exact-block order.
+            let block = kernels.has_block_order(ty) && n_tokens >= BLOCK_ORDER_MIN_TOKENS;
             let mut out = vec![f32::NAN; n_tokens * n_rows];
             matmul(kernels, &w, &act, &mut out);
             for t in 0..n_tokens {
@@ -670,7 +751,9 @@ proptest! {
                     let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
                     let x_t = &act.data()[t * x_row..(t + 1) * x_row];
                     // Whole groups of four tokens take the GEMM kernel's order, the rest GEMV's.
-                    if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
+                    if block {
+                        want[0] = reference::vec_dot_blocks(ty, n_cols, w_row, x_t);
+                    } else if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
                         let gemm = t < n_tokens - n_tokens % 4;
                         kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want, gemm);
                     } else if tiled {
@@ -692,7 +775,9 @@ proptest! {
                     let mut want = [f32::NAN];
                     let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
                     let x_t = &act.data()[t * x_row..(t + 1) * x_row];
-                    if tiled {
+                    if block {
+                        want[0] = reference::vec_dot_blocks(ty, n_cols, w_row, x_t);
+                    } else if tiled {
                         kernels.tiled_dot_batch(ty, n_cols, w_row, x_t, &mut want);
                     } else {
                         kernels.gemm_dot_batch(ty, n_cols, w_row, x_t, &mut want, n_tokens);
@@ -710,7 +795,9 @@ proptest! {
                     let mut want = [f32::NAN];
                     let w_row = &data[r * row_bytes..(r + 1) * row_bytes];
                     let x_t = &act.data()[t * x_row..(t + 1) * x_row];
-                    if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
+                    if block {
+                        want[0] = reference::vec_dot_blocks(ty, n_cols, w_row, x_t);
+                    } else if ty == GgmlType::Q4_K && n_rows % 8 == 0 {
                         kernels.repack_dot_batch(ty, n_cols, w_row, x_t, &mut want, false);
                     } else if tiled {
                         kernels.tiled_dot_batch(ty, n_cols, w_row, x_t, &mut want);

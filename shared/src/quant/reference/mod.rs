@@ -14,6 +14,8 @@
 //!   float types, as `ggml_vec_dot_f32/f16/bf16` do).
 //! - [`vec_dot_tiled`]`(ty, n, w, x) -> f32`: the same dot product for Q2_K..Q6_K in the
 //!   float order of ggml's tiled matmul (one FMA per super-block, see `tiled`).
+//! - [`vec_dot_blocks`]`(ty, n, w, x) -> f32`: a Q8_0 dot product in exact-block order (one
+//!   FMA per block), the order of the tile unit's Q8_0 batches.
 //! - [`quantize_weights_row`]`(ty, src, dst)`: ggml's `quantize_row_*_ref` for every type (no
 //!   importance matrix), to synthesize weight files.
 //!
@@ -112,6 +114,29 @@ pub fn vec_dot_tiled(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
         x.len()
     );
     tiled::vec_dot_tiled(ty, w, x)
+}
+
+/// [`vec_dot`] of a Q8_0 row in exact-block order, the order of the tile unit's Q8_0 batches
+/// (`x86_64::amx`): per block `r = d_w·f32(s)` (`s` the block's exact integer sum), then
+/// `acc = fma(r, d_x, acc)`, block after block. (ggml adds each block in eight lanes of four
+/// products instead; the two differ in the last bits.)
+///
+/// Panics as [`vec_dot`] does, or if `ty` is not Q8_0.
+pub fn vec_dot_blocks(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
+    assert_eq!(
+        ty,
+        GgmlType::Q8_0,
+        "vec_dot_blocks: {ty} has no exact-block order"
+    );
+    let bytes = row_bytes_or_panic(ty, n);
+    assert_eq!(
+        (w.len(), x.len()),
+        (bytes, bytes),
+        "vec_dot_blocks {ty}: {} weight and {} activation bytes for {n} elements",
+        w.len(),
+        x.len()
+    );
+    tiled::q8_0_blocks(w, x)
 }
 
 /// Quantizes a weight row to `ty` as ggml's `quantize_row_*_ref` does (no importance matrix).

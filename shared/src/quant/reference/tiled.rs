@@ -11,7 +11,7 @@
 
 use super::blocks;
 use super::decode;
-use crate::quant::blocks::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use crate::quant::blocks::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0};
 use crate::quant::GgmlType;
 
 /// Lengths are checked by the caller; panics for a type the tiled path does not take.
@@ -111,4 +111,17 @@ fn q6_k_sums(b: &BlockQ6K, y: &BlockQ8K) -> Sums {
     let q = decode::q6k_quants(b);
     let s1 = scaled_sum(|e| i32::from(q[e]), &y.qs, 16, |s| i32::from(b.scales[s]));
     (b.d.to_f32(), s1, None)
+}
+
+/// Q8_0 · Q8_0 in exact-block order (see `vec_dot_blocks`). Lengths are checked by the caller.
+pub(super) fn q8_0_blocks(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = 0.0f32;
+    for (wb, xb) in blocks::<BlockQ8_0>(w).zip(blocks::<BlockQ8_0>(x)) {
+        let s: i32 = (wb.qs.iter().zip(&xb.qs))
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
+        let r = wb.d.to_f32() * s as f32;
+        acc = r.mul_add(xb.d.to_f32(), acc);
+    }
+    acc
 }

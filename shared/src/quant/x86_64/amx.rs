@@ -71,29 +71,50 @@ fn request_tile_data() -> bool {
     false
 }
 
-/// The tile configuration: palette 1, every tile 16 rows of 64 bytes.
+/// A tile configuration (palette 1): each tile's rows and bytes per row.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-/// The tiles loaded with [`TileConfig`] on this thread, released on drop. Holding one is what
-/// makes the tile operations below sound; it stays on its thread (the tiles are per thread).
-struct TileSession(PhantomData<*const ()>);
+impl TileConfig {
+    /// Tiles `0..8` with `shapes[t]` = (rows, bytes per row).
+    fn new(shapes: [(u8, u16); 8]) -> TileConfig {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for (t, (rows, bytes)) in shapes.into_iter().enumerate() {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&bytes.to_le_bytes());
+            cfg[48 + t] = rows;
+        }
+        TileConfig(cfg)
+    }
+
+    /// Tile `t`'s (rows, bytes per row).
+    fn shape(&self, t: u8) -> (usize, usize) {
+        let t = usize::from(t);
+        let bytes = u16::from_le_bytes([self.0[16 + 2 * t], self.0[17 + 2 * t]]);
+        (usize::from(self.0[48 + t]), usize::from(bytes))
+    }
+}
+
+/// The tiles loaded with a [`TileConfig`] on this thread, released on drop. Holding one is
+/// what makes the tile operations below sound (each checks its memory against the tile's
+/// configured shape); it stays on its thread (the tiles are per thread).
+struct TileSession {
+    shapes: [(usize, usize); 8],
+    _thread: PhantomData<*const ()>,
+}
 
 impl TileSession {
     /// # Safety
     /// [`available`] returned true (the process holds the tile data permission) and the CPU
     /// has AMX-TILE and AMX-INT8.
-    unsafe fn start() -> TileSession {
-        let mut cfg = TileConfig([0; 64]);
-        cfg.0[0] = 1;
-        for t in 0..8 {
-            cfg.0[16 + 2 * t] = 64;
-            cfg.0[48 + t] = 16;
-        }
-        // SAFETY: `cfg` is a valid 64-byte palette-1 configuration; the caller guarantees
-        // the CPU and the OS allow the tiles.
+    unsafe fn start(cfg: &TileConfig) -> TileSession {
+        // SAFETY: `cfg` is a valid 64-byte palette-1 configuration (at most 16 rows of at
+        // most 64 bytes per tile); the caller guarantees the CPU and the OS allow the tiles.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-        TileSession(PhantomData)
+        TileSession {
+            shapes: std::array::from_fn(|t| cfg.shape(t as u8)),
+            _thread: PhantomData,
+        }
     }
 
     /// Zeroes tile `T`.
@@ -103,18 +124,44 @@ impl TileSession {
         unsafe { asm!("tilezero tmm{t}", t = const T, options(nostack, nomem)) };
     }
 
-    /// Loads tile `T` from 16 consecutive 64-byte rows.
+    /// Loads tile `T` from consecutive 64-byte rows.
     #[inline(always)]
     fn load<const T: u8>(&self, rows: &[Lanes<u32>]) {
-        let rows = &rows[..16];
-        // SAFETY: the tiles are configured; `rows` is 16 readable rows of 64 bytes at a
-        // stride of 64.
+        let (n_rows, bytes) = self.shapes[usize::from(T)];
+        assert!(
+            bytes <= 64 && n_rows <= rows.len(),
+            "tile {T}: {n_rows} rows"
+        );
+        // SAFETY: the tiles are configured; `rows` holds the tile's rows (at most 64 bytes
+        // each) at a stride of 64 (asserted above).
         unsafe {
             asm!(
                 "tileloadd tmm{t}, [{p} + {s} * 1]",
                 t = const T,
                 p = in(reg) rows.as_ptr(),
                 s = in(reg) 64usize,
+                options(nostack, readonly)
+            )
+        };
+    }
+
+    /// Loads tile `T` from rows `stride` bytes apart starting at `bytes[0]`.
+    #[inline(always)]
+    fn load_strided<const T: u8>(&self, bytes: &[u8], stride: usize) {
+        let (n_rows, width) = self.shapes[usize::from(T)];
+        assert!(
+            n_rows > 0 && bytes.len() >= (n_rows - 1) * stride + width,
+            "tile {T}: {} bytes for {n_rows} rows of {width} at a stride of {stride}",
+            bytes.len()
+        );
+        // SAFETY: the tiles are configured; every row the tile reads lies in `bytes`
+        // (asserted above).
+        unsafe {
+            asm!(
+                "tileloadd tmm{t}, [{p} + {s} * 1]",
+                t = const T,
+                p = in(reg) bytes.as_ptr(),
+                s = in(reg) stride,
                 options(nostack, readonly)
             )
         };
@@ -135,11 +182,31 @@ impl TileSession {
         };
     }
 
+    /// `C += A · B` over signed bytes of both, in i32.
+    #[inline(always)]
+    fn dpbssd<const C: u8, const A: u8, const B: u8>(&self) {
+        // SAFETY: the tiles are configured; no memory is touched.
+        unsafe {
+            asm!(
+                "tdpbssd tmm{c}, tmm{a}, tmm{b}",
+                c = const C,
+                a = const A,
+                b = const B,
+                options(nostack, nomem)
+            )
+        };
+    }
+
     /// Stores tile `T` (16 rows of 16 i32).
     #[inline(always)]
     fn store<const T: u8>(&self, rows: &mut [Lanes<i32>; 16]) {
+        let (n_rows, bytes) = self.shapes[usize::from(T)];
+        assert!(
+            n_rows <= 16 && bytes <= 64,
+            "tile {T}: {n_rows} rows of {bytes}"
+        );
         // SAFETY: the tiles are configured; `rows` is 16 writable rows of 64 bytes at a stride
-        // of 64.
+        // of 64, at least the tile's shape (asserted above).
         unsafe {
             asm!(
                 "tilestored [{p} + {s} * 1], tmm{t}",
@@ -372,7 +439,7 @@ pub(crate) unsafe fn repack_q4_k(
     let n_tokens = xs.len() / x_row;
     if !groups.groups.is_empty() {
         // SAFETY: the caller guarantees `available()`.
-        let tiles = unsafe { TileSession::start() };
+        let tiles = unsafe { TileSession::start(&TileConfig::new([(16, 64); 8])) };
         // Two blocks of weight tiles: the cores fill the next while the tile unit multiplies.
         let mut bts = [BlockTiles::new(), BlockTiles::new()];
         let mut sums = Sums::ZERO;
@@ -425,5 +492,191 @@ pub(crate) unsafe fn repack_q4_k(
     let t0 = groups.rest;
     if t0 < n_tokens {
         repack_few_tokens(n, w, &xs[t0 * x_row..], &mut out[t0..], stride, gemm);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q8_0 rows × Q8_0 tokens in exact-block order.
+//
+// ggml's Q8_0 dot products add each block's products in eight lanes of four and convert each
+// lane to float on its own; the tile unit's sums are whole blocks, so it cannot keep that
+// order. Its order is `reference::vec_dot_blocks`: each block's integer sum exact, then
+// `r = d_w · f32(sum)` and `acc = fma(r, d_x, acc)` block after block, one chain per row and
+// token, whatever the tile or the group. A `tdpbssd` over one block (32 bytes) makes 16 rows ×
+// 16 tokens of those sums straight from the weights in the file (the left-hand tile reads each
+// row's block at the row stride: no copy, no rearranging); while the cores convert one
+// block's sums the tile unit multiplies the next.
+
+/// Tokens per right-hand tile.
+const TILE_TOKENS: usize = 16;
+
+/// Q8_0 bytes per block (f16 scale, 32 quants).
+const Q8_0_BYTES: usize = 34;
+
+/// Q8_0 token rows as the tile unit's right-hand tiles: per group of 16 tokens (the last
+/// padded with zeros) and block, 8 rows of the 16 tokens' quants four by four, and the
+/// tokens' scales.
+pub(crate) struct Q8_0Tokens {
+    n_blocks: usize,
+    /// `(first token, tokens)` of each group.
+    groups: Vec<(usize, usize)>,
+    /// Group `g`, block `b`, quants `4k..4k + 4`: `quants[(g * n_blocks + b) * 8 + k]`,
+    /// lane `t` = token `t`'s four quants.
+    quants: Vec<Lanes<u32>>,
+    /// Group `g`, block `b`: lane `t` = token `t`'s `d`.
+    scales: Vec<Lanes<f32>>,
+}
+
+impl Q8_0Tokens {
+    /// Rearranges the Q8_0 rows `xs` of `n` elements (whole rows; checked by `dispatch`).
+    pub(crate) fn new(n: usize, xs: &[u8]) -> Q8_0Tokens {
+        let n_blocks = n / 32;
+        let x_row = n_blocks * Q8_0_BYTES;
+        let n_tokens = xs.len().checked_div(x_row).unwrap_or(0);
+        let groups: Vec<(usize, usize)> = (0..n_tokens)
+            .step_by(TILE_TOKENS)
+            .map(|t0| (t0, (n_tokens - t0).min(TILE_TOKENS)))
+            .collect();
+        let mut quants = vec![Lanes([0u32; 16]); groups.len() * n_blocks * 8];
+        let mut scales = vec![Lanes([0.0f32; 16]); groups.len() * n_blocks];
+        for (g, &(t0, tt)) in groups.iter().enumerate() {
+            for t in 0..tt {
+                let row = &xs[(t0 + t) * x_row..(t0 + t + 1) * x_row];
+                for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+                    let at = g * n_blocks + b;
+                    scales[at].0[t] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (k, q) in block[2..].chunks_exact(4).enumerate() {
+                        quants[at * 8 + k].0[t] = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+                    }
+                }
+            }
+        }
+        Q8_0Tokens {
+            n_blocks,
+            groups,
+            quants,
+            scales,
+        }
+    }
+
+    /// Whether these are the tokens of `xs` (rows of `n`): their count and blocks.
+    pub(crate) fn fits(&self, n: usize, xs: &[u8]) -> bool {
+        let x_row = self.n_blocks * Q8_0_BYTES;
+        let n_tokens = self.groups.last().map_or(0, |&(t0, tt)| t0 + tt);
+        self.n_blocks == n / 32 && xs.len() == n_tokens * x_row
+    }
+}
+
+// The tiles of the Q8_0 kernel: two of each, the tile unit working on one block while the
+// cores read the other's sums.
+const Q8_C: [u8; 2] = [0, 1];
+const Q8_A: [u8; 2] = [2, 3];
+const Q8_B: [u8; 2] = [4, 5];
+
+/// The Q8_0 kernel's shapes: sums 16 × 16 i32, weights 16 rows × one block, tokens 8 rows
+/// of 16 tokens × four quants.
+fn q8_0_config() -> TileConfig {
+    let (sums, weights, tokens) = ((16, 64), (16, 32), (8, 64));
+    TileConfig::new([sums, sums, weights, weights, tokens, tokens, (0, 0), (0, 0)])
+}
+
+/// Starts block `b` of 16 rows (`rows`: their bytes from the row's start, `w_row` apart) ×
+/// the tokens' tile `x` on buffer `k` (0 or 1).
+#[inline(always)]
+fn start_q8_0(
+    tiles: &TileSession,
+    k: usize,
+    rows: &[u8],
+    w_row: usize,
+    b: usize,
+    x: &[Lanes<u32>],
+) {
+    let a = &rows[b * Q8_0_BYTES + 2..];
+    if k == 0 {
+        tiles.zero::<{ Q8_C[0] }>();
+        tiles.load_strided::<{ Q8_A[0] }>(a, w_row);
+        tiles.load::<{ Q8_B[0] }>(x);
+        tiles.dpbssd::<{ Q8_C[0] }, { Q8_A[0] }, { Q8_B[0] }>();
+    } else {
+        tiles.zero::<{ Q8_C[1] }>();
+        tiles.load_strided::<{ Q8_A[1] }>(a, w_row);
+        tiles.load::<{ Q8_B[1] }>(x);
+        tiles.dpbssd::<{ Q8_C[1] }, { Q8_A[1] }, { Q8_B[1] }>();
+    }
+}
+
+/// Q8_0 rows (`w`) × the tokens `x` in exact-block order: `out[r * stride + t]`.
+///
+/// # Safety
+/// [`available`] returned true. `w` is whole rows of `n` elements, `x` was made from Q8_0
+/// rows of `n`, and `out` holds every `r * stride + t` (checked by `dispatch`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn q8_0_blocks(
+    n: usize,
+    w: &[u8],
+    x: &Q8_0Tokens,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n_blocks = n / 32;
+    let w_row = n_blocks * Q8_0_BYTES;
+    if w_row == 0 || x.groups.is_empty() {
+        return;
+    }
+    let n_rows = w.len() / w_row;
+    // SAFETY: the caller guarantees `available()`.
+    let tiles = unsafe { TileSession::start(&q8_0_config()) };
+    // Block b, row r: the row's d.
+    let mut dw = vec![0.0f32; n_blocks * TILE_ROWS];
+    let mut sums = [[Lanes([0i32; 16]); 16]; 2];
+    let mut tail = Vec::new();
+    for r0 in (0..n_rows).step_by(TILE_ROWS) {
+        let n_valid = (n_rows - r0).min(TILE_ROWS);
+        // The last tile repeats the last row and drops its values.
+        let rows: &[u8] = if n_valid == TILE_ROWS {
+            &w[r0 * w_row..(r0 + TILE_ROWS) * w_row]
+        } else {
+            tail.clear();
+            for k in 0..TILE_ROWS {
+                let r = (r0 + k).min(n_rows - 1);
+                tail.extend_from_slice(&w[r * w_row..(r + 1) * w_row]);
+            }
+            &tail
+        };
+        for (r, row) in rows.chunks_exact(w_row).enumerate() {
+            for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+                dw[b * TILE_ROWS + r] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            }
+        }
+        for (g, &(t0, tt)) in x.groups.iter().enumerate() {
+            let xq = &x.quants[g * n_blocks * 8..(g + 1) * n_blocks * 8];
+            let xd = &x.scales[g * n_blocks..(g + 1) * n_blocks];
+            let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+            start_q8_0(&tiles, 0, rows, w_row, 0, xq);
+            for b in 0..n_blocks {
+                let k = b % 2;
+                if b + 1 < n_blocks {
+                    start_q8_0(&tiles, 1 - k, rows, w_row, b + 1, &xq[8 * (b + 1)..]);
+                }
+                let s = &mut sums[k];
+                if k == 0 {
+                    tiles.store::<{ Q8_C[0] }>(s);
+                } else {
+                    tiles.store::<{ Q8_C[1] }>(s);
+                }
+                let d_x = ld_lanes_f(&xd[b]);
+                let d_w = &dw[b * TILE_ROWS..(b + 1) * TILE_ROWS];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `s[r]` is 64 readable, aligned bytes.
+                    let sum = unsafe { _mm512_load_si512(s[r].0.as_ptr().cast()) };
+                    let sum = _mm512_cvtepi32_ps(sum);
+                    let v = _mm512_mul_ps(_mm512_set1_ps(d_w[r]), sum);
+                    *a = _mm512_fmadd_ps(v, d_x, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(n_valid) {
+                store_tokens(*a, &mut out[(r0 + r) * stride + t0..], tt);
+            }
+        }
     }
 }
