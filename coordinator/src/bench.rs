@@ -195,7 +195,7 @@ pub fn run(
         bound_tps: bound,
         fraction_of_bound: d_med / bound,
         peak_rss_bytes,
-        kernels: engine.model().kernels().isa().to_string(),
+        kernels: engine.model().kernels().name(),
         parallel,
         profile,
         profile_parallel,

@@ -241,7 +241,7 @@ impl Model {
             n_layer = hp.n_layer,
             n_embd = hp.n_embd,
             n_expert = hp.n_expert,
-            kernels = kernels.isa(),
+            kernels = kernels.name(),
             "model loaded"
         );
         let routing = RoutingCounter::new(&hp);

@@ -430,3 +430,43 @@ fn bench_json_with_profile() {
         assert!(work > 0.0, "{name}: {}", phases[i]);
     }
 }
+
+/// `MOESHARD_Q8_0_ORDER`: ggml's order by default; `blocks` switches the AMX level to its
+/// exact-block Q8_0 batches (and only it: elsewhere a warning keeps ggml's order); an unknown
+/// value is named in a warning and ignored. `bench` reports which table ran.
+#[test]
+fn q8_0_block_order_is_opt_in() {
+    let model = fixtures().join("qwen3moe/model-q8_0.gguf");
+    let bench = |order: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moeshard"));
+        cmd.args(["bench", "--model", model.to_str().unwrap()])
+            .args(["-t", "1", "-p", "4", "-n", "1", "--reps", "1", "--json"])
+            .env_remove("MOESHARD_KERNELS")
+            .env("RUST_LOG", "warn");
+        match order {
+            Some(o) => cmd.env("MOESHARD_Q8_0_ORDER", o),
+            None => cmd.env_remove("MOESHARD_Q8_0_ORDER"),
+        };
+        let out = cmd.output().expect("running moeshard");
+        let j: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        let kernels = j["kernels"].as_str().unwrap().to_string();
+        (kernels, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (default, _) = bench(None);
+    assert!(!default.contains("q8_0-blocks"), "{default}");
+    let (ggml, _) = bench(Some("ggml"));
+    assert_eq!(ggml, default);
+    let (blocks, stderr) = bench(Some("blocks"));
+    if default == "amx" {
+        assert_eq!(blocks, "amx+q8_0-blocks");
+    } else {
+        assert_eq!(blocks, default);
+        assert!(stderr.contains("needs the amx level"), "{stderr}");
+    }
+    let (bogus, stderr) = bench(Some("fastest"));
+    assert_eq!(bogus, default);
+    assert!(
+        stderr.contains("unknown MOESHARD_Q8_0_ORDER") && stderr.contains("fastest"),
+        "{stderr}"
+    );
+}

@@ -2,8 +2,9 @@
 //!
 //! One binary runs on many Xeons, so the SIMD level is chosen when the process first asks for
 //! [`Kernels::get`]: the best level the CPU supports (`is_x86_feature_detected!`), lowered by
-//! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512|amx` when set (for tests, benches and
-//! debugging). The choice is logged once. [`Kernels::scalar`] is the portable reference table
+//! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512|amx` when set (for tests,
+//! benches and debugging); `MOESHARD_Q8_0_ORDER=blocks` opts the AMX level into its faster
+//! Q8_0 batch order (see [`Kernels::has_block_order`]). The choice is logged once. [`Kernels::scalar`] is the portable reference table
 //! and [`Kernels::supported`] lists every level the host can run, for tests and comparisons.
 //!
 //! The SIMD functions are `#[target_feature]` functions; a table holding them is only built
@@ -171,11 +172,16 @@ pub struct Kernels {
     /// bit-identical to `dot`'s (the types whose batched order is the per-token one);
     /// `None` where rows go through `dot` one at a time.
     batch_rows: [Option<BatchRowsFn>; N_TYPES],
+    /// Q8_0 batches in exact-block order on the tile unit (AMX level, opt-in: see
+    /// [`ENV_Q8_0_ORDER`]).
+    q8_0_blocks: bool,
 }
 
 impl fmt::Debug for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kernels").field("isa", &self.isa).finish()
+        (f.debug_struct("Kernels").field("isa", &self.isa))
+            .field("q8_0_blocks", &self.q8_0_blocks)
+            .finish()
     }
 }
 
@@ -226,6 +232,7 @@ static SCALAR: Kernels = Kernels {
     quantize: table!(scalar_quantize),
     rows: [None; N_TYPES],
     batch_rows: [None; N_TYPES],
+    q8_0_blocks: false,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -279,6 +286,7 @@ static AVX2: Kernels = {
         quantize,
         rows,
         batch_rows,
+        q8_0_blocks: false,
     }
 };
 
@@ -288,6 +296,13 @@ static AVX512: Kernels = avx512_kernels(Isa::Avx512);
 /// The AMX level: AVX-512's table; `repack_dot_tiles` uses the tiles.
 #[cfg(target_arch = "x86_64")]
 static AMX: Kernels = avx512_kernels(Isa::Amx);
+
+/// The AMX level with Q8_0 batches in exact-block order on the tiles ([`ENV_Q8_0_ORDER`]).
+#[cfg(target_arch = "x86_64")]
+static AMX_Q8_0_BLOCKS: Kernels = Kernels {
+    q8_0_blocks: true,
+    ..avx512_kernels(Isa::Amx)
+};
 
 /// The AVX-512 entries (AVX2's where AVX-512 has nothing better), for `isa`.
 #[cfg(target_arch = "x86_64")]
@@ -315,7 +330,7 @@ const fn avx512_kernels(isa: Isa) -> Kernels {
     batch_rows[slot(GgmlType::Q4_1)] = Some(avx512::batch_rows_q4_1);
     batch_rows[slot(GgmlType::Q5_0)] = Some(avx512::batch_rows_q5_0);
     batch_rows[slot(GgmlType::Q5_1)] = Some(avx512::batch_rows_q5_1);
-    batch_rows[slot(GgmlType::Q8_0)] = Some(avx512::batch_rows_q8_0);
+    batch_rows[slot(GgmlType::Q8_0)] = Some(avx512::batch_rows_q8_0_pairs);
     Kernels {
         isa,
         dot,
@@ -323,6 +338,7 @@ const fn avx512_kernels(isa: Isa) -> Kernels {
         quantize,
         rows,
         batch_rows,
+        q8_0_blocks: false,
     }
 }
 
@@ -362,6 +378,11 @@ pub const TILED_MIN_TOKENS: usize = 8;
 /// The environment variable that lowers the chosen level.
 pub const ENV_KERNELS: &str = "MOESHARD_KERNELS";
 
+/// The environment variable that picks the float order of Q8_0 batches at the AMX level:
+/// `ggml` (the default: ggml's, bit for bit) or `blocks` (exact-block order on the tile unit,
+/// several times faster; see [`Kernels::has_block_order`]).
+pub const ENV_Q8_0_ORDER: &str = "MOESHARD_Q8_0_ORDER";
+
 impl Kernels {
     /// The process-wide table: the best level of this CPU, or the lower one asked for in
     /// `MOESHARD_KERNELS`. Chosen and logged on the first call.
@@ -389,8 +410,39 @@ impl Kernels {
                     best
                 }
             };
-            tracing::info!(isa = isa.name(), best = best.name(), "kernels selected");
-            Kernels::for_isa(isa).unwrap_or(&SCALAR)
+            let kernels = Kernels::for_isa(isa).unwrap_or(&SCALAR);
+            let order = std::env::var(ENV_Q8_0_ORDER).ok();
+            let kernels = match order.as_deref().map(str::trim) {
+                None | Some("ggml") => kernels,
+                Some("blocks") => match kernels.with_block_order() {
+                    Some(k) => k,
+                    None => {
+                        tracing::warn!(
+                            isa = isa.name(),
+                            "{ENV_Q8_0_ORDER}=blocks needs the amx level; keeping ggml's order"
+                        );
+                        kernels
+                    }
+                },
+                Some(other) => {
+                    tracing::warn!(
+                        requested = other,
+                        "unknown {ENV_Q8_0_ORDER} value (want ggml or blocks); ignored"
+                    );
+                    kernels
+                }
+            };
+            tracing::info!(
+                isa = isa.name(),
+                best = best.name(),
+                q8_0_order = if kernels.q8_0_blocks {
+                    "blocks"
+                } else {
+                    "ggml"
+                },
+                "kernels selected"
+            );
+            kernels
         })
     }
 
@@ -417,14 +469,38 @@ impl Kernels {
         }
     }
 
-    /// Every table this CPU can run, lowest level first.
+    /// Every table this CPU can run, lowest level first, each followed by its variant with
+    /// Q8_0 batches in exact-block order where it has one.
     pub fn supported() -> Vec<&'static Kernels> {
-        Isa::ALL.into_iter().filter_map(Kernels::for_isa).collect()
+        (Isa::ALL.into_iter().filter_map(Kernels::for_isa))
+            .flat_map(|k| [Some(k), k.with_block_order()])
+            .flatten()
+            .collect()
+    }
+
+    /// This level's table with Q8_0 batches in exact-block order ([`Kernels::has_block_order`]),
+    /// where the level has one (AMX).
+    pub fn with_block_order(&self) -> Option<&'static Kernels> {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Some(&AMX_Q8_0_BLOCKS),
+            _ => None,
+        }
     }
 
     /// The SIMD level of this table.
     pub fn level(&self) -> Isa {
         self.isa
+    }
+
+    /// The table's name for reports: its level's, with `+q8_0-blocks` where Q8_0 batches
+    /// take the exact-block order ([`Kernels::has_block_order`]).
+    pub fn name(&self) -> String {
+        if self.q8_0_blocks {
+            format!("{}+q8_0-blocks", self.isa.name())
+        } else {
+            self.isa.name().to_string()
+        }
     }
 
     /// The name of the SIMD level (`"scalar"`, `"avx2"`, `"avx512"`, `"amx"`).
@@ -590,12 +666,15 @@ impl Kernels {
         }
     }
 
-    /// Whether this level multiplies batches of `ty` ([`BLOCK_ORDER_MIN_TOKENS`] tokens or
+    /// Whether this table multiplies batches of `ty` ([`BLOCK_ORDER_MIN_TOKENS`] tokens or
     /// more) in exact-block order ([`reference::vec_dot_blocks`]) rather than in ggml's: Q8_0
-    /// on the tile unit, which sums whole blocks where ggml adds eight lanes of four products
-    /// (the two differ in the last bits; the tile unit makes a batch several times faster).
+    /// on the tile unit, which sums whole blocks where ggml adds eight lanes of four products.
+    /// The tile unit makes a Q8_0 batch several times faster, but the two orders differ in
+    /// the last bits, enough to flip a near-tied expert choice: on the small fixture models
+    /// a few prompt positions then move past the 0.02 bar against llama.cpp. So it is
+    /// opt-in ([`ENV_Q8_0_ORDER`]`=blocks`, [`Kernels::with_block_order`]).
     pub fn has_block_order(&self, ty: GgmlType) -> bool {
-        self.isa == Isa::Amx && ty == GgmlType::Q8_0
+        self.q8_0_blocks && ty == GgmlType::Q8_0
     }
 
     /// The Q8_0 token rows `xs` (of `n` elements) rearranged once for

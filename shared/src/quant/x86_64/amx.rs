@@ -605,6 +605,27 @@ fn start_q8_0(
     }
 }
 
+/// Adds block `b`'s integer sums of 16 rows × 16 tokens to `acc`: `acc = fma(d_w · f32(sum),
+/// d_x, acc)`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn add_q8_0_block(
+    sums: &[Lanes<i32>; 16],
+    dw: &[f32],
+    b: usize,
+    xd: &Lanes<f32>,
+    acc: &mut [__m512; TILE_ROWS],
+) {
+    let d_x = ld_lanes_f(xd);
+    let d_w = &dw[b * TILE_ROWS..(b + 1) * TILE_ROWS];
+    for (r, a) in acc.iter_mut().enumerate() {
+        // SAFETY: `sums[r]` is 64 readable, aligned bytes.
+        let sum = unsafe { _mm512_load_si512(sums[r].0.as_ptr().cast()) };
+        let v = _mm512_mul_ps(_mm512_set1_ps(d_w[r]), _mm512_cvtepi32_ps(sum));
+        *a = _mm512_fmadd_ps(v, d_x, *a);
+    }
+}
+
 /// Q8_0 rows (`w`) × the tokens `x` in exact-block order: `out[r * stride + t]`.
 ///
 /// # Safety
@@ -652,26 +673,23 @@ pub(crate) unsafe fn q8_0_blocks(
             let xq = &x.quants[g * n_blocks * 8..(g + 1) * n_blocks * 8];
             let xd = &x.scales[g * n_blocks..(g + 1) * n_blocks];
             let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+            // Three blocks in flight: the tile unit multiplies block b + 1 while block b's
+            // sums are stored and block b - 1's, stored an iteration ago, are added.
             start_q8_0(&tiles, 0, rows, w_row, 0, xq);
-            for b in 0..n_blocks {
+            for b in 0..=n_blocks {
                 let k = b % 2;
                 if b + 1 < n_blocks {
                     start_q8_0(&tiles, 1 - k, rows, w_row, b + 1, &xq[8 * (b + 1)..]);
                 }
-                let s = &mut sums[k];
-                if k == 0 {
-                    tiles.store::<{ Q8_C[0] }>(s);
-                } else {
-                    tiles.store::<{ Q8_C[1] }>(s);
+                if b < n_blocks {
+                    if k == 0 {
+                        tiles.store::<{ Q8_C[0] }>(&mut sums[0]);
+                    } else {
+                        tiles.store::<{ Q8_C[1] }>(&mut sums[1]);
+                    }
                 }
-                let d_x = ld_lanes_f(&xd[b]);
-                let d_w = &dw[b * TILE_ROWS..(b + 1) * TILE_ROWS];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: `s[r]` is 64 readable, aligned bytes.
-                    let sum = unsafe { _mm512_load_si512(s[r].0.as_ptr().cast()) };
-                    let sum = _mm512_cvtepi32_ps(sum);
-                    let v = _mm512_mul_ps(_mm512_set1_ps(d_w[r]), sum);
-                    *a = _mm512_fmadd_ps(v, d_x, *a);
+                if b > 0 {
+                    add_q8_0_block(&sums[1 - k], &dw, b - 1, &xd[b - 1], &mut acc);
                 }
             }
             for (r, a) in acc.iter().enumerate().take(n_valid) {

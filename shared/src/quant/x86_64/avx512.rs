@@ -16,10 +16,11 @@ use std::arch::x86_64::*;
 
 use super::avx2::{
     batch_rows, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32,
-    k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128, legacy_batch_rows,
-    load8, prefetch_span, q4k_quants, q6k_quants, q8_0_rows, row_tile, rows_driver, store8,
-    token_blocks, u16_at, u32_at, unpack_q4_0, unpack_q4_1, unpack_q5_0, unpack_q5_1, unpack_q8_0,
-    TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    hsum_ps, k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128,
+    legacy_batch_rows, load8, prefetch_span, q4k_quants, q6k_quants, q8_0_rows, row_tile,
+    rows_driver, store8, token_blocks, u16_at, u32_at, unpack_q4_0, unpack_q4_1, unpack_q5_0,
+    unpack_q5_1, unpack_q8_0, TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES,
+    Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -1200,4 +1201,187 @@ pub(crate) fn tiled_q6_k(
     stride: usize,
 ) {
     lanes_then_rest::<LANES_Q6_K_TILED>(n, w, xs, groups, out, stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q8_0 rows × Q8_0 tokens, two tokens to a vector.
+//
+// ggml's order for a Q8_0 dot product keeps eight f32 lanes per token: per block, lane l gets
+// `fma(d_w·d_x, f32(Σ of products 4l..4l + 4), acc_l)`, and the eight lanes are added at the
+// end (`hsum_ps`). Two tokens' eight lanes fill one 512-bit vector, so one `vpdpbusd`, one
+// conversion, one multiply (the two tokens' `d_w·d_x`) and one FMA do a block for two tokens:
+// the lanes keep exactly their one-token values. `vpdpbusd` multiplies unsigned by signed
+// bytes, so the weights enter as w + 128 and each lane starts from -128 · Σ of its four
+// token quants (exact integers).
+
+/// Q8_0 tokens two to a vector (an odd last token paired with zeros): pair `p`, block `b` at
+/// `p * n_blocks + b`.
+struct Q8_0Pairs {
+    n_blocks: usize,
+    n_pairs: usize,
+    /// The first token's 32 quants, then the second's.
+    quants: Vec<Lanes<u32>>,
+    /// Lane l of each half: -128 × the sum of that token's quants 4l..4l + 4.
+    offsets: Vec<Lanes<i32>>,
+    /// The first token's `d` in lanes 0..8, the second's in 8..16.
+    scales: Vec<Lanes<f32>>,
+}
+
+impl Q8_0Pairs {
+    fn new(xs: &[u8], n_blocks: usize) -> Q8_0Pairs {
+        let x_row = n_blocks * Q8_0_BYTES;
+        let n_tokens = xs.len() / x_row;
+        let n_pairs = n_tokens.div_ceil(2);
+        let mut quants = vec![Lanes([0u32; 16]); n_pairs * n_blocks];
+        let mut offsets = vec![Lanes([0i32; 16]); n_pairs * n_blocks];
+        let mut scales = vec![Lanes([0.0f32; 16]); n_pairs * n_blocks];
+        for (t, row) in xs.chunks_exact(x_row).enumerate() {
+            let (p, half) = (t / 2, t % 2);
+            for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+                let at = p * n_blocks + b;
+                for (l, q) in block[2..].chunks_exact(4).enumerate() {
+                    quants[at].0[8 * half + l] = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+                    let sum: i32 = q.iter().map(|&v| i32::from(v as i8)).sum();
+                    offsets[at].0[8 * half + l] = -128 * sum;
+                }
+                let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                scales[at].0[8 * half..8 * half + 8].fill(d);
+            }
+        }
+        Q8_0Pairs {
+            n_blocks,
+            n_pairs,
+            quants,
+            offsets,
+            scales,
+        }
+    }
+}
+
+/// Tokens from which [`batch_rows_q8_0_pairs`] pairs them (below, the one-token-per-vector
+/// kernel is faster).
+const PAIRS_MIN_TOKENS: usize = 4;
+
+/// Weight rows per register tile, and token pairs.
+const PAIR_ROWS: usize = 4;
+const PAIRS: usize = 4;
+
+/// Q8_0 rows × Q8_0 tokens, each value bit-identical to `dot_q8_0` (ggml's order): `w`
+/// whole rows, `xs` whole activation rows, `out[r * stride + t]` (lengths checked by
+/// `dispatch`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) fn batch_rows_q8_0_pairs(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+    let n_blocks = n / 32;
+    let w_row = n_blocks * Q8_0_BYTES;
+    if w_row == 0 || w.is_empty() || xs.is_empty() {
+        return;
+    }
+    let n_tokens = xs.len() / w_row;
+    if n_tokens < PAIRS_MIN_TOKENS {
+        return batch_rows_q8_0(n, w, xs, out, stride);
+    }
+    let x = Q8_0Pairs::new(xs, n_blocks);
+    // Row r (of the tile), block b: the row's d, at `r * n_blocks + b`.
+    let mut dw = vec![0.0f32; PAIR_ROWS * n_blocks + GROUP];
+    for (g, rows) in w.chunks(PAIR_ROWS * w_row).enumerate() {
+        let r0 = g * PAIR_ROWS;
+        for (r, row) in rows.chunks_exact(w_row).enumerate() {
+            for b0 in (0..n_blocks).step_by(GROUP) {
+                let count = (n_blocks - b0).min(GROUP);
+                let d = f16x8(count, |k| u16_at(row, (b0 + k) * Q8_0_BYTES));
+                let at = r * n_blocks + b0;
+                store8((&mut dw[at..at + GROUP]).try_into().expect("8 lanes"), d);
+            }
+        }
+        let o = &mut out[r0 * stride..];
+        match rows.len() / w_row {
+            4 => pair_rows::<4>(rows, w_row, &x, &dw, o, stride, n_tokens),
+            3 => pair_rows::<3>(rows, w_row, &x, &dw, o, stride, n_tokens),
+            2 => pair_rows::<2>(rows, w_row, &x, &dw, o, stride, n_tokens),
+            _ => pair_rows::<1>(rows, w_row, &x, &dw, o, stride, n_tokens),
+        }
+    }
+}
+
+/// `R` rows × every token pair of `x`, [`PAIRS`] pairs at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pair_rows<const R: usize>(
+    rows: &[u8],
+    w_row: usize,
+    x: &Q8_0Pairs,
+    dw: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    n_tokens: usize,
+) {
+    let mut p0 = 0;
+    while p0 < x.n_pairs {
+        let pp = (x.n_pairs - p0).min(PAIRS);
+        // The first pass over the rows streams them from memory: prefetch ahead.
+        let first = p0 == 0;
+        let acc: [[__m512; PAIRS]; R] = match pp {
+            4 => pair_tile::<R, 4>(rows, w_row, x, dw, p0, first),
+            3 => pair_tile::<R, 3>(rows, w_row, x, dw, p0, first),
+            2 => pair_tile::<R, 2>(rows, w_row, x, dw, p0, first),
+            _ => pair_tile::<R, 1>(rows, w_row, x, dw, p0, first),
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, &a) in acc.iter().enumerate().take(pp) {
+                let t = 2 * (p0 + p);
+                let lo = _mm512_castps512_ps256(a);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                out[r * stride + t] = hsum_ps(lo);
+                if t + 1 < n_tokens {
+                    out[r * stride + t + 1] = hsum_ps(hi);
+                }
+            }
+        }
+        p0 += pp;
+    }
+}
+
+/// `R` rows × `P` token pairs from pair `p0`: each pair's 16 lanes (two tokens × ggml's
+/// eight) per row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pair_tile<const R: usize, const P: usize>(
+    rows: &[u8],
+    w_row: usize,
+    x: &Q8_0Pairs,
+    dw: &[f32],
+    p0: usize,
+    prefetch: bool,
+) -> [[__m512; PAIRS]; R] {
+    let n_blocks = x.n_blocks;
+    let mut acc = [[_mm512_setzero_ps(); PAIRS]; R];
+    let bias = _mm512_set1_epi8(-128);
+    for b in 0..n_blocks {
+        if prefetch && b % 2 == 0 {
+            for r in 0..R {
+                let row = &rows[r * w_row..(r + 1) * w_row];
+                prefetch_span(row, b * Q8_0_BYTES, (b + 2).min(n_blocks) * Q8_0_BYTES);
+            }
+        }
+        // Each row's block + 128 (as unsigned bytes) in both halves.
+        let wq: [__m512i; R] = std::array::from_fn(|r| {
+            let q = ld(rows, r * w_row + b * Q8_0_BYTES + 2);
+            _mm512_xor_si512(_mm512_broadcast_i64x4(q), bias)
+        });
+        // (`p` indexes the pairs and every row's accumulators.)
+        #[allow(clippy::needless_range_loop)]
+        for p in 0..P {
+            let at = (p0 + p) * n_blocks + b;
+            let xq = ld_lanes_i(&x.quants[at]);
+            // SAFETY: `x.offsets[at]` is 64 readable, aligned bytes.
+            let off = unsafe { _mm512_load_si512(x.offsets[at].0.as_ptr().cast()) };
+            let xd = ld_lanes_f(&x.scales[at]);
+            for r in 0..R {
+                let s = _mm512_dpbusd_epi32(off, wq[r], xq);
+                let d = _mm512_mul_ps(_mm512_set1_ps(dw[r * n_blocks + b]), xd);
+                acc[r][p] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[r][p]);
+            }
+        }
+    }
+    acc
 }
