@@ -294,6 +294,10 @@ rows_driver!(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q4_k_repack_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
+    if R == 4 {
+        let v = q4_k_repack_rows4(std::array::from_fn(|k| w[k.min(R - 1)]), x);
+        return std::array::from_fn(|r| v[r]);
+    }
     let mut acc = [_mm_setzero_ps(); R];
     let mut acc_m = [_mm_setzero_ps(); R];
     for (i, xb) in x.chunks_exact(Q8_K_BYTES).enumerate() {
@@ -331,6 +335,74 @@ fn q4_k_repack_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
     for r in 0..R {
         out[r] = _mm_cvtss_f32(acc[r]) - _mm_cvtss_f32(acc_m[r]);
     }
+    out
+}
+
+/// [`q4_k_repack_rows_tile`] of four rows with their per-block float steps side by side:
+/// the four rows' integer totals (and mins sums) reduced together into the four lanes of
+/// one vector, whose lanes then take exactly the one-row kernel's scalar operations.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_repack_rows4(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+    let mut acc = _mm_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for (i, xb) in x.chunks_exact(Q8_K_BYTES).enumerate() {
+        let xd = _mm_set1_ps(f32_at(xb, 0));
+        let mut xq = [[_mm256_setzero_si256(); 2]; 4];
+        for (c, q) in xq.iter_mut().enumerate() {
+            *q = [ld(xb, Q8_K_QS + 64 * c), ld(xb, Q8_K_QS + 64 * c + 32)];
+        }
+        let mut sums = [_mm256_setzero_si256(); 4];
+        let mut prods = [_mm_setzero_si128(); 4];
+        let mut heads = [0u32; 4];
+        for r in 0..4 {
+            let wb = &w[r][i * 144..(i + 1) * 144];
+            prefetch_span(w[r], i * 144, (i + 1) * 144);
+            heads[r] = u32_at(wb, 0);
+            let (sc, mn) = k4_scales_mins(&wb[4..16]);
+            let sc = _mm256_set1_epi64x(sc as i64);
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+            let mut sumi = [_mm256_setzero_si256(); 2];
+            for (c, q) in xq.iter().enumerate() {
+                let (lo, hi) = q4k_quants(wb, c);
+                let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+                let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+                let p_lo = _mm256_maddubs_epi16(lo, q[0]);
+                let p_hi = _mm256_maddubs_epi16(hi, q[1]);
+                let s = _mm256_dpwssd_epi32(sumi[c % 2], p_lo, sc_lo);
+                sumi[c % 2] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
+            }
+            sums[r] = _mm256_add_epi32(sumi[0], sumi[1]);
+            prods[r] = k4_min_prod(mins, xb);
+        }
+        // Lane r: row r's integer total, and its mins sum (exact, in any order).
+        let t = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(sums[0], sums[1]),
+            _mm256_hadd_epi32(sums[2], sums[3]),
+        );
+        let total = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+        let m = _mm_hadd_epi32(
+            _mm_hadd_epi32(prods[0], prods[1]),
+            _mm_hadd_epi32(prods[2], prods[3]),
+        );
+        // Lanes (d_r, dmin_r) of the four rows, then d·x_d and dmin·x_d per row.
+        // SAFETY: `heads` is 16 readable bytes; `loadu` has no alignment requirement.
+        let h = unsafe { _mm_loadu_si128(heads.as_ptr().cast()) };
+        let dd = _mm256_cvtph_ps(h);
+        let d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
+            dd,
+            _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0),
+        ));
+        let dmin = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
+            dd,
+            _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0),
+        ));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(total), _mm_mul_ps(d, xd), acc);
+        acc_m = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_mul_ps(dmin, xd), acc_m);
+    }
+    let mut out = [0.0f32; 4];
+    // SAFETY: `out` is 4 writable f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_m)) };
     out
 }
 
