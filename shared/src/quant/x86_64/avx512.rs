@@ -310,21 +310,8 @@ fn q4_k_repack_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
             let wb = &w[r][i * 144..(i + 1) * 144];
             prefetch_span(w[r], i * 144, (i + 1) * 144);
             let (d, dmin) = f16_pair(wb, 0);
-            let (sc, mn) = k4_scales_mins(&wb[4..16]);
-            let sc = _mm256_set1_epi64x(sc as i64);
-            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
-            let mut sumi = [_mm256_setzero_si256(); 2];
-            for (c, q) in xq.iter().enumerate() {
-                let (lo, hi) = q4k_quants(wb, c);
-                let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
-                let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
-                let p_lo = _mm256_maddubs_epi16(lo, q[0]);
-                let p_hi = _mm256_maddubs_epi16(hi, q[1]);
-                let s = _mm256_dpwssd_epi32(sumi[c % 2], p_lo, sc_lo);
-                sumi[c % 2] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
-            }
-            let total = hsum_epi32(_mm256_add_epi32(sumi[0], sumi[1]));
-            let prod = k4_min_prod(mins, xb);
+            let (sum, prod) = q4_k_block_sums(wb, &xq, xb);
+            let total = hsum_epi32(sum);
             let m = _mm_hadd_epi32(_mm_hadd_epi32(prod, prod), prod);
             let (scale, scale_m) = (_mm_set_ss(d * xd), _mm_set_ss(dmin * xd));
             acc[r] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), total), scale, acc[r]);
@@ -336,6 +323,28 @@ fn q4_k_repack_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
         out[r] = _mm_cvtss_f32(acc[r]) - _mm_cvtss_f32(acc_m[r]);
     }
     out
+}
+
+/// One Q4_K super-block `wb` · the token's quants `xq` (its four quarters, as loaded by the
+/// rows kernels) and bsums in `xb`: the eight-lane integer sums of scale · quant · x, and the
+/// mins products (both exact; reduced by the callers).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_k_block_sums(wb: &[u8], xq: &[[__m256i; 2]; 4], xb: &[u8]) -> (__m256i, __m128i) {
+    let (sc, mn) = k4_scales_mins(&wb[4..16]);
+    let sc = _mm256_set1_epi64x(sc as i64);
+    let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+    let mut sumi = [_mm256_setzero_si256(); 2];
+    for (c, q) in xq.iter().enumerate() {
+        let (lo, hi) = q4k_quants(wb, c);
+        let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+        let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+        let p_lo = _mm256_maddubs_epi16(lo, q[0]);
+        let p_hi = _mm256_maddubs_epi16(hi, q[1]);
+        let s = _mm256_dpwssd_epi32(sumi[c % 2], p_lo, sc_lo);
+        sumi[c % 2] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
+    }
+    (_mm256_add_epi32(sumi[0], sumi[1]), k4_min_prod(mins, xb))
 }
 
 /// [`q4_k_repack_rows_tile`] of four rows with their per-block float steps side by side:
@@ -359,21 +368,7 @@ fn q4_k_repack_rows4(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
             let wb = &w[r][i * 144..(i + 1) * 144];
             prefetch_span(w[r], i * 144, (i + 1) * 144);
             heads[r] = u32_at(wb, 0);
-            let (sc, mn) = k4_scales_mins(&wb[4..16]);
-            let sc = _mm256_set1_epi64x(sc as i64);
-            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
-            let mut sumi = [_mm256_setzero_si256(); 2];
-            for (c, q) in xq.iter().enumerate() {
-                let (lo, hi) = q4k_quants(wb, c);
-                let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
-                let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
-                let p_lo = _mm256_maddubs_epi16(lo, q[0]);
-                let p_hi = _mm256_maddubs_epi16(hi, q[1]);
-                let s = _mm256_dpwssd_epi32(sumi[c % 2], p_lo, sc_lo);
-                sumi[c % 2] = _mm256_dpwssd_epi32(s, p_hi, sc_hi);
-            }
-            sums[r] = _mm256_add_epi32(sumi[0], sumi[1]);
-            prods[r] = k4_min_prod(mins, xb);
+            (sums[r], prods[r]) = q4_k_block_sums(wb, &xq, xb);
         }
         // Lane r: row r's integer total, and its mins sum (exact, in any order).
         let t = _mm256_hadd_epi32(
