@@ -4,8 +4,9 @@
 //! [`Kernels::get`]: the best level the CPU supports (`is_x86_feature_detected!`), lowered by
 //! the environment variable `MOESHARD_KERNELS=scalar|avx2|avx512|amx` when set (for tests,
 //! benches and debugging); `MOESHARD_Q8_0_ORDER=blocks` opts the AMX level into its faster
-//! Q8_0 batch order (see [`Kernels::has_block_order`]). The choice is logged once. [`Kernels::scalar`] is the portable reference table
-//! and [`Kernels::supported`] lists every level the host can run, for tests and comparisons.
+//! Q8_0 batch order (see [`Kernels::has_block_order`]). The choice is logged once.
+//! [`Kernels::scalar`] is the portable reference table and [`Kernels::supported`] lists every
+//! level the host can run, for tests and comparisons.
 //!
 //! The SIMD functions are `#[target_feature]` functions; a table holding them is only built
 //! after the features were detected, which is what makes the calls below sound. Every public
@@ -722,20 +723,12 @@ impl Kernels {
             GgmlType::Q8_0,
             "block_dot_tiles: {ty} has no exact-block order"
         );
+        let made_from = prepared.map(|p| (p.n, p.len));
         let Some((w_row, n_tokens)) =
-            check_tiles("block_dot_tiles", ty, n, w, xs, None, out, stride)
+            check_tiles("block_dot_tiles", ty, n, w, xs, made_from, out, stride)
         else {
             return;
         };
-        if let Some(p) = prepared {
-            assert!(
-                (p.n, p.len) == (n, xs.len()),
-                "block_dot_tiles: tokens prepared for {} bytes of rows of {}, given {} of {n}",
-                p.len,
-                p.n,
-                xs.len()
-            );
-        }
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Amx {
             use super::x86_64::amx;
@@ -747,14 +740,11 @@ impl Kernels {
                     &made
                 }
             };
-            assert!(
-                tokens.fits(n, xs),
-                "block_dot_tiles: prepared tokens do not fit"
-            );
             // SAFETY: an AMX table is only handed out on a CPU with AVX2, FMA, F16C, AVX-512
             // F/BW/VL/VNNI and AMX-INT8 whose tile state the OS granted (`amx::available`,
             // invariant of `Kernels`); `w` is whole rows of `n`, `tokens` made from whole Q8_0
-            // rows of `n`, and `out` holds every `r * stride + t` (all checked above).
+            // rows of `n` (prepared ones from `xs`: same rows and length, checked above), and
+            // `out` holds every `r * stride + t` (all checked above).
             unsafe { amx::q8_0_blocks(n, w, tokens, out, stride) };
             return;
         }
@@ -791,9 +781,16 @@ impl Kernels {
             GgmlType::Q4_K,
             "repack_dot_tiles: {ty} has no repacked order"
         );
-        let Some((w_row, n_tokens)) =
-            check_tiles("repack_dot_tiles", ty, n, w, xs, prepared, out, stride)
-        else {
+        let Some((w_row, n_tokens)) = check_tiles(
+            "repack_dot_tiles",
+            ty,
+            n,
+            w,
+            xs,
+            prepared.map(|p| (p.n, p.len)),
+            out,
+            stride,
+        ) else {
             return;
         };
         #[cfg(target_arch = "x86_64")]
@@ -941,9 +938,16 @@ impl Kernels {
             Kernels::has_tiled_order(ty),
             "tiled_dot_tiles: {ty} has no tiled order"
         );
-        let Some((w_row, n_tokens)) =
-            check_tiles("tiled_dot_tiles", ty, n, w, xs, prepared, out, stride)
-        else {
+        let Some((w_row, n_tokens)) = check_tiles(
+            "tiled_dot_tiles",
+            ty,
+            n,
+            w,
+            xs,
+            prepared.map(|p| (p.n, p.len)),
+            out,
+            stride,
+        ) else {
             return;
         };
         #[cfg(target_arch = "x86_64")]
@@ -1064,7 +1068,7 @@ fn check_tiles(
     n: usize,
     w: &[u8],
     xs: &[u8],
-    prepared: Option<&PreparedTokens>,
+    prepared: Option<(usize, usize)>,
     out: &[f32],
     stride: usize,
 ) -> Option<(usize, usize)> {
@@ -1088,12 +1092,10 @@ fn check_tiles(
          tokens",
         out.len()
     );
-    if let Some(p) = prepared {
+    if let Some((p_n, p_len)) = prepared {
         assert!(
-            (p.n, p.len) == (n, xs.len()),
-            "{what} {ty}: tokens prepared for {} bytes of rows of {}, given {} of {n}",
-            p.len,
-            p.n,
+            (p_n, p_len) == (n, xs.len()),
+            "{what} {ty}: tokens prepared for {p_len} bytes of rows of {p_n}, given {} of {n}",
             xs.len()
         );
     }

@@ -10,7 +10,8 @@
 //! [`Kernels::vec_dot_batch`] once per group of tokens, so a batch costs one pass over the
 //! weights. Each result is bit for bit the dot product of its row and token in the float order
 //! ggml's `MUL_MAT` (or `MUL_MAT_ID`) picks for that weight and batch size (see [`matmul`]),
-//! whatever the chunking.
+//! whatever the chunking — or, with a table that has one (`Kernels::has_block_order`, opt-in),
+//! in exact-block order for Q8_0 batches.
 
 use std::ops::Range;
 
@@ -561,18 +562,20 @@ fn matmul_rows_in(
         })
         .collect();
 
-    // The runs that take an exact-block order at this level (Q8_0 on the tile unit), their
-    // tokens prepared once for all the tasks.
-    let block_prepared: Vec<Option<BlockTokens>> = (groups.iter())
-        .map(|&(seg_start, seg_tokens, seg_len)| {
-            let block =
-                n_tokens > 1 && kernels.has_block_order(ty) && seg_len >= BLOCK_ORDER_MIN_TOKENS;
-            block.then(|| {
-                let xs = &x.data[seg_start * x_row..(seg_start + seg_tokens) * x_row];
-                kernels.prepare_block_tokens(n, xs)
+    // The runs that take an exact-block order at this level (Q8_0 on the tile unit, opt-in),
+    // their tokens prepared once for all the tasks; none (and no allocation) otherwise.
+    let block_prepared: Vec<Option<BlockTokens>> = if n_tokens > 1 && kernels.has_block_order(ty) {
+        (groups.iter())
+            .map(|&(seg_start, seg_tokens, seg_len)| {
+                (seg_len >= BLOCK_ORDER_MIN_TOKENS).then(|| {
+                    let xs = &x.data[seg_start * x_row..(seg_start + seg_tokens) * x_row];
+                    kernels.prepare_block_tokens(n, xs)
+                })
             })
-        })
-        .collect();
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
     let task = |chunk: &[u8], dst: &mut [f32]| {
@@ -588,7 +591,7 @@ fn matmul_rows_in(
         }
         for (g, &(seg_start, seg_tokens, seg_len)) in groups.iter().enumerate() {
             let seg_end = seg_start + seg_tokens;
-            if let Some(tokens) = &block_prepared[g] {
+            if let Some(Some(tokens)) = block_prepared.get(g) {
                 let xs = &x.data[seg_start * x_row..seg_end * x_row];
                 let out = &mut dst[seg_start..];
                 kernels.block_dot_tiles(ty, n, chunk, xs, Some(tokens), out, n_tokens);

@@ -517,7 +517,6 @@ const Q8_0_BYTES: usize = 34;
 /// padded with zeros) and block, 8 rows of the 16 tokens' quants four by four, and the
 /// tokens' scales.
 pub(crate) struct Q8_0Tokens {
-    n_blocks: usize,
     /// `(first token, tokens)` of each group.
     groups: Vec<(usize, usize)>,
     /// Group `g`, block `b`, quants `4k..4k + 4`: `quants[(g * n_blocks + b) * 8 + k]`,
@@ -552,18 +551,10 @@ impl Q8_0Tokens {
             }
         }
         Q8_0Tokens {
-            n_blocks,
             groups,
             quants,
             scales,
         }
-    }
-
-    /// Whether these are the tokens of `xs` (rows of `n`): their count and blocks.
-    pub(crate) fn fits(&self, n: usize, xs: &[u8]) -> bool {
-        let x_row = self.n_blocks * Q8_0_BYTES;
-        let n_tokens = self.groups.last().map_or(0, |&(t0, tt)| t0 + tt);
-        self.n_blocks == n / 32 && xs.len() == n_tokens * x_row
     }
 }
 
