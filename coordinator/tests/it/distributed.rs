@@ -672,6 +672,70 @@ fn k_quant_experts_sliced_over_nodes_are_exact() {
     }
 }
 
+/// A thin slice of a wide expert holds no row of `ffn_down`: Qwen3-235B-A22B's experts (FFN
+/// 1536) on a hidden size of 256, node0 holding intermediate rows 0..32 of every expert
+/// (32·256/1536 ≈ 5 rows of down, which rounds to none) and node1 the rest. node0 answers
+/// the SwiGLU round and is left out of the down round (nothing to add), node1 answers both;
+/// the logits and greedy tokens are still the single-process engine's, bit for bit.
+#[test]
+fn thin_slice_without_down_rows_skips_the_down_round() {
+    use coordinator::synth::{self, SynthConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("qwen3-235b-2l.gguf");
+    let cfg = SynthConfig {
+        shape: "qwen3-235b-a22b".into(),
+        quant: "Q8_0".into(),
+        layers: Some(2),
+        vocab: Some(512),
+        experts: Some(16),
+        hidden: Some(256),
+        seed: 11,
+        header_only: false,
+        threads: None,
+        out: model.clone(),
+    };
+    synth::synth(&cfg, &mut |_, _| {}).unwrap();
+    let shape = ModelShape::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
+    let routed = shape.part(0, shared::placement::Part::Routed).unwrap();
+    assert_eq!(routed.n_ff, 1536);
+    assert!(shared::placement::slice_down_rows(0, 32, 1536, 256).is_empty());
+
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "version = 1\nnodes = [\"node0\", \"node1\"]\n\
+         [[place]]\npart = \"routed\"\nlayers = \"0-1\"\nexperts = \"0-15\"\nff = [0, 32]\nnodes = [\"node0\"]\n\
+         [[place]]\npart = \"routed\"\nlayers = \"0-1\"\nexperts = \"0-15\"\nff = [32, 1536]\nnodes = [\"node1\"]\n",
+    )
+    .unwrap();
+
+    let prompt: Vec<u32> = (0..10).map(|i| (i * 53 + 3) % 512).collect();
+    let single = Engine::open(&model).unwrap();
+    assert_eq!(single.model().hparams().n_embd, 256);
+    let want = single.eval(&prompt).unwrap();
+    let want_greedy = greedy(&single, &prompt, 4);
+    for transport in TRANSPORTS {
+        let d = open(
+            &model,
+            &DistOptions {
+                plan: Some(plan.clone()),
+                ..options(2, transport)
+            },
+        );
+        let got = d.engine.eval(&prompt).unwrap();
+        check_logits(&got, &want, true, &format!("{transport:?}, thin slice"));
+        assert_eq!(greedy(&d.engine, &prompt, 4), want_greedy, "{transport:?}");
+        let stats: Vec<u64> = (d.engine.experts().node_stats().into_iter())
+            .map(|(_, s)| s.unwrap().dispatches)
+            .collect();
+        eprintln!("{transport:?}: dispatches per node {stats:?}");
+        // Steps: the eval, the greedy prompt and 3 decode steps, 2 layers each: node0 one
+        // dispatch per layer step (SwiGLU), node1 two (SwiGLU, then down).
+        let layer_steps = (2 + 3) * 2;
+        assert_eq!(stats, vec![layer_steps, 2 * layer_steps], "{transport:?}");
+    }
+}
+
 /// A sliced layer's two rounds cut into chunks of whole experts (what the protocol's limits
 /// force on big batches: DeepSeek-V3 at 512 tokens makes two), here 3 assignments at most
 /// per chunk: every expert's tokens stay together, so the logits are still the
