@@ -435,6 +435,18 @@ async fn probe_down_nodes(table: Weak<NodeTable>) {
     }
 }
 
+/// A dispatch to a node in this process, left by [`RemoteExperts::spawn_round`] for the
+/// thread that waits for its round.
+struct HereCall {
+    msg: wire::CoordinatorMessage,
+    link: Arc<dyn NodeLink>,
+    step_id: u64,
+    layer: usize,
+    node: usize,
+    n_rows: usize,
+    n_embd: usize,
+}
+
 impl RemoteExperts {
     /// Greets every node (protocol version, model identity) and checks that each holds what
     /// `plan` places on it. `nodes` must be in the plan's node order; `routed_down` is each
@@ -910,7 +922,12 @@ impl RemoteExperts {
         ))
     }
 
-    /// Starts one round of dispatches; each answer arrives on `tx` as (node, outcome).
+    /// Starts one round of dispatches; each answer arrives on `tx` as (node, outcome). The
+    /// last dispatch, if its node lives in this process, is not started but returned, for
+    /// [`RemoteExperts::call_here`] on the thread that waits for the round: that thread then
+    /// computes it instead of waking another one to do it and sleeping (on a machine of few
+    /// cores, a second woken thread was often queued behind the first on one core while the
+    /// other idled).
     #[allow(clippy::too_many_arguments)]
     fn spawn_round(
         &self,
@@ -922,8 +939,9 @@ impl RemoteExperts {
         work: &[NodeWork],
         segments: Segments<'_>,
         tx: &mpsc::Sender<(usize, Result<Partials, String>)>,
-    ) {
-        for w in work {
+    ) -> Option<HereCall> {
+        let mut here = None;
+        for (i, w) in work.iter().enumerate() {
             let rows: Vec<Activations> = if w.tokens.len() == n_tokens {
                 inputs.to_vec()
             } else {
@@ -957,6 +975,18 @@ impl RemoteExperts {
                 w.node,
                 self.answer_width(w.node, layer, round, &w.assignments),
             );
+            if i + 1 == work.len() && link.is_here() {
+                here = Some(HereCall {
+                    msg,
+                    link,
+                    step_id,
+                    layer,
+                    node,
+                    n_rows,
+                    n_embd,
+                });
+                continue;
+            }
             let timeout = slot.times.deadline(&self.policy.deadline, n_rows);
             let table = Arc::clone(&self.table);
             self.runtime.spawn(async move {
@@ -978,6 +1008,34 @@ impl RemoteExperts {
                 let _ = tx.send((node, outcome));
             });
         }
+        here
+    }
+
+    /// Computes a round's in-process dispatch ([`RemoteExperts::spawn_round`]) on this thread
+    /// and sends its outcome on `tx` as the spawned ones do. No deadline: the node is this
+    /// process.
+    fn call_here(&self, call: HereCall, tx: &mpsc::Sender<(usize, Result<Partials, String>)>) {
+        let sent = Instant::now();
+        let HereCall {
+            msg,
+            link,
+            step_id,
+            layer,
+            node,
+            n_rows,
+            n_embd,
+        } = call;
+        let outcome = match link.call_here(msg) {
+            Err(e) => Err(e.to_string()),
+            Ok(answer) => partials_from_reply(answer, step_id, layer as u32, n_rows, n_embd),
+        };
+        if outcome.is_ok() {
+            let took = sent.elapsed();
+            let slot = &self.table.nodes[node];
+            slot.times.record(n_rows, took);
+            slot.latency.observe(took);
+        }
+        let _ = tx.send((node, outcome));
     }
 
     /// Sends the step's work, re-sends the part of nodes that fail to live replicas, and
@@ -1043,7 +1101,7 @@ impl RemoteExperts {
         }
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        self.spawn_round(
+        let mut here = self.spawn_round(
             step_id, layer, round, n_tokens, inputs, &work, segments, &tx,
         );
         // What a retry needs once the caller's borrows are gone.
@@ -1057,6 +1115,9 @@ impl RemoteExperts {
             Round::SliceHidden => self.routed_n_ff(layer),
         };
         Ok(Pending::new(move |out: &mut [f32]| {
+            if let Some(call) = here.take() {
+                self.call_here(call, &tx);
+            }
             if out.len() != rows * n_embd {
                 return Err(EngineError::Node(format!(
                     "output of {} values for {rows} rows",
@@ -1162,7 +1223,7 @@ impl RemoteExperts {
                     nodes = ?work.iter().map(|w| self.table.nodes[w.node].name.as_str()).collect::<Vec<_>>(),
                     "re-sending a failed node's work to replicas"
                 );
-                self.spawn_round(
+                if let Some(call) = self.spawn_round(
                     step_id,
                     layer,
                     round,
@@ -1171,7 +1232,9 @@ impl RemoteExperts {
                     &work,
                     segments.as_deref(),
                     &tx,
-                );
+                ) {
+                    self.call_here(call, &tx);
+                }
             }
             if round.per_slot() {
                 // Each node's pieces of an assignment's hidden row (or of its expert's

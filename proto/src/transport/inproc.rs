@@ -1,5 +1,6 @@
 //! [`InprocLink`]: a node in the coordinator's own process. A call hands the message to the
-//! service on a blocking thread and returns its answer: no encoding, no sockets.
+//! service on a blocking thread and returns its answer: no encoding, no sockets. A caller
+//! that would only wait for the answer can compute it itself (`call_here`).
 
 use std::sync::Arc;
 
@@ -44,5 +45,25 @@ impl NodeLink for InprocLink {
 
     fn peer(&self) -> &str {
         &self.peer
+    }
+
+    fn is_here(&self) -> bool {
+        true
+    }
+
+    fn call_here(
+        &self,
+        msg: wire::CoordinatorMessage,
+    ) -> Result<wire::NodeMessage, TransportError> {
+        check_size(&self.peer, &msg)?;
+        debug!(peer = %self.peer, kind = coordinator_message_kind(&msg), "call here");
+        let service = &self.service;
+        // A panic is the service's failure, reported as `handle_blocking` reports it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(msg))).map_err(
+            |_| TransportError::Service {
+                peer: self.peer.clone(),
+                detail: "the service panicked".to_string(),
+            },
+        )
     }
 }

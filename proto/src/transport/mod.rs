@@ -6,7 +6,8 @@
 //! (`transport/tests.rs`):
 //!
 //! - [`InprocLink`]: the node lives in the coordinator's process; a call is a direct call of
-//!   the service on a blocking thread, no encoding, no sockets.
+//!   the service on a blocking thread, no encoding, no sockets (or on the calling thread:
+//!   [`NodeLink::call_here`]).
 //! - [`grpc`]: tonic; one long-lived bidirectional `Session` stream per link, opened by
 //!   [`grpc::connect`]; the node answers a session's messages in order.
 //! - [`quic`]: quinn over TLS 1.3 (always); one connection per link, one bidirectional stream
@@ -127,6 +128,26 @@ pub trait NodeLink: Send + Sync {
     /// The peer's address, e.g. `grpc://127.0.0.1:7001`, `quic://127.0.0.1:7001`,
     /// `inproc://node0`, for error messages.
     fn peer(&self) -> &str;
+
+    /// Whether the node lives in this process ([`InprocLink`]): then
+    /// [`NodeLink::call_here`] answers on the calling thread.
+    fn is_here(&self) -> bool {
+        false
+    }
+
+    /// Answers `msg` on the calling thread, without a deadline (the service is this
+    /// process's), where [`NodeLink::is_here`]; other links refuse
+    /// ([`TransportError::Service`]).
+    fn call_here(
+        &self,
+        msg: wire::CoordinatorMessage,
+    ) -> Result<wire::NodeMessage, TransportError> {
+        let _ = msg;
+        Err(TransportError::Service {
+            peer: self.peer().to_string(),
+            detail: "not a node in this process: use call".to_string(),
+        })
+    }
 }
 
 /// Why a call, a connection or a server failed. Every variant names the peer (or, for a

@@ -590,6 +590,51 @@ async fn quic_shutdown_lets_the_call_in_flight_finish() {
     shutdown_lets_the_call_in_flight_finish(TransportKind::Quic).await
 }
 
+/// An in-process link answers `call_here` on the calling thread with `call`'s answer, and
+/// refuses what `call` refuses (an oversized message, a panicking service) the same way; the
+/// network links are not "here" and refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inproc_call_here_answers_on_the_calling_thread() {
+    /// The toy, noting the thread it ran on.
+    struct Where(std::sync::Mutex<Option<std::thread::ThreadId>>);
+    impl NodeService for Where {
+        fn handle(&self, msg: wire::CoordinatorMessage) -> wire::NodeMessage {
+            *self.0.lock().unwrap() = Some(std::thread::current().id());
+            Toy.handle(msg)
+        }
+    }
+    let service = Arc::new(Where(std::sync::Mutex::new(None)));
+    let link = InprocLink::new("here", service.clone());
+    assert!(link.is_here());
+    let want = link.call(dispatch(3, 5, 2, 16)).await.unwrap();
+    let got = link.call_here(dispatch(3, 5, 2, 16)).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(
+        *service.0.lock().unwrap(),
+        Some(std::thread::current().id())
+    );
+
+    let mut big = dispatch(4, 1, 1, 8);
+    if let Some(CoordBody::Dispatch(d)) = &mut big.body {
+        d.inputs[0].data = vec![0; MAX_MESSAGE_BYTES];
+    }
+    let err = link.call_here(big).unwrap_err();
+    assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
+    let err = link.call_here(dispatch(PANIC_STEP, 1, 1, 8)).unwrap_err();
+    assert!(
+        matches!(&err, TransportError::Service { peer, .. } if peer == "inproc://here"),
+        "{err}"
+    );
+    link.call_here(hello("after the panic")).unwrap();
+
+    for kind in [TransportKind::Grpc, TransportKind::Quic] {
+        let node = Node::start(kind).await;
+        assert!(!node.link.is_here());
+        let err = node.link.call_here(hello("here?")).unwrap_err();
+        assert!(matches!(err, TransportError::Service { .. }), "{err}");
+    }
+}
+
 #[test]
 fn transport_kind_parses_and_prints() {
     for kind in TransportKind::ALL {
