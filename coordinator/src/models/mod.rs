@@ -588,9 +588,13 @@ impl Model {
     ) -> Vec<f32> {
         let hp = &self.hp;
         let (hd_k, hd_v) = (hp.n_embd_head_k, hp.n_embd_head_v);
-        let mut q = self.linear(&a.wq, cur, seg);
-        let mut k = self.linear(&a.wk, cur, seg);
-        let mut v = self.linear(&a.wv, cur, seg);
+        // The three projections in one parallel region: a thread done with its part of one
+        // goes on to the next instead of waiting at a barrier after each (each row's value
+        // does not depend on which thread computes it).
+        let (mut q, (mut k, mut v)) = rayon::join(
+            || self.linear(&a.wq, cur, seg),
+            || (self.linear(&a.wk, cur, seg), self.linear(&a.wv, cur, seg)),
+        );
         if let Some(b) = &a.bq {
             add_bias(&mut q, b);
         }
@@ -671,15 +675,18 @@ impl Model {
         let (nope, rope_d, lora) = (m.n_embd_head_qk_nope, m.n_embd_head_qk_rope, m.kv_lora_rank);
         let head_k = nope + rope_d;
         let n_head = hp.n_head;
-        let mut q = match &a.wq_a {
-            Some((wq_a, norm)) => {
-                let mut qa = self.linear(wq_a, cur, seg);
-                rms_norm(&mut qa, wq_a.n_rows(), norm, hp.rms_eps);
-                self.linear(&a.wq_b, &qa, seg)
-            }
-            None => self.linear(&a.wq_b, cur, seg),
-        };
-        let mut kv = self.linear(&a.wkv_a_mqa, cur, seg);
+        // The query's projections and the compressed KV's in one parallel region (as `gqa`).
+        let (mut q, mut kv) = rayon::join(
+            || match &a.wq_a {
+                Some((wq_a, norm)) => {
+                    let mut qa = self.linear(wq_a, cur, seg);
+                    rms_norm(&mut qa, wq_a.n_rows(), norm, hp.rms_eps);
+                    self.linear(&a.wq_b, &qa, seg)
+                }
+                None => self.linear(&a.wq_b, cur, seg),
+            },
+            || self.linear(&a.wkv_a_mqa, cur, seg),
+        );
         let kv_width = lora + rope_d;
         for s in seqs.iter_mut() {
             for i in 0..s.n {
