@@ -171,6 +171,12 @@ impl NodeSlot {
             Err(poisoned) => *poisoned.into_inner() = link,
         }
     }
+
+    /// Notes an answered dispatch of `n_rows` rows that took `took` from its sending.
+    fn record_answer(&self, n_rows: usize, took: Duration) {
+        self.times.record(n_rows, took);
+        self.latency.observe(took);
+    }
 }
 
 /// The nodes, in the plan's order.
@@ -999,10 +1005,7 @@ impl RemoteExperts {
                     }
                 };
                 if outcome.is_ok() {
-                    let took = sent.elapsed();
-                    let slot = &table.nodes[node];
-                    slot.times.record(n_rows, took);
-                    slot.latency.observe(took);
+                    table.nodes[node].record_answer(n_rows, sent.elapsed());
                 }
                 // The receiver is gone only if the step was abandoned.
                 let _ = tx.send((node, outcome));
@@ -1030,10 +1033,7 @@ impl RemoteExperts {
             Ok(answer) => partials_from_reply(answer, step_id, layer as u32, n_rows, n_embd),
         };
         if outcome.is_ok() {
-            let took = sent.elapsed();
-            let slot = &self.table.nodes[node];
-            slot.times.record(n_rows, took);
-            slot.latency.observe(took);
+            self.table.nodes[node].record_answer(n_rows, sent.elapsed());
         }
         let _ = tx.send((node, outcome));
     }
