@@ -1019,23 +1019,15 @@ impl RemoteExperts {
     /// process.
     fn call_here(&self, call: HereCall, tx: &mpsc::Sender<(usize, Result<Partials, String>)>) {
         let sent = Instant::now();
-        let HereCall {
-            msg,
-            link,
-            step_id,
-            layer,
-            node,
-            n_rows,
-            n_embd,
-        } = call;
-        let outcome = match link.call_here(msg) {
+        let (layer, n_rows) = (call.layer as u32, call.n_rows);
+        let outcome = match call.link.call_here(call.msg) {
             Err(e) => Err(e.to_string()),
-            Ok(answer) => partials_from_reply(answer, step_id, layer as u32, n_rows, n_embd),
+            Ok(answer) => partials_from_reply(answer, call.step_id, layer, n_rows, call.n_embd),
         };
         if outcome.is_ok() {
-            self.table.nodes[node].record_answer(n_rows, sent.elapsed());
+            self.table.nodes[call.node].record_answer(n_rows, sent.elapsed());
         }
-        let _ = tx.send((node, outcome));
+        let _ = tx.send((call.node, outcome));
     }
 
     /// Sends the step's work, re-sends the part of nodes that fail to live replicas, and

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tracing::debug;
 
 use super::{
-    check_size, coordinator_message_kind, handle_blocking, CallFuture, NodeLink, NodeService,
-    TransportError,
+    check_size, coordinator_message_kind, handle_blocking, handle_here, CallFuture, NodeLink,
+    NodeService, TransportError,
 };
 use crate::wire;
 
@@ -57,13 +57,9 @@ impl NodeLink for InprocLink {
     ) -> Result<wire::NodeMessage, TransportError> {
         check_size(&self.peer, &msg)?;
         debug!(peer = %self.peer, kind = coordinator_message_kind(&msg), "call here");
-        let service = &self.service;
-        // A panic is the service's failure, reported as `handle_blocking` reports it.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(msg))).map_err(
-            |_| TransportError::Service {
-                peer: self.peer.clone(),
-                detail: "the service panicked".to_string(),
-            },
-        )
+        handle_here(&self.service, msg).map_err(|detail| TransportError::Service {
+            peer: self.peer.clone(),
+            detail,
+        })
     }
 }

@@ -229,12 +229,25 @@ async fn handle_blocking(
         .await
         .map_err(|e| {
             if e.is_panic() {
-                "the service panicked".to_string()
+                SERVICE_PANICKED.to_string()
             } else {
                 format!("the service's task was cancelled: {e}")
             }
         })
 }
+
+/// Calls `service` on this thread. `Err` carries a description of its panic, as
+/// [`handle_blocking`]'s.
+fn handle_here(
+    service: &Arc<dyn NodeService>,
+    msg: wire::CoordinatorMessage,
+) -> Result<wire::NodeMessage, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.handle(msg)))
+        .map_err(|_| SERVICE_PANICKED.to_string())
+}
+
+/// How a service's panic is reported to the caller.
+const SERVICE_PANICKED: &str = "the service panicked";
 
 /// The name of a message's kind, for logs.
 fn coordinator_message_kind(msg: &wire::CoordinatorMessage) -> &'static str {
