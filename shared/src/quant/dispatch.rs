@@ -640,6 +640,19 @@ impl Kernels {
             unsafe { super::x86_64::avx512::dot_rows_q4_k_repack(n, w, x, out) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            let Some(_) = check_batch("repack_dot_rows", ty, n, &w[..w_row], x, &mut out[..1])
+            else {
+                out.fill(0.0);
+                return;
+            };
+            // SAFETY: an AVX2 table is only handed out on a CPU with AVX2, FMA and F16C
+            // (invariant of `Kernels`); `w` is `out.len()` whole rows (asserted above) and `x`
+            // one activation row of `n` (checked).
+            unsafe { super::x86_64::avx2::dot_rows_q4_k_repack(n, w, x, out) };
+            return;
+        }
         for (o, row) in out.iter_mut().zip(w.chunks_exact(w_row.max(1))) {
             self.repack_dot_batch(ty, n, row, x, std::slice::from_mut(o), false);
         }

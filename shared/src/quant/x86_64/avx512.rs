@@ -17,10 +17,10 @@ use std::arch::x86_64::*;
 use super::avx2::{
     batch_rows, cv, f16_at, f16_pair, f16x8, f32_at, fma_acc, halves, hsum_each, hsum_epi32,
     hsum_ps, k4_min_prod, k4_mins_acc, k4_mins_value, k4_scales_mins, lane, ld, ld128,
-    legacy_batch_rows, load8, prefetch_span, q4k_quants, q6k_quants, q8_0_rows, row_tile,
-    rows_driver, store8, token_blocks, u16_at, u32_at, unpack_q4_0, unpack_q4_1, unpack_q5_0,
-    unpack_q5_1, unpack_q8_0, TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE, Q8_0_BYTES,
-    Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
+    legacy_batch_rows, load8, prefetch_span, q4_k_rows4, q4k_quants, q6k_quants, q8_0_rows,
+    row_tile, rows_driver, store8, token_blocks, u16_at, u32_at, unpack_q4_0, unpack_q4_1,
+    unpack_q5_0, unpack_q5_1, unpack_q8_0, TokenTile, BATCH_TILE, GROUP, I16_SCALE, K4_SCALE,
+    Q8_0_BYTES, Q8_K_BSUMS, Q8_K_BYTES, Q8_K_QS,
 };
 
 /// Tokens per tile.
@@ -347,59 +347,13 @@ fn q4_k_block_sums(wb: &[u8], xq: &[[__m256i; 2]; 4], xb: &[u8]) -> (__m256i, __
     (_mm256_add_epi32(sumi[0], sumi[1]), k4_min_prod(mins, xb))
 }
 
-/// [`q4_k_repack_rows_tile`] of four rows with their per-block float steps side by side:
-/// the four rows' integer totals (and mins sums) reduced together into the four lanes of
-/// one vector, whose lanes then take exactly the one-row kernel's scalar operations.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_k_repack_rows4(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
-    let mut acc = _mm_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for (i, xb) in x.chunks_exact(Q8_K_BYTES).enumerate() {
-        let xd = _mm_set1_ps(f32_at(xb, 0));
-        let mut xq = [[_mm256_setzero_si256(); 2]; 4];
-        for (c, q) in xq.iter_mut().enumerate() {
-            *q = [ld(xb, Q8_K_QS + 64 * c), ld(xb, Q8_K_QS + 64 * c + 32)];
-        }
-        let mut sums = [_mm256_setzero_si256(); 4];
-        let mut prods = [_mm_setzero_si128(); 4];
-        let mut heads = [0u32; 4];
-        for r in 0..4 {
-            let wb = &w[r][i * 144..(i + 1) * 144];
-            prefetch_span(w[r], i * 144, (i + 1) * 144);
-            heads[r] = u32_at(wb, 0);
-            (sums[r], prods[r]) = q4_k_block_sums(wb, &xq, xb);
-        }
-        // Lane r: row r's integer total, and its mins sum (exact, in any order).
-        let t = _mm256_hadd_epi32(
-            _mm256_hadd_epi32(sums[0], sums[1]),
-            _mm256_hadd_epi32(sums[2], sums[3]),
-        );
-        let total = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
-        let m = _mm_hadd_epi32(
-            _mm_hadd_epi32(prods[0], prods[1]),
-            _mm_hadd_epi32(prods[2], prods[3]),
-        );
-        // Lanes (d_r, dmin_r) of the four rows, then d·x_d and dmin·x_d per row.
-        // SAFETY: `heads` is 16 readable bytes; `loadu` has no alignment requirement.
-        let h = unsafe { _mm_loadu_si128(heads.as_ptr().cast()) };
-        let dd = _mm256_cvtph_ps(h);
-        let d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
-            dd,
-            _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0),
-        ));
-        let dmin = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
-            dd,
-            _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0),
-        ));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(total), _mm_mul_ps(d, xd), acc);
-        acc_m = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_mul_ps(dmin, xd), acc_m);
-    }
-    let mut out = [0.0f32; 4];
-    // SAFETY: `out` is 4 writable f32.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_m)) };
-    out
-}
+q4_k_rows4!(
+    /// [`q4_k_repack_rows_tile`] of four rows with their per-block float steps side by side
+    /// (see `avx2::q4_k_rows4`).
+    q4_k_repack_rows4,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    q4_k_block_sums
+);
 
 rows_driver!(
     /// Q4_K weight rows · one Q8_K activation row in CPU_REPACK's GEMV order (each result as
