@@ -829,6 +829,14 @@ impl Kernels {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            // SAFETY: an AVX2 table is only handed out on a CPU with AVX2, FMA and F16C
+            // (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs` whole activation
+            // rows of `n`, and `out` holds every `r * stride + t` (all checked above).
+            unsafe { super::x86_64::avx2::repack_q4_k_tiles(n, w, xs, out, stride, gemm) };
+            return;
+        }
         for (r, row) in w.chunks_exact(w_row).enumerate() {
             let o = &mut out[r * stride..r * stride + n_tokens];
             self.repack_dot_batch(ty, n, row, xs, o, gemm);

@@ -1574,6 +1574,176 @@ rows_driver!(
     "avx2,fma,f16c"
 );
 
+// ---------------------------------------------------------------------------------------------
+// Q4_K in CPU_REPACK's orders, one weight row × eight tokens at a time, tokens in the lanes.
+//
+// Both repacked orders are per (row, token) pair: per super-block (GEMV) or per 64-element
+// quarter (GEMM) an exact integer sum is converted and added with a scalar FMA. The one-pair
+// kernel pays a horizontal sum per pair and step; here a row's unpacked quants serve eight
+// tokens, the eight pairs' integer sums are reduced together by one transposing tree into the
+// eight lanes of a vector, and lane t then takes exactly the one-pair kernel's float
+// operations, so every result keeps its bits.
+
+/// Tokens per tile of [`q4_k_repack_row8`].
+const ROW8_TOKENS: usize = 8;
+
+/// Lane p = the wrapping sum of the eight i32 lanes of `v[p]` (exact for the sums here).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    // Each 128-bit half: after two rounds of pairwise adds, element k is v[k] (or v[4 + k]) summed
+    // over that half; the two halves are then added lane for lane.
+    let h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(h0, h1),
+        _mm256_permute2x128_si256::<0x31>(h0, h1),
+    )
+}
+
+/// The 8 × 4 transpose of the tokens' mins products (`m[t]`: lane c = quarter c's):
+/// result c holds quarter c of token t in lane t.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn quarters_by_token(m: &[__m128i; 8]) -> [__m256i; 4] {
+    let a = _mm256_set_m128i(m[4], m[0]);
+    let b = _mm256_set_m128i(m[5], m[1]);
+    let c = _mm256_set_m128i(m[6], m[2]);
+    let d = _mm256_set_m128i(m[7], m[3]);
+    let ab_lo = _mm256_unpacklo_epi32(a, b);
+    let ab_hi = _mm256_unpackhi_epi32(a, b);
+    let cd_lo = _mm256_unpacklo_epi32(c, d);
+    let cd_hi = _mm256_unpackhi_epi32(c, d);
+    [
+        _mm256_unpacklo_epi64(ab_lo, cd_lo),
+        _mm256_unpackhi_epi64(ab_lo, cd_lo),
+        _mm256_unpacklo_epi64(ab_hi, cd_hi),
+        _mm256_unpackhi_epi64(ab_hi, cd_hi),
+    ]
+}
+
+/// One Q4_K row × eight Q8_K tokens in CPU_REPACK's GEMV order (`GEMM = false`, as
+/// [`q4_k_repack_tile`]) or GEMM order (as [`q4_k_repack_gemm_tile`]): lane t of the result
+/// is the row · token t, bit for bit.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_repack_row8<const GEMM: bool>(w: &[u8], x: &[&[u8]; ROW8_TOKENS]) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
+    for (i, wb) in w.chunks_exact(144).enumerate() {
+        prefetch_lines::<3>(w, i * 144);
+        let xb = token_blocks(x, i, Q8_K_BYTES);
+        let (d, dmin) = f16_pair(wb, 0);
+        let mut xd = [0.0f32; ROW8_TOKENS];
+        for (v, b) in xd.iter_mut().zip(&xb) {
+            *v = f32_at(b, 0);
+        }
+        let xd = load8(&xd);
+        let scale = _mm256_mul_ps(_mm256_set1_ps(d), xd);
+        let scale_m = _mm256_mul_ps(_mm256_set1_ps(dmin), xd);
+        let (sc, mn) = k4_scales_mins(&wb[4..16]);
+        let sc = _mm256_set1_epi64x(sc as i64);
+        let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
+        let mut sumi = [_mm256_setzero_si256(); ROW8_TOKENS];
+        let mut quarter = [_mm256_setzero_si256(); 4];
+        for (c, q) in quarter.iter_mut().enumerate() {
+            let (lo, hi) = q4k_quants(wb, c);
+            let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
+            let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
+            let mut s = [_mm256_setzero_si256(); ROW8_TOKENS];
+            for t in 0..ROW8_TOKENS {
+                let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
+                let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
+                let p = _mm256_add_epi32(
+                    _mm256_madd_epi16(p_lo, sc_lo),
+                    _mm256_madd_epi16(p_hi, sc_hi),
+                );
+                if GEMM {
+                    s[t] = p;
+                } else {
+                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                }
+            }
+            if GEMM {
+                *q = reduce8(&s);
+            }
+        }
+        let mut prods = [_mm_setzero_si128(); ROW8_TOKENS];
+        for (p, b) in prods.iter_mut().zip(&xb) {
+            *p = k4_min_prod(mins, b);
+        }
+        let m = quarters_by_token(&prods);
+        if GEMM {
+            for c in 0..4 {
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(quarter[c]), scale, acc);
+                acc_m = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[c]), scale_m, acc_m);
+            }
+        } else {
+            let total_m =
+                _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(&sumi)), scale, acc);
+            acc_m = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total_m), scale_m, acc_m);
+        }
+    }
+    _mm256_sub_ps(acc, acc_m)
+}
+
+/// Every Q4_K row of `w` × the Q8_K tokens of `xs` in CPU_REPACK's GEMV (`gemm = false`) or
+/// GEMM order, `out[r * stride + t]`, each value the bits of [`dot_q4_k_repack`] (or
+/// [`dot_q4_k_repack_gemm`]): eight tokens at a time through [`q4_k_repack_row8`] (a row
+/// stays in L1 for all its token groups), the last few (under four) through the one-pair
+/// kernels. Lengths are checked by `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn repack_q4_k_tiles(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    out: &mut [f32],
+    stride: usize,
+    gemm: bool,
+) {
+    let blocks = n / 256;
+    let (w_row, x_row) = (144 * blocks, Q8_K_BYTES * blocks);
+    if w_row == 0 || x_row == 0 {
+        return;
+    }
+    let n_tokens = xs.len() / x_row;
+    // Whole tiles, and a last partial one (its missing tokens repeat its last) when it has at
+    // least four tokens; fewer go through the one-pair kernels.
+    let tiled = if n_tokens % ROW8_TOKENS >= 4 {
+        n_tokens
+    } else {
+        n_tokens - n_tokens % ROW8_TOKENS
+    };
+    for (r, row) in w.chunks_exact(w_row).enumerate() {
+        let dst = &mut out[r * stride..r * stride + n_tokens];
+        for t0 in (0..tiled).step_by(ROW8_TOKENS) {
+            let count = ROW8_TOKENS.min(tiled - t0);
+            let mut x: [&[u8]; ROW8_TOKENS] = [&[]; ROW8_TOKENS];
+            for (k, xk) in x.iter_mut().enumerate() {
+                let t = t0 + k.min(count - 1);
+                *xk = &xs[t * x_row..(t + 1) * x_row];
+            }
+            let v = if gemm {
+                q4_k_repack_row8::<true>(row, &x)
+            } else {
+                q4_k_repack_row8::<false>(row, &x)
+            };
+            let mut lanes = [0.0f32; ROW8_TOKENS];
+            store8(&mut lanes, v);
+            dst[t0..t0 + count].copy_from_slice(&lanes[..count]);
+        }
+        if tiled < n_tokens {
+            let rest = &xs[tiled * x_row..];
+            if gemm {
+                dot_q4_k_repack_gemm(n, row, rest, &mut dst[tiled..]);
+            } else {
+                dot_q4_k_repack(n, row, rest, &mut dst[tiled..]);
+            }
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn q4k_quants(wb: &[u8], c: usize) -> (__m256i, __m256i) {
