@@ -982,6 +982,14 @@ impl Kernels {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 && ty == GgmlType::Q6_K {
+            // SAFETY: an AVX2 table is only handed out on a CPU with AVX2, FMA and F16C
+            // (invariant of `Kernels`); `w` is `n_rows` whole rows, `xs` whole activation
+            // rows of `n`, and `out` holds every `r * stride + t` (all checked above).
+            unsafe { super::x86_64::avx2::tiled_q6_k_tiles(n, w, xs, out, stride) };
+            return;
+        }
         for (r, row) in w.chunks_exact(w_row).enumerate() {
             let o = &mut out[r * stride..r * stride + n_tokens];
             self.tiled_dot_batch(ty, n, row, xs, o);
@@ -991,7 +999,7 @@ impl Kernels {
     /// Whether [`Kernels::tiled_dot_tiles`] takes a whole batch at once (it groups the
     /// tokens itself) rather than a few tokens at a time.
     pub fn has_tiled_tiles(&self, ty: GgmlType) -> bool {
-        self.isa >= Isa::Avx512 && ty == GgmlType::Q6_K
+        self.isa >= Isa::Avx2 && ty == GgmlType::Q6_K
     }
 
     /// [`Kernels::vec_dot_batch`] for a matrix product over a batch of `batch_tokens` tokens

@@ -1688,28 +1688,76 @@ fn q4_k_repack_row8<const GEMM: bool>(w: &[u8], x: &[&[u8]; ROW8_TOKENS]) -> __m
     _mm256_sub_ps(acc, acc_m)
 }
 
-/// Every Q4_K row of `w` × the Q8_K tokens of `xs` in CPU_REPACK's GEMV (`gemm = false`) or
-/// GEMM order, `out[r * stride + t]`, each value the bits of [`dot_q4_k_repack`] (or
-/// [`dot_q4_k_repack_gemm`]): eight tokens at a time through [`q4_k_repack_row8`] (a row
-/// stays in L1 for all its token groups), the last few (under four) through the one-pair
-/// kernels. Lengths are checked by `dispatch`.
+/// One Q6_K row × eight Q8_K tokens in the order of ggml's tiled matmul (as
+/// [`q6_k_tiled_tile`]: per super-block `r = d · s1` rounded, then one FMA with the token's
+/// scale): lane t of the result is the row · token t, bit for bit.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn repack_q4_k_tiles(
-    n: usize,
-    w: &[u8],
-    xs: &[u8],
-    out: &mut [f32],
-    stride: usize,
-    gemm: bool,
-) {
+fn q6_k_tiled_row8(w: &[u8], x: &[&[u8]; ROW8_TOKENS]) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for (i, wb) in w.chunks_exact(210).enumerate() {
+        prefetch_lines::<4>(w, i * 210);
+        let xb = token_blocks(x, i, Q8_K_BYTES);
+        let d = f16_at(wb, 208);
+        let scales = _mm256_cvtepi8_epi16(ld128(wb, 192));
+        let sc_half = halves(scales);
+        let mut sumi = [_mm256_setzero_si256(); ROW8_TOKENS];
+        for (half, &sc_h) in sc_half.iter().enumerate() {
+            let u = q6k_quants(
+                ld(wb, 64 * half),
+                ld(wb, 64 * half + 32),
+                ld(wb, 128 + 32 * half),
+            );
+            for (g, ug) in u.into_iter().enumerate() {
+                let sc = _mm256_shuffle_epi8(sc_h, cv(&I16_SCALE[g]));
+                for t in 0..ROW8_TOKENS {
+                    let p = _mm256_maddubs_epi16(ug, ld(xb[t], Q8_K_QS + 128 * half + 32 * g));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+                }
+            }
+        }
+        // The quants entered as q + 32: 32 Σ x per sub-block comes off (from the bsums).
+        let mut xd = [0.0f32; ROW8_TOKENS];
+        for t in 0..ROW8_TOKENS {
+            let offset = _mm256_madd_epi16(scales, ld(xb[t], Q8_K_BSUMS));
+            sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(offset));
+            xd[t] = f32_at(xb[t], 0);
+        }
+        let r = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(reduce8(&sumi)));
+        acc = _mm256_fmadd_ps(r, load8(&xd), acc);
+    }
+    acc
+}
+
+/// What [`row8_tiles`] computes: Q4_K in CPU_REPACK's GEMV or GEMM order, Q6_K in the tiled
+/// matmul's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Row8Order {
+    Q4kGemv,
+    Q4kGemm,
+    Q6kTiled,
+}
+
+/// Every row of `w` × the Q8_K tokens of `xs`, `out[r * stride + t]`, each value the bits of
+/// the one-row kernel of `order`: eight tokens at a time through a row × eight tokens kernel
+/// (a row stays in L1 for all its token groups), the last few (under four) through the
+/// one-row kernel. Lengths are checked by `dispatch`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn row8_tiles(order: Row8Order, n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
     let blocks = n / 256;
-    let (w_row, x_row) = (144 * blocks, Q8_K_BYTES * blocks);
+    let block_bytes = if order == Row8Order::Q6kTiled {
+        210
+    } else {
+        144
+    };
+    let (w_row, x_row) = (block_bytes * blocks, Q8_K_BYTES * blocks);
     if w_row == 0 || x_row == 0 {
         return;
     }
     let n_tokens = xs.len() / x_row;
     // Whole tiles, and a last partial one (its missing tokens repeat its last) when it has at
-    // least four tokens; fewer go through the one-pair kernels.
+    // least four tokens; fewer go through the one-row kernel.
     let tiled = if n_tokens % ROW8_TOKENS >= 4 {
         n_tokens
     } else {
@@ -1724,24 +1772,53 @@ pub(crate) fn repack_q4_k_tiles(
                 let t = t0 + k.min(count - 1);
                 *xk = &xs[t * x_row..(t + 1) * x_row];
             }
-            let v = if gemm {
-                q4_k_repack_row8::<true>(row, &x)
-            } else {
-                q4_k_repack_row8::<false>(row, &x)
+            let v = match order {
+                Row8Order::Q4kGemv => q4_k_repack_row8::<false>(row, &x),
+                Row8Order::Q4kGemm => q4_k_repack_row8::<true>(row, &x),
+                Row8Order::Q6kTiled => q6_k_tiled_row8(row, &x),
             };
             let mut lanes = [0.0f32; ROW8_TOKENS];
             store8(&mut lanes, v);
             dst[t0..t0 + count].copy_from_slice(&lanes[..count]);
         }
         if tiled < n_tokens {
-            let rest = &xs[tiled * x_row..];
-            if gemm {
-                dot_q4_k_repack_gemm(n, row, rest, &mut dst[tiled..]);
-            } else {
-                dot_q4_k_repack(n, row, rest, &mut dst[tiled..]);
+            let (rest, dst) = (&xs[tiled * x_row..], &mut dst[tiled..]);
+            match order {
+                Row8Order::Q4kGemv => dot_q4_k_repack(n, row, rest, dst),
+                Row8Order::Q4kGemm => dot_q4_k_repack_gemm(n, row, rest, dst),
+                Row8Order::Q6kTiled => dot_q6_k_tiled(n, row, rest, dst),
             }
         }
     }
+}
+
+/// Every Q4_K row of `w` × the Q8_K tokens of `xs` in CPU_REPACK's GEMV (`gemm = false`) or
+/// GEMM order, `out[r * stride + t]`, each value the bits of [`dot_q4_k_repack`] (or
+/// [`dot_q4_k_repack_gemm`]), through [`q4_k_repack_row8`]. Lengths are checked by
+/// `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn repack_q4_k_tiles(
+    n: usize,
+    w: &[u8],
+    xs: &[u8],
+    out: &mut [f32],
+    stride: usize,
+    gemm: bool,
+) {
+    let order = if gemm {
+        Row8Order::Q4kGemm
+    } else {
+        Row8Order::Q4kGemv
+    };
+    row8_tiles(order, n, w, xs, out, stride);
+}
+
+/// Every Q6_K row of `w` × the Q8_K tokens of `xs` in the tiled matmul's order,
+/// `out[r * stride + t]`, each value the bits of [`dot_q6_k_tiled`], through
+/// [`q6_k_tiled_row8`]. Lengths are checked by `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn tiled_q6_k_tiles(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+    row8_tiles(Row8Order::Q6kTiled, n, w, xs, out, stride);
 }
 
 #[inline]
