@@ -756,12 +756,25 @@ macro_rules! rows_driver {
 }
 pub(super) use rows_driver;
 
-rows_driver!(
-    /// Q8_0 weight rows · one Q8_0 activation row (each result as `dot_q8_0` gives it).
-    dot_rows_q8_0,
-    q8_0_rows_tile,
-    "avx2,fma,f16c"
-);
+/// Q8_0 weight rows · one Q8_0 activation row (each result as `dot_q8_0` gives it), one row
+/// after the other; lengths are checked by `dispatch`.
+///
+/// One row at a time: on a Zen 3 core, four rows walked side by side ([`q8_0_rows_tile`]
+/// with `R = 4`) were faster on cache-resident weights (20-26 vs 16-19 GiB/s) but slower from
+/// memory (`matvec/Q8_0/1t` 9.3-10.7 vs 12.6-14.4 GiB/s), and decode of the 4-layer Q8_0
+/// benchmark file ran at 40-42 tok/s with four rows (two: 41-43) against 58-61 with one, on
+/// one thread (2 threads: 62-70, 73-79, 97-100).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_rows_q8_0(n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+    let _ = n;
+    if out.is_empty() {
+        return;
+    }
+    let rb = w.len() / out.len();
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(rb.max(1))) {
+        *o = q8_0_rows_tile::<1>([row], x)[0];
+    }
+}
 
 /// `R` Q8_0 rows · one Q8_0 activation row: each row keeps its own accumulator and exactly the
 /// operations of `q8_0_tile::<1>` in the same order (so the same bits), but the rows' FMA
@@ -769,8 +782,9 @@ rows_driver!(
 /// [`q8_0_rows`], each block's scale is broadcast from memory (a load port; taking a
 /// register's lane is one more micro-op on the vector pipes the integer dot products need),
 /// whole groups of eight blocks run with constant bounds, and each group prefetches a fixed
-/// number of lines: on a Zen 3 core that made the kernel 1.3-1.7x faster on cache-resident
-/// weights (`kernel_rate/Q8_0/1tok`).
+/// number of lines: on a Zen 3 core that made the four-row kernel 1.3-1.7x faster on
+/// cache-resident weights (`kernel_rate/Q8_0/1tok`). [`dot_rows_q8_0`] runs it one row at a
+/// time (see there why).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_rows_tile<const R: usize>(w: [&[u8]; R], x: &[u8]) -> [f32; R] {
