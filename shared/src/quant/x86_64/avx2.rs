@@ -1355,12 +1355,9 @@ macro_rules! k4_tile {
                     let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
                     let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
                     for t in 0..B {
-                        let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
-                        let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
-                        let s = _mm256_add_epi32(
-                            _mm256_madd_epi16(p_lo, sc_lo),
-                            _mm256_madd_epi16(p_hi, sc_hi),
-                        );
+                        let x_lo = ld(xb[t], Q8_K_QS + 64 * c);
+                        let x_hi = ld(xb[t], Q8_K_QS + 64 * c + 32);
+                        let s = k4_quarter_dot([lo, hi], [sc_lo, sc_hi], [x_lo, x_hi]);
                         sumi[t] = _mm256_add_epi32(sumi[t], s);
                     }
                 }
@@ -1432,12 +1429,9 @@ fn q4_k_repack_tile_in<const B: usize, const GEMM: bool>(w: &[u8], x: [&[u8]; B]
             let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
             let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
             for t in 0..B {
-                let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
-                let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
-                let s = _mm256_add_epi32(
-                    _mm256_madd_epi16(p_lo, sc_lo),
-                    _mm256_madd_epi16(p_hi, sc_hi),
-                );
+                let x_lo = ld(xb[t], Q8_K_QS + 64 * c);
+                let x_hi = ld(xb[t], Q8_K_QS + 64 * c + 32);
+                let s = k4_quarter_dot([lo, hi], [sc_lo, sc_hi], [x_lo, x_hi]);
                 if GEMM {
                     quarter[t][c] = hsum_epi32(s);
                 } else {
@@ -1552,10 +1546,7 @@ fn q4_k_block_sums(wb: &[u8], xq: &[[__m256i; 2]; 4], xb: &[u8]) -> (__m256i, __
         let (lo, hi) = q4k_quants(wb, c);
         let sc_lo = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c]));
         let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
-        let s = _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q[0]), sc_lo),
-            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q[1]), sc_hi),
-        );
+        let s = k4_quarter_dot([lo, hi], [sc_lo, sc_hi], *q);
         sumi[c % 2] = _mm256_add_epi32(sumi[c % 2], s);
     }
     (_mm256_add_epi32(sumi[0], sumi[1]), k4_min_prod(mins, xb))
@@ -1666,12 +1657,9 @@ fn q4_k_repack_row8<const GEMM: bool>(w: &[u8], x: &[&[u8]; ROW8_TOKENS]) -> __m
             let sc_hi = _mm256_shuffle_epi8(sc, cv(&K4_SCALE[2 * c + 1]));
             let mut s = [_mm256_setzero_si256(); ROW8_TOKENS];
             for t in 0..ROW8_TOKENS {
-                let p_lo = _mm256_maddubs_epi16(lo, ld(xb[t], Q8_K_QS + 64 * c));
-                let p_hi = _mm256_maddubs_epi16(hi, ld(xb[t], Q8_K_QS + 64 * c + 32));
-                let p = _mm256_add_epi32(
-                    _mm256_madd_epi16(p_lo, sc_lo),
-                    _mm256_madd_epi16(p_hi, sc_hi),
-                );
+                let x_lo = ld(xb[t], Q8_K_QS + 64 * c);
+                let x_hi = ld(xb[t], Q8_K_QS + 64 * c + 32);
+                let p = k4_quarter_dot([lo, hi], [sc_lo, sc_hi], [x_lo, x_hi]);
                 if GEMM {
                     s[t] = p;
                 } else {
@@ -1833,6 +1821,19 @@ pub(crate) fn repack_q4_k_tiles(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn tiled_q6_k_tiles(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
     row8_tiles(Row8Order::Q6kTiled, n, w, xs, out, stride);
+}
+
+/// One 64-element quarter of a Q4_K (or Q5_K) super-block · a token's quants: the quarter's
+/// low and high 32 unsigned quants `q` times the token's `x`, each 32-element sub-block's
+/// products summed and multiplied by its scale (`sc`, as i16 in every lane): eight exact i32
+/// lanes. `vpmaddubsw` cannot saturate (quants ≤ 31, |x| ≤ 127).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn k4_quarter_dot(q: [__m256i; 2], sc: [__m256i; 2], x: [__m256i; 2]) -> __m256i {
+    _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q[0], x[0]), sc[0]),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q[1], x[1]), sc[1]),
+    )
 }
 
 #[inline]
