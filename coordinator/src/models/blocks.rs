@@ -342,10 +342,12 @@ unsafe fn attend_head_avx2<'a>(
     batch_tokens: usize,
     out: &mut [f32],
 ) {
-    use lanes8::{lanes, ld8h as ld8};
+    use lanes8::ld8h as ld8;
     use std::arch::x86_64::*;
 
     let q16 = to_f16(q);
+    // The query rounded to f16 once, held in f32 (exact) for the vector loads.
+    let qf: Vec<f32> = q16.iter().map(|h| h.to_f32()).collect();
     let n = q16.len();
     let gemm = batch_tokens >= 2;
     let mut scores: Vec<f32> = Vec::with_capacity(n_kv);
@@ -357,9 +359,12 @@ unsafe fn attend_head_avx2<'a>(
             let whole = n / 8 * 8;
             let mut acc = _mm256_setzero_ps();
             for e in (0..whole).step_by(8) {
-                acc = _mm256_fmadd_ps(ld8(&q16, e), ld8(k, e), acc);
+                acc = _mm256_fmadd_ps(lanes8::ld8(&qf, e), ld8(k, e), acc);
             }
-            let mut sum = shared::ggml_math::hsum8(&lanes(acc));
+            // `hsum8` in registers: t = lanes l + l+4, then (t0 + t2) + (t1 + t3).
+            let t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+            let u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+            let mut sum = _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u)));
             for e in whole..n {
                 sum += q16[e].to_f32() * k[e].to_f32();
             }
@@ -370,11 +375,10 @@ unsafe fn attend_head_avx2<'a>(
             let mut acc = [_mm256_setzero_ps(); 4];
             for e in (0..whole).step_by(32) {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(ld8(&q16, e + 8 * j), ld8(k, e + 8 * j), *a);
+                    *a = _mm256_fmadd_ps(lanes8::ld8(&qf, e + 8 * j), ld8(k, e + 8 * j), *a);
                 }
             }
-            let acc = [lanes(acc[0]), lanes(acc[1]), lanes(acc[2]), lanes(acc[3])];
-            let mut sum = f64::from(reduce4x8(&acc));
+            let mut sum = f64::from(reduce4x8_ps(acc));
             for e in whole..n {
                 sum += f64::from(q16[e].to_f32() * k[e].to_f32());
             }
@@ -389,27 +393,71 @@ unsafe fn attend_head_avx2<'a>(
     let n_acc = if gemm { 1 } else { 4 };
     let mut acc = vec![0.0f32; n_acc * 8 * d];
     let whole = d / 8 * 8;
-    for (j, &p) in scores.iter().enumerate() {
-        let p = f16::from_f32(p).to_f32();
-        let (slot, lane) = ((j / 8) % n_acc, j % 8);
-        let a = &mut acc[(slot * 8 + lane) * d..(slot * 8 + lane + 1) * d];
-        let v = values(j);
-        debug_assert_eq!(v.len(), d);
-        let pv = _mm256_set1_ps(p);
-        for e in (0..whole).step_by(8) {
-            let dst = &mut a[e..e + 8];
-            // SAFETY: `dst` holds 8 f32 values, read and written unaligned.
-            unsafe {
-                let cur = _mm256_loadu_ps(dst.as_ptr());
-                _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_fmadd_ps(pv, ld8(v, e), cur));
+    let probs: Vec<f32> = scores.iter().map(|&p| f16::from_f32(p).to_f32()).collect();
+    // Accumulator k = slot * 8 + lane takes positions k, k + period, k + 2·period, ... in
+    // that order: each accumulator's FMAs are the per-position loop's, so its value is too.
+    // Walking one accumulator at a time keeps eight vectors of it in registers, and reads
+    // each cached value once.
+    let period = n_acc * 8;
+    for k in 0..period {
+        let a = &mut acc[k * d..(k + 1) * d];
+        let mut e0 = 0;
+        while e0 + 64 <= whole {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for j in (k..probs.len()).step_by(period) {
+                let (pv, v) = (_mm256_set1_ps(probs[j]), values(j));
+                debug_assert_eq!(v.len(), d);
+                for (b, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_fmadd_ps(pv, ld8(v, e0 + 8 * b), *r);
+                }
             }
+            for (b, r) in r.iter().enumerate() {
+                // SAFETY: `a[e0 + 8b..]` holds 8 f32 values, written unaligned.
+                unsafe { _mm256_storeu_ps(a[e0 + 8 * b..e0 + 8 * b + 8].as_mut_ptr(), *r) };
+            }
+            e0 += 64;
         }
-        for e in whole..d {
-            a[e] = p.mul_add(v[e].to_f32(), a[e]);
+        for e in (e0..whole).step_by(8) {
+            let mut r = _mm256_setzero_ps();
+            for j in (k..probs.len()).step_by(period) {
+                r = _mm256_fmadd_ps(_mm256_set1_ps(probs[j]), ld8(values(j), e), r);
+            }
+            // SAFETY: `a[e..e + 8]` holds 8 f32 values, written unaligned.
+            unsafe { _mm256_storeu_ps(a[e..e + 8].as_mut_ptr(), r) };
+        }
+        for (e, a) in a.iter_mut().enumerate().skip(whole) {
+            for j in (k..probs.len()).step_by(period) {
+                *a = probs[j].mul_add(values(j)[e].to_f32(), *a);
+            }
         }
     }
     let at = |slot: usize, lane: usize, e: usize| acc[(slot * 8 + lane) * d + e];
-    for (e, o) in out.iter_mut().enumerate() {
+    // Eight outputs at a time: the reductions below, lane by lane, in vectors over e.
+    for e in (0..whole).step_by(8) {
+        let row = |slot: usize, lane: usize| {
+            let a = &acc[(slot * 8 + lane) * d + e..(slot * 8 + lane) * d + e + 8];
+            // SAFETY: `a` holds 8 f32 values, read unaligned.
+            unsafe { _mm256_loadu_ps(a.as_ptr()) }
+        };
+        let v = if gemm {
+            // `hsum8`: t_i = lane i + lane i+4, then (t0 + t2) + (t1 + t3).
+            let t: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(row(0, i), row(0, i + 4)));
+            _mm256_add_ps(_mm256_add_ps(t[0], t[2]), _mm256_add_ps(t[1], t[3]))
+        } else {
+            // `reduce4x8`: y_l = (a0 + a2) + (a1 + a3), t_i = y_i + y_i+4, (t0 + t1) + (t2 + t3).
+            let y: [__m256; 8] = std::array::from_fn(|l| {
+                _mm256_add_ps(
+                    _mm256_add_ps(row(0, l), row(2, l)),
+                    _mm256_add_ps(row(1, l), row(3, l)),
+                )
+            });
+            let t: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(y[i], y[i + 4]));
+            _mm256_add_ps(_mm256_add_ps(t[0], t[1]), _mm256_add_ps(t[2], t[3]))
+        };
+        // SAFETY: `out[e..e + 8]` holds 8 f32 values, written unaligned.
+        unsafe { _mm256_storeu_ps(out[e..e + 8].as_mut_ptr(), v) };
+    }
+    for (e, o) in out.iter_mut().enumerate().skip(whole) {
         let mut a = [[0.0f32; 8]; 4];
         for (slot, row) in a.iter_mut().enumerate().take(n_acc) {
             for (lane, v) in row.iter_mut().enumerate() {
@@ -422,6 +470,19 @@ unsafe fn attend_head_avx2<'a>(
             reduce4x8(&a)
         };
     }
+}
+
+/// [`reduce4x8`] of four 8-lane accumulators in registers: lanes (a0 + a2) + (a1 + a3), then
+/// t_i = lane i + lane i+4 and (t0 + t1) + (t2 + t3) — the same additions in the same order.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce4x8_ps(acc: [std::arch::x86_64::__m256; 4]) -> f32 {
+    use std::arch::x86_64::*;
+    let x = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+    let t = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+    let h = _mm_hadd_ps(t, t);
+    _mm_cvtss_f32(_mm_hadd_ps(h, h))
 }
 
 /// [`attend_head`] compiled with FMA: its `mul_add`s become single instructions
