@@ -143,7 +143,9 @@ pub fn attend_head<'a>(
 /// heads of a GQA group, or all heads over MLA's latent cache): `q` holds the heads back to
 /// back, `out` their outputs back to back. Each head's output is [`attend_head`]'s bit for
 /// bit. In a batch, each cached key and value is converted from f16 once for all the heads
-/// (the vectorized kernel), where one head at a time converts it once per head.
+/// (the vectorized kernel), where one head at a time converts it once per head; at decode,
+/// the heads walk the cache together, a tile of positions at a time, so each cached key and
+/// value comes from memory once for the group rather than once per head.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_heads<'a>(
     q: &[f32],
@@ -161,6 +163,12 @@ pub fn attend_heads<'a>(
         if batch_tokens >= 2 && has_avx2_fma_f16c() {
             // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
             unsafe { attend_heads_avx2(q, n_q, n_kv, keys, values, scale, out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+            unsafe { attend_group_vec_avx2(q, n_q, n_kv, keys, values, scale, out) };
             return;
         }
         let (hk, hv) = (q.len() / n_q, out.len() / n_q);
@@ -324,6 +332,121 @@ fn has_avx2_fma_f16c() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Cached positions whose keys all the heads of a group read while they stay in L1.
+const KEY_TILE: usize = 64;
+/// Cached positions whose values the `V·p` pass walks at a time: four per accumulator, so
+/// each accumulator's registers take four FMAs per load and store.
+const VALUE_TILE: usize = 4 * VEC_DOT_PERIOD;
+/// Positions after which `ggml_vec_dot_f16`'s accumulators repeat: 4 accumulators of 8 lanes.
+const VEC_DOT_PERIOD: usize = 32;
+
+/// [`attend_head_impl`] at decode (`ggml_vec_dot_f16`'s order) for `n_q` heads that read the
+/// same cache, with 8-lane vectors: each head's float operations are the scalar version's,
+/// in the same order, so every output is bit-identical (tested). The heads go through the
+/// cache together, [`KEY_TILE`] positions at a time for `K·q` and [`VALUE_TILE`] for `V·p`,
+/// so a long cache is read from memory once per group, not once per head. `V·p` keeps
+/// accumulator k (lane `k % 8` of accumulator `k / 8`: positions k, k + 32, ...) of 64 output
+/// elements in eight registers over the tile's positions of that accumulator.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_group_vec_avx2<'a>(
+    q: &[f32],
+    n_q: usize,
+    n_kv: usize,
+    keys: impl Fn(usize) -> &'a [f16],
+    values: impl Fn(usize) -> &'a [f16],
+    scale: f32,
+    out: &mut [f32],
+) {
+    use lanes8::{ld8, ld8h};
+    use std::arch::x86_64::*;
+
+    let (hk, hv) = (q.len() / n_q, out.len() / n_q);
+    // The queries rounded to f16 (element by element), held in f32 (exact) for the loads.
+    let qf: Vec<f32> = to_f16(q).iter().map(|h| h.to_f32()).collect();
+    let mut scores = vec![0.0f32; n_q * n_kv];
+    let whole_k = hk / 32 * 32;
+    for t0 in (0..n_kv).step_by(KEY_TILE) {
+        let t1 = (t0 + KEY_TILE).min(n_kv);
+        for (qh, sc) in qf.chunks_exact(hk).zip(scores.chunks_exact_mut(n_kv)) {
+            for (j, s) in (t0..t1).zip(&mut sc[t0..t1]) {
+                let k = keys(j);
+                debug_assert_eq!(k.len(), hk);
+                // `dot_f16_vec`: four accumulators over steps of 32, `reduce4x8`, tail in f64.
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for e in (0..whole_k).step_by(32) {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(ld8(qh, e + 8 * a), ld8h(k, e + 8 * a), *acc);
+                    }
+                }
+                let mut sum = f64::from(reduce4x8_ps(acc));
+                for e in whole_k..hk {
+                    sum += f64::from(qh[e] * k[e].to_f32());
+                }
+                *s = sum as f32 * scale;
+            }
+        }
+    }
+    for sc in scores.chunks_exact_mut(n_kv) {
+        shared::ggml_math::softmax_in_place(sc, true);
+        // ggml multiplies V by the probabilities rounded to f16.
+        for p in sc.iter_mut() {
+            *p = f16::from_f32(*p).to_f32();
+        }
+    }
+
+    // acc[(h * 32 + k) * hv + e]: head h's accumulator k (the scalar version's a[e][k / 8][k % 8]).
+    let whole = hv / 8 * 8;
+    let mut acc = vec![0.0f32; n_q * VEC_DOT_PERIOD * hv];
+    for t0 in (0..n_kv).step_by(VALUE_TILE) {
+        let t1 = (t0 + VALUE_TILE).min(n_kv);
+        for (p, acc_h) in (scores.chunks_exact(n_kv)).zip(acc.chunks_exact_mut(VEC_DOT_PERIOD * hv))
+        {
+            for (k, a) in acc_h.chunks_exact_mut(hv).enumerate() {
+                let positions = (t0 + k..t1).step_by(VEC_DOT_PERIOD);
+                let mut e0 = 0;
+                while e0 + 64 <= whole {
+                    let mut r: [__m256; 8] = std::array::from_fn(|b| ld8(a, e0 + 8 * b));
+                    for j in positions.clone() {
+                        let (pv, v) = (_mm256_set1_ps(p[j]), values(j));
+                        debug_assert_eq!(v.len(), hv);
+                        for (b, r) in r.iter_mut().enumerate() {
+                            *r = _mm256_fmadd_ps(pv, ld8h(v, e0 + 8 * b), *r);
+                        }
+                    }
+                    for (b, r) in r.iter().enumerate() {
+                        // SAFETY: `a[e0 + 8b..]` holds 8 f32 values, written unaligned.
+                        unsafe { _mm256_storeu_ps(a[e0 + 8 * b..e0 + 8 * b + 8].as_mut_ptr(), *r) };
+                    }
+                    e0 += 64;
+                }
+                for e in (e0..whole).step_by(8) {
+                    let mut r = ld8(a, e);
+                    for j in positions.clone() {
+                        r = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ld8h(values(j), e), r);
+                    }
+                    // SAFETY: `a[e..e + 8]` holds 8 f32 values, written unaligned.
+                    unsafe { _mm256_storeu_ps(a[e..e + 8].as_mut_ptr(), r) };
+                }
+                for (e, a) in a.iter_mut().enumerate().skip(whole) {
+                    for j in positions.clone() {
+                        *a = p[j].mul_add(values(j)[e].to_f32(), *a);
+                    }
+                }
+            }
+        }
+    }
+    for (acc_h, o) in acc
+        .chunks_exact(VEC_DOT_PERIOD * hv)
+        .zip(out.chunks_exact_mut(hv))
+    {
+        reduce_v_accumulators(acc_h, 4, o);
+    }
+}
+
 /// [`attend_head_impl`] with 8-lane vectors: the same float operations in the same order
 /// (each of the scalar version's 8-lane accumulators is one register; the `V·p`
 /// accumulators are kept per (slot, lane) and vectorized over the output elements), so the
@@ -345,52 +468,38 @@ unsafe fn attend_head_avx2<'a>(
     use lanes8::ld8h as ld8;
     use std::arch::x86_64::*;
 
+    if batch_tokens < 2 {
+        // SAFETY: the caller's CPU supports AVX2, FMA and F16C (this function's contract).
+        return unsafe { attend_group_vec_avx2(q, 1, n_kv, keys, values, scale, out) };
+    }
     let q16 = to_f16(q);
     // The query rounded to f16 once, held in f32 (exact) for the vector loads.
     let qf: Vec<f32> = q16.iter().map(|h| h.to_f32()).collect();
     let n = q16.len();
-    let gemm = batch_tokens >= 2;
     let mut scores: Vec<f32> = Vec::with_capacity(n_kv);
     for j in 0..n_kv {
         let k = keys(j);
         debug_assert_eq!(k.len(), n);
-        let d = if gemm {
-            // `dot_f16`: one 8-lane accumulator, `hsum8`, the tail added in f32.
-            let whole = n / 8 * 8;
-            let mut acc = _mm256_setzero_ps();
-            for e in (0..whole).step_by(8) {
-                acc = _mm256_fmadd_ps(lanes8::ld8(&qf, e), ld8(k, e), acc);
-            }
-            // `hsum8` in registers: t = lanes l + l+4, then (t0 + t2) + (t1 + t3).
-            let t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-            let u = _mm_add_ps(t, _mm_movehl_ps(t, t));
-            let mut sum = _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u)));
-            for e in whole..n {
-                sum += q16[e].to_f32() * k[e].to_f32();
-            }
-            sum
-        } else {
-            // `dot_f16_vec`: four accumulators over steps of 32, `reduce4x8`, tail in f64.
-            let whole = n / 32 * 32;
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for e in (0..whole).step_by(32) {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(lanes8::ld8(&qf, e + 8 * j), ld8(k, e + 8 * j), *a);
-                }
-            }
-            let mut sum = f64::from(reduce4x8_ps(acc));
-            for e in whole..n {
-                sum += f64::from(q16[e].to_f32() * k[e].to_f32());
-            }
-            sum as f32
-        };
-        scores.push(d * scale);
+        // `dot_f16`: one 8-lane accumulator, `hsum8`, the tail added in f32.
+        let whole = n / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for e in (0..whole).step_by(8) {
+            acc = _mm256_fmadd_ps(lanes8::ld8(&qf, e), ld8(k, e), acc);
+        }
+        // `hsum8` in registers: t = lanes l + l+4, then (t0 + t2) + (t1 + t3).
+        let t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        let mut sum = _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u)));
+        for e in whole..n {
+            sum += q16[e].to_f32() * k[e].to_f32();
+        }
+        scores.push(sum * scale);
     }
     shared::ggml_math::softmax_in_place(&mut scores, true);
 
-    // acc[(slot * 8 + lane) * d + e]: the scalar version's a[e][slot][lane].
+    // acc[lane * d + e]: the scalar version's a[e][0][lane] (tinyBLAS: one accumulator).
     let d = out.len();
-    let n_acc = if gemm { 1 } else { 4 };
+    let n_acc = 1;
     let mut acc = vec![0.0f32; n_acc * 8 * d];
     let whole = d / 8 * 8;
     let probs: Vec<f32> = scores.iter().map(|&p| f16::from_f32(p).to_f32()).collect();
@@ -431,15 +540,23 @@ unsafe fn attend_head_avx2<'a>(
             }
         }
     }
+    reduce_v_accumulators(&acc, n_acc, out);
+}
+
+/// The `V·p` outputs from their accumulators: `acc[(slot * 8 + lane) * d + e]` (`d` =
+/// `out.len()`, `n_acc` slots of 8 lanes) summed per output element as the scalar version
+/// sums its `a[e][slot][lane]` (`hsum8` for one slot, `reduce4x8` for four), eight elements
+/// at a time in vectors over e.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn reduce_v_accumulators(acc: &[f32], n_acc: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let whole = d / 8 * 8;
     let at = |slot: usize, lane: usize, e: usize| acc[(slot * 8 + lane) * d + e];
-    // Eight outputs at a time: the reductions below, lane by lane, in vectors over e.
     for e in (0..whole).step_by(8) {
-        let row = |slot: usize, lane: usize| {
-            let a = &acc[(slot * 8 + lane) * d + e..(slot * 8 + lane) * d + e + 8];
-            // SAFETY: `a` holds 8 f32 values, read unaligned.
-            unsafe { _mm256_loadu_ps(a.as_ptr()) }
-        };
-        let v = if gemm {
+        let row = |slot: usize, lane: usize| lanes8::ld8(acc, (slot * 8 + lane) * d + e);
+        let v = if n_acc == 1 {
             // `hsum8`: t_i = lane i + lane i+4, then (t0 + t2) + (t1 + t3).
             let t: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(row(0, i), row(0, i + 4)));
             _mm256_add_ps(_mm256_add_ps(t[0], t[2]), _mm256_add_ps(t[1], t[3]))
@@ -464,7 +581,7 @@ unsafe fn attend_head_avx2<'a>(
                 *v = at(slot, lane, e);
             }
         }
-        *o = if gemm {
+        *o = if n_acc == 1 {
             shared::ggml_math::hsum8(&a[0])
         } else {
             reduce4x8(&a)
@@ -605,6 +722,9 @@ mod tests {
             (12, 20, 5, 1),
             (20, 12, 2, 6),
             (576, 512, 4, 17),
+            // Several key and value tiles, a partial last one.
+            (128, 128, 8, 300),
+            (96, 72, 2, 200),
         ] {
             let f16s = |n: usize, rng: &mut shared::rng::SplitMix64| -> Vec<f16> {
                 (0..n)
