@@ -167,8 +167,18 @@ pub fn attend_heads<'a>(
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma_f16c() {
-            // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
-            unsafe { attend_group_vec_avx2(q, n_q, n_kv, keys, values, scale, out) };
+            let (hk, hv) = (q.len() / n_q, out.len() / n_q);
+            if hv == 0 {
+                return;
+            }
+            // As many heads together as keep their `V·p` accumulators within L2 (MLA's
+            // 512-wide heads: 4; a GQA group of 128-wide ones: all of up to 16).
+            let per_call = (GROUP_ACC_BYTES / (VEC_DOT_PERIOD * hv.max(1) * 4)).max(1);
+            for (qs, os) in q.chunks(per_call * hk).zip(out.chunks_mut(per_call * hv)) {
+                let n = os.len() / hv;
+                // SAFETY: the CPU supports AVX2, FMA and F16C, checked just above.
+                unsafe { attend_group_vec_avx2(qs, n, n_kv, &keys, &values, scale, os) };
+            }
             return;
         }
         let (hk, hv) = (q.len() / n_q, out.len() / n_q);
@@ -332,6 +342,8 @@ fn has_avx2_fma_f16c() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Bytes of `V·p` accumulators the heads of one [`attend_group_vec_avx2`] call keep.
+const GROUP_ACC_BYTES: usize = 256 * 1024;
 /// Cached positions whose keys all the heads of a group read while they stay in L1.
 const KEY_TILE: usize = 64;
 /// Cached positions whose values the `V·p` pass walks at a time: four per accumulator, so
@@ -725,6 +737,8 @@ mod tests {
             // Several key and value tiles, a partial last one.
             (128, 128, 8, 300),
             (96, 72, 2, 200),
+            // Wide heads, taken a few per call.
+            (64, 512, 9, 40),
         ] {
             let f16s = |n: usize, rng: &mut shared::rng::SplitMix64| -> Vec<f16> {
                 (0..n)
