@@ -411,44 +411,15 @@ unsafe fn attend_group_vec_avx2<'a>(
     }
 
     // acc[(h * 32 + k) * hv + e]: head h's accumulator k (the scalar version's a[e][k / 8][k % 8]).
-    let whole = hv / 8 * 8;
     let mut acc = vec![0.0f32; n_q * VEC_DOT_PERIOD * hv];
     for t0 in (0..n_kv).step_by(VALUE_TILE) {
         let t1 = (t0 + VALUE_TILE).min(n_kv);
-        for (p, acc_h) in (scores.chunks_exact(n_kv)).zip(acc.chunks_exact_mut(VEC_DOT_PERIOD * hv))
-        {
-            for (k, a) in acc_h.chunks_exact_mut(hv).enumerate() {
-                let positions = (t0 + k..t1).step_by(VEC_DOT_PERIOD);
-                let mut e0 = 0;
-                while e0 + 64 <= whole {
-                    let mut r: [__m256; 8] = std::array::from_fn(|b| ld8(a, e0 + 8 * b));
-                    for j in positions.clone() {
-                        let (pv, v) = (_mm256_set1_ps(p[j]), values(j));
-                        debug_assert_eq!(v.len(), hv);
-                        for (b, r) in r.iter_mut().enumerate() {
-                            *r = _mm256_fmadd_ps(pv, ld8h(v, e0 + 8 * b), *r);
-                        }
-                    }
-                    for (b, r) in r.iter().enumerate() {
-                        // SAFETY: `a[e0 + 8b..]` holds 8 f32 values, written unaligned.
-                        unsafe { _mm256_storeu_ps(a[e0 + 8 * b..e0 + 8 * b + 8].as_mut_ptr(), *r) };
-                    }
-                    e0 += 64;
-                }
-                for e in (e0..whole).step_by(8) {
-                    let mut r = ld8(a, e);
-                    for j in positions.clone() {
-                        r = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ld8h(values(j), e), r);
-                    }
-                    // SAFETY: `a[e..e + 8]` holds 8 f32 values, written unaligned.
-                    unsafe { _mm256_storeu_ps(a[e..e + 8].as_mut_ptr(), r) };
-                }
-                for (e, a) in a.iter_mut().enumerate().skip(whole) {
-                    for j in positions.clone() {
-                        *a = p[j].mul_add(values(j)[e].to_f32(), *a);
-                    }
-                }
-            }
+        let per_head = scores
+            .chunks_exact(n_kv)
+            .zip(acc.chunks_exact_mut(VEC_DOT_PERIOD * hv));
+        for (p, acc_h) in per_head {
+            // SAFETY: the caller's CPU supports AVX2, FMA and F16C (this function's contract).
+            unsafe { accumulate_v(p, &values, VEC_DOT_PERIOD, t0..t1, acc_h) };
         }
     }
     for (acc_h, o) in acc
@@ -509,27 +480,50 @@ unsafe fn attend_head_avx2<'a>(
     }
     shared::ggml_math::softmax_in_place(&mut scores, true);
 
-    // acc[lane * d + e]: the scalar version's a[e][0][lane] (tinyBLAS: one accumulator).
+    // acc[lane * d + e]: the scalar version's a[e][0][lane] (tinyBLAS: one accumulator of
+    // 8 lanes, position j into lane j % 8).
     let d = out.len();
-    let n_acc = 1;
-    let mut acc = vec![0.0f32; n_acc * 8 * d];
-    let whole = d / 8 * 8;
+    let mut acc = vec![0.0f32; 8 * d];
     let probs: Vec<f32> = scores.iter().map(|&p| f16::from_f32(p).to_f32()).collect();
-    // Accumulator k = slot * 8 + lane takes positions k, k + period, k + 2·period, ... in
-    // that order: each accumulator's FMAs are the per-position loop's, so its value is too.
-    // Walking one accumulator at a time keeps eight vectors of it in registers, and reads
-    // each cached value once.
-    let period = n_acc * 8;
-    for k in 0..period {
-        let a = &mut acc[k * d..(k + 1) * d];
+    // SAFETY: the caller's CPU supports AVX2, FMA and F16C (this function's contract).
+    unsafe { accumulate_v(&probs, &values, 8, 0..n_kv, &mut acc) };
+    reduce_v_accumulators(&acc, 1, out);
+}
+
+/// Adds the cached values of positions `range` times their probabilities `p` into one
+/// head's `V·p` accumulators `acc` (`period` of them, `d` = `acc.len() / period` elements
+/// each): accumulator k takes positions k, k + period, ... in increasing order, one FMA per
+/// element each, as the scalar version's per-position loop adds them, so the values are that
+/// loop's. `range` starts at a multiple of `period`. One accumulator at a time, 64 elements
+/// of it held in eight registers over its positions, each cached value read once.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_v<'a>(
+    p: &[f32],
+    values: impl Fn(usize) -> &'a [f16],
+    period: usize,
+    range: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    use lanes8::{ld8, ld8h};
+    use std::arch::x86_64::*;
+
+    debug_assert!(range.start.is_multiple_of(period));
+    let d = acc.len() / period;
+    let whole = d / 8 * 8;
+    for (k, a) in acc.chunks_exact_mut(d).enumerate() {
+        let positions = (range.start + k..range.end).step_by(period);
         let mut e0 = 0;
         while e0 + 64 <= whole {
-            let mut r = [_mm256_setzero_ps(); 8];
-            for j in (k..probs.len()).step_by(period) {
-                let (pv, v) = (_mm256_set1_ps(probs[j]), values(j));
+            let mut r: [__m256; 8] = std::array::from_fn(|b| ld8(a, e0 + 8 * b));
+            for j in positions.clone() {
+                let (pv, v) = (_mm256_set1_ps(p[j]), values(j));
                 debug_assert_eq!(v.len(), d);
                 for (b, r) in r.iter_mut().enumerate() {
-                    *r = _mm256_fmadd_ps(pv, ld8(v, e0 + 8 * b), *r);
+                    *r = _mm256_fmadd_ps(pv, ld8h(v, e0 + 8 * b), *r);
                 }
             }
             for (b, r) in r.iter().enumerate() {
@@ -539,20 +533,19 @@ unsafe fn attend_head_avx2<'a>(
             e0 += 64;
         }
         for e in (e0..whole).step_by(8) {
-            let mut r = _mm256_setzero_ps();
-            for j in (k..probs.len()).step_by(period) {
-                r = _mm256_fmadd_ps(_mm256_set1_ps(probs[j]), ld8(values(j), e), r);
+            let mut r = ld8(a, e);
+            for j in positions.clone() {
+                r = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ld8h(values(j), e), r);
             }
             // SAFETY: `a[e..e + 8]` holds 8 f32 values, written unaligned.
             unsafe { _mm256_storeu_ps(a[e..e + 8].as_mut_ptr(), r) };
         }
         for (e, a) in a.iter_mut().enumerate().skip(whole) {
-            for j in (k..probs.len()).step_by(period) {
-                *a = probs[j].mul_add(values(j)[e].to_f32(), *a);
+            for j in positions.clone() {
+                *a = p[j].mul_add(values(j)[e].to_f32(), *a);
             }
         }
     }
-    reduce_v_accumulators(&acc, n_acc, out);
 }
 
 /// The `V·p` outputs from their accumulators: `acc[(slot * 8 + lane) * d + e]` (`d` =
