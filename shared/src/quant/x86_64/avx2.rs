@@ -1605,7 +1605,9 @@ pub(crate) fn dot_rows_q4_k_repack(n: usize, w: &[u8], x: &[u8], out: &mut [f32]
 /// [`q4_k_repack_rows4`], but each super-block's reduction (`reduce8`: lane r = row r) and
 /// float steps serve eight rows, the token's bsums are paired once per block for all rows,
 /// and the token's quants are read from L1 as memory operands (eight rows' sums take the
-/// registers). The eight `(d, dmin)` pairs are gathered from the rows: eight 4-byte stores
+/// registers). So its row step is written out rather than calling [`q4_k_block_sums`], which
+/// takes the quants preloaded: through it the kernel measured 8.3-13.7 against 11.6-14.8 GiB/s
+/// (`kernel_rate/Q4_K/1tok`, alternated). The eight `(d, dmin)` pairs are gathered from the rows: eight 4-byte stores
 /// read back as one vector wait for the stores to retire (no store forwarding), which made
 /// the kernel slower than four rows at a time. On a Zen 3 core, alternated with the four-row
 /// kernel: `kernel_rate/Q4_K/1tok` 14.3-14.8 → 15.0-15.4 GiB/s, `matvec/Q4_K/1t` 11.0-11.6
