@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod certs;
 pub mod chat_template;
+pub mod convert;
 pub mod distributed;
 pub mod engine;
 pub mod histogram;

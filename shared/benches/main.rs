@@ -10,7 +10,8 @@
 //! from the same timings criterion took: GB/s per type and thread count and the ratio to the
 //! read bandwidth.
 //!
-//! Environment: `MOESHARD_BENCH_TYPES=Q4_K,Q8_0` restricts the types; `MOESHARD_KERNELS`
+//! Environment: `MOESHARD_BENCH_TYPES=Q4_K,Q8_0` restricts the types (`Q4_K_R8`, the layout
+//! of `moeshard convert --repack`, is measured only when named there); `MOESHARD_KERNELS`
 //! lowers the SIMD level (see `shared::quant::dispatch`). The whole run takes a few minutes on
 //! two cores.
 
@@ -136,6 +137,12 @@ mod kernels {
 
     /// One row of `ty`: random quant bytes with small finite scales, or random floats.
     fn random_row(rng: &mut Rng, ty: GgmlType) -> Vec<u8> {
+        // Q4_K_R8 rows are Q4_K rows, interleaved by eight once the matrix is made.
+        let ty = if ty == GgmlType::Q4_K_R8 {
+            GgmlType::Q4_K
+        } else {
+            ty
+        };
         let bytes = ty.row_bytes(N_COLS).unwrap_or(0);
         if ty.block_elems() == 1 {
             let values: Vec<f32> = (0..N_COLS).map(|_| rng.signed()).collect();
@@ -160,17 +167,25 @@ mod kernels {
         out
     }
 
+    /// A Q4_K_R8 matrix's rows (made as plain Q4_K) interleaved by eight.
+    fn interleave_if_r8(ty: GgmlType, data: &mut [u8], row_bytes: usize) {
+        if ty == GgmlType::Q4_K_R8 {
+            shared::quant::rows8::interleave_matrix(data, row_bytes);
+        }
+    }
+
     /// A matrix of at least [`MATRIX_BYTES`]: distinct random rows repeated (the caches see
     /// 256 MiB of addresses either way; generating it all would dominate the run).
     fn matrix(ty: GgmlType) -> (usize, Vec<u8>) {
         let row_bytes = ty.row_bytes(N_COLS).unwrap_or(1);
-        let n_rows = MATRIX_BYTES.div_ceil(row_bytes);
+        let n_rows = MATRIX_BYTES.div_ceil(row_bytes).next_multiple_of(8);
         let mut rng = Rng(shared::rng::SplitMix64::new(ty.id().into()));
         let distinct: Vec<Vec<u8>> = (0..64).map(|_| random_row(&mut rng, ty)).collect();
         let mut data = Vec::with_capacity(n_rows * row_bytes);
         for r in 0..n_rows {
             data.extend_from_slice(&distinct[r % distinct.len()]);
         }
+        interleave_if_r8(ty, &mut data, row_bytes);
         (n_rows, data)
     }
 
@@ -189,7 +204,8 @@ mod kernels {
             // A multiple of 8 rows, as real models' matrices: ggml repacks Q4_K only then.
             let n_rows = RESIDENT_BYTES.div_ceil(row_bytes).next_multiple_of(8);
             let mut rng = Rng(shared::rng::SplitMix64::new(ty.id().into()));
-            let data: Vec<u8> = (0..n_rows).flat_map(|_| random_row(&mut rng, ty)).collect();
+            let mut data: Vec<u8> = (0..n_rows).flat_map(|_| random_row(&mut rng, ty)).collect();
+            interleave_if_r8(ty, &mut data, row_bytes);
             let w = match WeightMatrix::new(ty, n_rows, N_COLS, &data) {
                 Ok(w) => w,
                 Err(e) => panic!("benchmark matrix {ty}: {e}"),
@@ -272,7 +288,7 @@ fn bench_types() -> Vec<GgmlType> {
     list.split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|s| match GgmlType::from_name(s.trim()) {
-            Some(ty) if GgmlType::WEIGHT_TYPES.contains(&ty) => ty,
+            Some(ty) if GgmlType::WEIGHT_TYPES.contains(&ty) || ty == GgmlType::Q4_K_R8 => ty,
             _ => panic!("MOESHARD_BENCH_TYPES: {s:?} is not a weight type"),
         })
         .collect()

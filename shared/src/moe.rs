@@ -79,6 +79,16 @@ impl<'a> ExpertTensor<'a> {
                 self.n_rows
             )));
         }
+        let group = crate::quant::rows8::GROUP_ROWS;
+        if self.ty == GgmlType::Q4_K_R8
+            && !(offset.is_multiple_of(group) && len.is_multiple_of(group))
+        {
+            return Err(MoeError::Shape(format!(
+                "rows {offset}..{} of a Q4_K_R8 tensor are not whole groups of 8 (use a plan \
+                 whose slices are multiples of 8 rows, or the unconverted file)",
+                offset + len
+            )));
+        }
         Ok(ExpertTensor {
             row_offset: self.row_offset + offset,
             n_rows_used: len,

@@ -167,6 +167,19 @@ enum Command {
     },
     /// Write one GGUF per node holding only that node's slices of a model (see docs/placement.md)
     Split(SplitArgs),
+    /// Write a copy of a model with its Q4_K matrices interleaved by eight rows (Q4_K_R8), which
+    /// the one-token kernel reads zero-copy and faster; same results (docs/performance.md)
+    Convert {
+        /// The model (GGUF; for a split model, its first part)
+        #[arg(long, short = 'm')]
+        model: PathBuf,
+        /// Interleave Q4_K matrices of a multiple of 8 rows (the one conversion there is)
+        #[arg(long, required = true)]
+        repack: bool,
+        /// Output GGUF file (written as <out>.tmp, renamed when complete); only moeshard reads it
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Serve an OpenAI-compatible HTTP API (chat and text completions, streaming, /health, /metrics)
     Serve(ServeArgs),
     /// Plan where experts go: compare sliced and whole-expert placements by predicted step time and write the fastest (docs/placement.md)
@@ -710,6 +723,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plan(args) => plan(args),
         Command::Certs { action } => Ok(coordinator::certs::run(action)?),
+        Command::Convert { model, repack, out } => {
+            debug_assert!(repack, "clap requires --repack");
+            let file = open_gguf(&model)?;
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "convert {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = coordinator::convert::repack_q4_k(&file, &model, &out, &mut |d, t| {
+                bar.set_length(t);
+                bar.set_position(d);
+            });
+            bar.finish_and_clear();
+            let report = report.with_context(|| format!("converting {}", model.display()))?;
+            println!(
+                "{}\t{} tensors repacked to Q4_K_R8, {} copied, {:.2} GB",
+                out.display(),
+                report.repacked,
+                report.copied,
+                report.bytes as f64 / 1e9
+            );
+            Ok(())
+        }
         Command::Split(args) => {
             use shared::placement::{split, ModelShape, Plan};
             let model = open_gguf(&args.model)?;

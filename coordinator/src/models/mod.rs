@@ -203,6 +203,14 @@ impl Model {
         let n_vocab = hp.n_vocab as u64;
 
         let tok_embd = t.weight("token_embd.weight", &[n_embd, n_vocab])?;
+        if tok_embd.info.ty == GgmlType::Q4_K_R8 {
+            // The lookup reads one row per token; `convert --repack` leaves this tensor plain.
+            return Err(ModelError::BadType {
+                name: "token_embd.weight".to_owned(),
+                ty: tok_embd.info.ty.to_string(),
+            }
+            .into());
+        }
         let output_norm = t.vector("output_norm.weight", n_embd)?;
         let output = match t.opt_weight("output.weight", &[n_embd, n_vocab])? {
             Some(w) => w,

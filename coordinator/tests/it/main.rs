@@ -3,6 +3,7 @@
 
 mod batching;
 mod cli;
+mod convert;
 mod distributed;
 mod failover;
 mod fixtures;

@@ -246,6 +246,17 @@ pub enum GgufError {
         block_elems: usize,
     },
 
+    /// A Q4_K_R8 tensor whose matrices are not whole groups of 8 rows (or that is not a matrix).
+    #[error("tensor '{name}' (Q4_K_R8) at offset {offset}: shape {ne:?} is not matrices of whole groups of 8 rows (ne[1] a multiple of 8)")]
+    PartialRowGroup {
+        /// The tensor.
+        name: String,
+        /// Where the shape starts.
+        offset: u64,
+        /// Its shape.
+        ne: Vec<u64>,
+    },
+
     /// A tensor data offset that is not a multiple of the file's alignment.
     #[error("tensor '{name}': data offset {data_offset} (field at offset {offset}) is not a multiple of the alignment {alignment}")]
     MisalignedTensor {

@@ -480,6 +480,13 @@ impl<'a> Parser<'a> {
                 block_elems: ty.block_elems(),
             });
         }
+        if ty == GgmlType::Q4_K_R8 && !(ne.len() >= 2 && ne[1].is_multiple_of(8)) {
+            return Err(GgufError::PartialRowGroup {
+                name,
+                offset: ne_offset,
+                ne,
+            });
+        }
         let byte_len = (n_elements / block_elems)
             .checked_mul(ty.block_bytes() as u64)
             .filter(|&b| usize::try_from(b).is_ok())

@@ -400,6 +400,7 @@ fn down_rows<'a>(
     let row_bytes = info.row_bytes() as usize;
     let rows = down_rows_of(t, s);
     let first = s.expert as usize * t.n_embd + rows.start;
+    check_row_groups(info, first, rows.len())?;
     let (start, end) = (first * row_bytes, (first + rows.len()) * row_bytes);
     model
         .tensor_data(info)
@@ -416,12 +417,30 @@ fn matrix_rows<'a>(
     let info: &TensorInfo = src.info;
     let row_bytes = info.row_bytes() as usize;
     let first = s.expert as usize * src.rows_per_expert + src.first_row + s.ff_start as usize;
+    check_row_groups(info, first, s.ff_len as usize)?;
     let start = first * row_bytes;
     let end = start + s.ff_len as usize * row_bytes;
     model
         .tensor_data(info)
         .get(start..end)
         .ok_or_else(|| out_of_tensor(info, start..end))
+}
+
+/// A Q4_K_R8 tensor's rows can be cut only at whole groups of 8 (a group's rows are
+/// interleaved).
+fn check_row_groups(info: &TensorInfo, first: usize, len: usize) -> Result<(), PlacementError> {
+    let group = crate::quant::rows8::GROUP_ROWS;
+    if info.ty == crate::quant::GgmlType::Q4_K_R8
+        && !(first.is_multiple_of(group) && len.is_multiple_of(group))
+    {
+        return Err(PlacementError::Split(format!(
+            "rows {first}..{} of {} (Q4_K_R8) are not whole groups of 8; split the unconverted \
+             file, or use a plan whose slices are multiples of 8 rows",
+            first + len,
+            info.name
+        )));
+    }
+    Ok(())
 }
 
 fn out_of_tensor(info: &TensorInfo, range: std::ops::Range<usize>) -> PlacementError {

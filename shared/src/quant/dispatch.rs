@@ -147,6 +147,7 @@ const fn slot(ty: GgmlType) -> usize {
         GgmlType::Q6_K => 12,
         GgmlType::Q8_K => 13,
         GgmlType::BF16 => 14,
+        GgmlType::Q4_K_R8 => 15,
     }
 }
 
@@ -222,6 +223,7 @@ macro_rules! table {
             $f::<{ GgmlType::Q6_K.id() }>,
             $f::<{ GgmlType::Q8_K.id() }>,
             $f::<{ GgmlType::BF16.id() }>,
+            $f::<{ GgmlType::Q4_K_R8.id() }>,
         ]
     };
 }
@@ -655,6 +657,91 @@ impl Kernels {
         }
         for (o, row) in out.iter_mut().zip(w.chunks_exact(w_row.max(1))) {
             self.repack_dot_batch(ty, n, row, x, std::slice::from_mut(o), false);
+        }
+    }
+
+    /// Groups of eight interleaved Q4_K rows ([`super::rows8`], `w`: `out.len() / 8` groups of
+    /// `n` columns) · one Q8_K activation row: `out[r]` is the bits of
+    /// [`Kernels::repack_dot_rows`] of the plain row. The AVX2 kernel (also at the AVX-512 and
+    /// AMX levels, whose CPUs have AVX2) reads the groups as they are; the scalar table
+    /// de-interleaves each group first.
+    ///
+    /// Panics if `out.len()` is not a multiple of 8 or the lengths do not fit.
+    pub fn q4_k_r8_dot_rows(&self, n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+        let ty = GgmlType::Q4_K;
+        let w_row = check_rows("q4_k_r8_dot_rows", ty, n, w, out.len());
+        assert!(
+            out.len().is_multiple_of(super::rows8::GROUP_ROWS),
+            "q4_k_r8_dot_rows: {} rows are not whole groups of 8",
+            out.len()
+        );
+        if out.is_empty() {
+            return;
+        }
+        let Some(_) = check_batch("q4_k_r8_dot_rows", ty, n, &w[..w_row], x, &mut out[..1]) else {
+            out.fill(0.0);
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        if self.isa >= Isa::Avx2 {
+            // SAFETY: a table above the scalar level is only handed out on a CPU with AVX2,
+            // FMA and F16C (invariant of `Kernels`); `w` is `out.len()` whole rows (asserted
+            // above), `out.len()` a multiple of 8, and `x` one activation row of `n` (checked).
+            unsafe { super::x86_64::avx2::dot_rows_q4_k_r8(n, w, x, out) };
+            return;
+        }
+        let mut plain = vec![0u8; 8 * w_row];
+        for (o, g) in out.chunks_exact_mut(8).zip(w.chunks_exact(8 * w_row)) {
+            super::rows8::deinterleave(g, &mut plain);
+            self.repack_dot_rows(ty, n, &plain, x, o);
+        }
+    }
+
+    /// [`Kernels::q4_k_r8_dot_rows`] for several tokens (`xs`: Q8_K rows of `n` back to
+    /// back), each in the GEMV order: `out[r * stride + t]` = row r · token t, the bits of
+    /// [`Kernels::repack_dot_tiles`]`(.., gemm = false)` on the plain rows.
+    ///
+    /// Panics if the row count is not a multiple of 8 or the lengths do not fit.
+    pub fn q4_k_r8_dot_tokens(
+        &self,
+        n: usize,
+        w: &[u8],
+        xs: &[u8],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let ty = GgmlType::Q4_K;
+        let w_row = ty.row_bytes(n).unwrap_or(0);
+        let x_row = ty.vec_dot_type().row_bytes(n).unwrap_or(0);
+        assert!(
+            w_row > 0 && x_row > 0 && w.len().is_multiple_of(8 * w_row) && xs.len().is_multiple_of(x_row),
+            "q4_k_r8_dot_tokens: {} weight bytes and {} activation bytes are not groups of 8 rows and tokens of {n}",
+            w.len(),
+            xs.len()
+        );
+        let (n_rows, n_tokens) = (w.len() / w_row, xs.len() / x_row);
+        if n_rows == 0 || n_tokens == 0 {
+            return;
+        }
+        assert!(
+            n_tokens <= stride && (n_rows - 1) * stride + n_tokens <= out.len(),
+            "q4_k_r8_dot_tokens: {} outputs for {n_rows} rows of stride {stride} and {n_tokens} tokens",
+            out.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.isa >= Isa::Avx2 {
+            // SAFETY: a table above the scalar level is only handed out on a CPU with AVX2,
+            // FMA and F16C (invariant of `Kernels`); `w` is whole groups of rows of `n`, `xs`
+            // whole tokens, and `out` holds every `r * stride + t` (asserted above).
+            unsafe { super::x86_64::avx2::dot_tokens_q4_k_r8(n, w, xs, out, stride) };
+            return;
+        }
+        let mut col = vec![0.0f32; n_rows];
+        for (t, x) in xs.chunks_exact(x_row).enumerate() {
+            self.q4_k_r8_dot_rows(n, w, x, &mut col);
+            for (r, v) in col.iter().enumerate() {
+                out[r * stride + t] = *v;
+            }
         }
     }
 

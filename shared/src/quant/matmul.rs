@@ -21,6 +21,7 @@ use thiserror::Error;
 use super::dispatch::{
     BlockTokens, Kernels, PreparedTokens, BLOCK_ORDER_MIN_TOKENS, TILED_MIN_TOKENS,
 };
+use super::rows8::GROUP_ROWS;
 use super::GgmlType;
 
 /// Why a weight matrix or a buffer of activation rows was refused.
@@ -34,6 +35,8 @@ pub enum MatmulError {
     },
     #[error("{0} is not a weight type")]
     NotWeightType(GgmlType),
+    #[error("Q4_K_R8: {n_rows} rows are not whole groups of 8 (the layout interleaves 8 rows)")]
+    PartialGroup { n_rows: usize },
     #[error("{0} is not an activation type (F32, F16, BF16, Q8_0, Q8_1, Q8_K)")]
     NotActivationType(GgmlType),
     #[error("{what}: {got} bytes, want {want}")]
@@ -78,7 +81,11 @@ impl<'a> WeightMatrix<'a> {
         n_cols: usize,
         data: &'a [u8],
     ) -> Result<WeightMatrix<'a>, MatmulError> {
-        if !GgmlType::WEIGHT_TYPES.contains(&ty) {
+        if ty == GgmlType::Q4_K_R8 {
+            if !n_rows.is_multiple_of(crate::quant::rows8::GROUP_ROWS) {
+                return Err(MatmulError::PartialGroup { n_rows });
+            }
+        } else if !GgmlType::WEIGHT_TYPES.contains(&ty) {
             return Err(MatmulError::NotWeightType(ty));
         }
         let row_bytes = ty.row_bytes(n_cols).ok_or(MatmulError::PartialBlock {
@@ -120,7 +127,13 @@ impl<'a> WeightMatrix<'a> {
     }
 
     /// Row `r`.
+    ///
+    /// Panics for [`GgmlType::Q4_K_R8`], whose rows are interleaved in groups of 8.
     pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(
+            self.ty != GgmlType::Q4_K_R8,
+            "weight matrix Q4_K_R8: rows are interleaved in groups of 8"
+        );
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
@@ -368,6 +381,12 @@ fn validate_row(ty: GgmlType, token: usize, row: &[u8]) -> Result<(), MatmulErro
 /// every thread to get several tasks): large enough that rayon's per-task cost is noise.
 const TASK_BYTES: usize = 256 * 1024;
 
+thread_local! {
+    /// A task's rows of a Q4_K_R8 matrix de-interleaved, kept between tasks (a fresh
+    /// allocation of this size is a fresh mapping, page faults included).
+    static PLAIN_ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Tokens whose activation rows are multiplied with a chunk of weight rows before moving on
 /// to the next group: the group's rows stay in L2 while the chunk's weights are reused.
 const TOKEN_GROUP: usize = 32;
@@ -494,6 +513,13 @@ fn matmul_rows_in(
         "matmul: activations of {} columns for a matrix of {}",
         x.n_cols, w.n_cols
     );
+    // Q4_K_R8 is Q4_K in whole groups of 8 rows: the kernels below read it as Q4_K (one
+    // token through its own kernel, batches through the Q4_K kernels after de-interleaving).
+    let r8 = w.ty == GgmlType::Q4_K_R8;
+    assert!(
+        !r8 || (rows.start.is_multiple_of(GROUP_ROWS) && rows.end.is_multiple_of(GROUP_ROWS)),
+        "matmul: rows {rows:?} of a Q4_K_R8 matrix are not whole groups of 8"
+    );
     let n_rows = rows.len();
     let n_tokens = x.n_tokens;
     assert_eq!(
@@ -511,8 +537,12 @@ fn matmul_rows_in(
         return;
     }
     let weights = &w.data[rows.start * row_bytes..rows.end * row_bytes];
-    let rows_per_task = rows_per_task(n_rows, row_bytes);
-    let (ty, n) = (w.ty, w.n_cols);
+    let mut rows_per_task = rows_per_task(n_rows, row_bytes);
+    if r8 {
+        rows_per_task = rows_per_task.next_multiple_of(GROUP_ROWS);
+    }
+    let ty = if r8 { GgmlType::Q4_K } else { w.ty };
+    let n = w.n_cols;
     let x_row = x.row_bytes();
     // ggml's CPU_REPACK takes Q4_K matrices whose row count (per expert) is a multiple of 8.
     let repacked = may_repack && ty == GgmlType::Q4_K && w.n_rows.is_multiple_of(8);
@@ -577,8 +607,11 @@ fn matmul_rows_in(
         Vec::new()
     };
 
-    // One task: weight rows `chunk` into `dst`, laid out row-major (`dst[r * n_tokens + t]`).
-    let task = |chunk: &[u8], dst: &mut [f32]| {
+    // Whether every token takes CPU_REPACK's GEMV order (MUL_MAT_ID, or runs under 4 tokens).
+    let all_gemv = !gemm || groups.iter().all(|&(_, _, len)| len < 4);
+    // The task on plain rows: weight rows `chunk` into `dst`, laid out row-major
+    // (`dst[r * n_tokens + t]`).
+    let plain_task = |chunk: &[u8], dst: &mut [f32]| {
         if n_tokens == 1 {
             // One token takes vec_dot's order (CPU_REPACK's GEMV order for a repacked
             // weight) whatever the call: rows go through the kernels several at a time.
@@ -673,6 +706,36 @@ fn matmul_rows_in(
                 }
                 t0 = t1;
             }
+        }
+    };
+
+    // One task: a Q4_K_R8 matrix's rows through its own kernels, or de-interleaved.
+    let task = |chunk: &[u8], dst: &mut [f32]| {
+        if r8 && n_tokens == 1 && repacked {
+            kernels.q4_k_r8_dot_rows(n, chunk, &x.data, dst);
+            return;
+        }
+        // GEMV order for every token: the interleaved kernel one token at a time, each group
+        // of rows staying in L1 (as fast as the Q4_K tiles kernel at 8 tokens,
+        // `kernel_rate/Q4_K_R8/8tok_expert`, and no de-interleaving).
+        if r8 && repacked && all_gemv {
+            kernels.q4_k_r8_dot_tokens(n, chunk, &x.data, dst, n_tokens);
+            return;
+        }
+        // Any other use of interleaved rows reads them as the plain Q4_K rows they hold: the
+        // same bytes, so the same results as the unconverted file.
+        if r8 {
+            PLAIN_ROWS.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.resize(chunk.len(), 0);
+                let group = GROUP_ROWS * row_bytes;
+                for (g, p) in chunk.chunks_exact(group).zip(buf.chunks_exact_mut(group)) {
+                    crate::quant::rows8::deinterleave(g, p);
+                }
+                plain_task(&buf, dst);
+            });
+        } else {
+            plain_task(chunk, dst);
         }
     };
 

@@ -10,6 +10,7 @@ pub mod blocks;
 pub mod dispatch;
 pub mod matmul;
 pub mod reference;
+pub mod rows8;
 #[cfg(test)]
 mod simd_tests;
 #[cfg(target_arch = "x86_64")]
@@ -42,11 +43,20 @@ pub enum GgmlType {
     Q6_K,
     Q8_K,
     BF16,
+    /// Q4_K with its rows interleaved eight at a time ([`rows8`]): moeshard's own layout,
+    /// written by `moeshard convert --repack`, under a type id outside ggml's range so that
+    /// ggml-based readers refuse it rather than misread it. A matrix of it is only ever
+    /// multiplied (never read a row at a time), with a multiple of 8 rows.
+    Q4_K_R8,
 }
+
+/// The type id of [`GgmlType::Q4_K_R8`] in a GGUF file: moeshard's own, far above ggml's
+/// ids (below 64 today) and ik_llama.cpp's interleaved types (from 200).
+pub const Q4_K_R8_ID: u32 = 0x4d53_0c08;
 
 impl GgmlType {
     /// Every type, in id order.
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 16] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -62,6 +72,7 @@ impl GgmlType {
         GgmlType::Q6_K,
         GgmlType::Q8_K,
         GgmlType::BF16,
+        GgmlType::Q4_K_R8,
     ];
 
     /// The types a weight tensor may have (the activation-only Q8_1 and Q8_K are not among them).
@@ -99,6 +110,7 @@ impl GgmlType {
             GgmlType::Q6_K => 14,
             GgmlType::Q8_K => 15,
             GgmlType::BF16 => 30,
+            GgmlType::Q4_K_R8 => Q4_K_R8_ID,
         }
     }
 
@@ -120,6 +132,7 @@ impl GgmlType {
             14 => GgmlType::Q6_K,
             15 => GgmlType::Q8_K,
             30 => GgmlType::BF16,
+            Q4_K_R8_ID => GgmlType::Q4_K_R8,
             _ => return None,
         })
     }
@@ -171,6 +184,7 @@ impl GgmlType {
             GgmlType::Q6_K => "Q6_K",
             GgmlType::Q8_K => "Q8_K",
             GgmlType::BF16 => "BF16",
+            GgmlType::Q4_K_R8 => "Q4_K_R8",
         }
     }
 
@@ -194,6 +208,7 @@ impl GgmlType {
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
+            | GgmlType::Q4_K_R8
             | GgmlType::Q5_K
             | GgmlType::Q6_K
             | GgmlType::Q8_K => QK_K,
@@ -213,7 +228,7 @@ impl GgmlType {
             GgmlType::Q8_1 => 36,
             GgmlType::Q2_K => 84,
             GgmlType::Q3_K => 110,
-            GgmlType::Q4_K => 144,
+            GgmlType::Q4_K | GgmlType::Q4_K_R8 => 144,
             GgmlType::Q5_K => 176,
             GgmlType::Q6_K => 210,
             GgmlType::Q8_K => 292,
@@ -246,6 +261,7 @@ impl GgmlType {
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
+            | GgmlType::Q4_K_R8
             | GgmlType::Q5_K
             | GgmlType::Q6_K
             | GgmlType::Q8_K => GgmlType::Q8_K,

@@ -566,6 +566,93 @@ proptest! {
         check_rows(GgmlType::Q4_K, n_blocks, n_rows, seed, true)?;
     }
 
+    /// Groups of eight interleaved Q4_K rows (the `Q4_K_R8` layout a converted file holds)
+    /// give the plain rows' CPU_REPACK GEMV results bit for bit, at every level.
+    #[test]
+    fn q4_k_r8_rows_equal_repack_gemv(
+        n_blocks in 1usize..=12,
+        groups in 1usize..=3,
+        seed in any::<u64>(),
+    ) {
+        let ty = GgmlType::Q4_K;
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let n = n_blocks * ty.block_elems();
+        let n_rows = 8 * groups;
+        let plain: Vec<u8> = (0..n_rows)
+            .flat_map(|_| random_weights(&mut rng, ty, n))
+            .collect();
+        let x = random_activations(&mut rng, ty, n, 1);
+        let mut interleaved = plain.clone();
+        super::rows8::interleave_matrix(&mut interleaved, ty.row_bytes(n).unwrap());
+        for kernels in Kernels::supported() {
+            let mut want = vec![f32::NAN; n_rows];
+            kernels.repack_dot_rows(ty, n, &plain, &x, &mut want);
+            let mut got = vec![f32::NAN; n_rows];
+            kernels.q4_k_r8_dot_rows(n, &interleaved, &x, &mut got);
+            for r in 0..n_rows {
+                prop_assert_eq!(
+                    got[r].to_bits(),
+                    want[r].to_bits(),
+                    "{}: row {} of {}: {} vs {}",
+                    kernels.isa(),
+                    r,
+                    n_rows,
+                    got[r],
+                    want[r]
+                );
+            }
+        }
+    }
+
+    /// A Q4_K_R8 matrix (the plain matrix interleaved) gives the plain matrix's products bit
+    /// for bit through every matmul entry point, for one token and for batches, and for
+    /// row ranges of whole groups.
+    #[test]
+    fn q4_k_r8_matmul_equals_q4_k(
+        n_blocks in 1usize..=6,
+        groups in 1usize..=40,
+        n_tokens in 1usize..=19,
+        first_group in 0usize..=2,
+        seed in any::<u64>(),
+    ) {
+        let ty = GgmlType::Q4_K;
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let n = n_blocks * ty.block_elems();
+        let n_rows = 8 * groups;
+        let plain: Vec<u8> = (0..n_rows)
+            .flat_map(|_| random_weights(&mut rng, ty, n))
+            .collect();
+        let mut interleaved = plain.clone();
+        super::rows8::interleave_matrix(&mut interleaved, ty.row_bytes(n).unwrap());
+        let x = random_activations(&mut rng, ty, n, n_tokens);
+        let act = Activations::from_bytes(GgmlType::Q8_K, n, n_tokens, x).unwrap();
+        let w = WeightMatrix::new(ty, n_rows, n, &plain).unwrap();
+        let w8 = WeightMatrix::new(GgmlType::Q4_K_R8, n_rows, n, &interleaved).unwrap();
+        let rows = 8 * first_group.min(groups - 1)..n_rows;
+        type Entry = fn(&Kernels, &WeightMatrix<'_>, &Activations, &mut [f32]);
+        let entries: [(&str, Entry); 3] = [
+            ("matmul", matmul),
+            ("matmul_vec_dot", matmul_vec_dot),
+            ("matmul_unrepacked", matmul_unrepacked),
+        ];
+        for kernels in Kernels::supported() {
+            for (name, f) in entries {
+                let mut want = vec![f32::NAN; n_rows * n_tokens];
+                let mut got = vec![f32::NAN; n_rows * n_tokens];
+                f(kernels, &w, &act, &mut want);
+                f(kernels, &w8, &act, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&got), bits(&want), "{} {}", kernels.isa(), name);
+            }
+            let mut want = vec![f32::NAN; rows.len() * n_tokens];
+            let mut got = vec![f32::NAN; rows.len() * n_tokens];
+            matmul_rows(kernels, &w, rows.clone(), &act, &mut want);
+            matmul_rows(kernels, &w8, rows.clone(), &act, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got), bits(&want), "{} matmul_rows {:?}", kernels.isa(), rows);
+        }
+    }
+
     /// Q4_K rows × tokens in CPU_REPACK's GEMV and GEMM orders, in tiles, give each pair's
     /// `repack_dot_batch` bit for bit, for row and token counts around the tile shapes.
     #[test]

@@ -64,6 +64,7 @@ impl KernelRates {
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
+            | GgmlType::Q4_K_R8
             | GgmlType::Q5_K
             | GgmlType::Q6_K
             | GgmlType::Q8_K => self.k_quant_gbs,

@@ -33,6 +33,9 @@ pub(super) fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
         GgmlType::Q8_0 => each_block(src, dst, q8_0_block),
         GgmlType::Q8_1 => each_block(src, dst, q8_1_block),
         GgmlType::Q8_K => each_block(src, dst, q8_k_block),
+        GgmlType::Q4_K_R8 => {
+            panic!("quantize: Q4_K_R8 interleaves whole groups of 8 rows; it has no one-row form")
+        }
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0

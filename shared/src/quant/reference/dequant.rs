@@ -44,6 +44,9 @@ pub(super) fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::Q5_K => each_block(src, dst, q5_k),
         GgmlType::Q6_K => each_block(src, dst, q6_k),
         GgmlType::Q8_K => each_block(src, dst, q8_k),
+        GgmlType::Q4_K_R8 => {
+            panic!("dequantize: Q4_K_R8 interleaves whole groups of 8 rows; it has no one-row form")
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub(super) fn vec_dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
         GgmlType::Q4_K => q4_k_q8_k(w, x),
         GgmlType::Q5_K => q5_k_q8_k(w, x),
         GgmlType::Q6_K => q6_k_q8_k(w, x),
+        GgmlType::Q4_K_R8 => {
+            panic!("vec_dot: Q4_K_R8 interleaves whole groups of 8 rows; it has no one-row form")
+        }
         GgmlType::Q8_1 | GgmlType::Q8_K => {
             panic!("vec_dot: {ty} is an activation-only type; ggml has no dot product for it")
         }

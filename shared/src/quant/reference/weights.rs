@@ -24,6 +24,9 @@ pub(super) fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
         // The float types and Q8_K convert the same way for weights and activations.
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => super::activation::quantize(ty, src, dst),
         GgmlType::Q8_K => each_block(src, dst, q8_k_block),
+        GgmlType::Q4_K_R8 => panic!(
+            "quantize_weights: Q4_K_R8 interleaves whole groups of 8 rows; it has no one-row form"
+        ),
         GgmlType::Q4_0 => each_block(src, dst, q4_0),
         GgmlType::Q4_1 => each_block(src, dst, q4_1),
         GgmlType::Q5_0 => each_block(src, dst, q5_0),

@@ -1601,6 +1601,161 @@ pub(crate) fn dot_rows_q4_k_repack(n: usize, w: &[u8], x: &[u8], out: &mut [f32]
     }
 }
 
+/// Groups of eight interleaved Q4_K rows ([`crate::quant::rows8`]) · one Q8_K activation
+/// row in CPU_REPACK's GEMV order: `out[r]` is the bits of [`dot_q4_k_repack`] of the group's
+/// row `r % 8` de-interleaved. Each 32-bit lane carries one row from the loads to the result,
+/// so a sub-block's eight steps add their `maddubs` pairs as i16 (at most 8 · 2 · 15 · 128 =
+/// 30720, no overflow) and take one `madd` by the eight rows' scales, and the scales and mins
+/// of the eight rows unpack together. Lengths are checked by `dispatch`: `out.len()` is a
+/// multiple of 8 and `w` is `out.len() / 8` groups of `n` columns.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_rows_q4_k_r8(n: usize, w: &[u8], x: &[u8], out: &mut [f32]) {
+    use crate::quant::rows8::GROUP_BLOCK_BYTES;
+    let group_bytes = n / 256 * GROUP_BLOCK_BYTES;
+    if group_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, g) in out.chunks_exact_mut(8).zip(w.chunks_exact(group_bytes)) {
+        let o: &mut [f32; 8] = o.try_into().expect("chunks of 8");
+        store8(o, q4_k_r8_group(g, x));
+    }
+}
+
+/// [`dot_rows_q4_k_r8`] for several tokens (`xs`, Q8_K rows back to back), each in the GEMV
+/// order: `out[r * stride + t]` = row r · token t. A group's blocks (9 KiB for 2048 columns)
+/// stay in L1 while every token goes over them. Lengths are checked by `dispatch`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_tokens_q4_k_r8(n: usize, w: &[u8], xs: &[u8], out: &mut [f32], stride: usize) {
+    use crate::quant::rows8::GROUP_BLOCK_BYTES;
+    let group_bytes = n / 256 * GROUP_BLOCK_BYTES;
+    let x_row = n / 256 * Q8_K_BYTES;
+    if group_bytes == 0 || x_row == 0 {
+        return;
+    }
+    for (gi, g) in w.chunks_exact(group_bytes).enumerate() {
+        for (t, x) in xs.chunks_exact(x_row).enumerate() {
+            let mut lanes = [0.0f32; 8];
+            store8(&mut lanes, q4_k_r8_group(g, x));
+            for (r, v) in lanes.into_iter().enumerate() {
+                out[(8 * gi + r) * stride + t] = v;
+            }
+        }
+    }
+}
+
+/// Byte `k` of every 32-bit lane into both i16 halves of the lane (`0x80`: zero).
+const fn lane_byte_pairs(k: u8) -> [u8; 32] {
+    let mut c = [0u8; 32];
+    let mut i = 0;
+    while i < 8 {
+        let b = 4 * (i as u8 % 4) + k;
+        c[4 * i] = b;
+        c[4 * i + 1] = 0x80;
+        c[4 * i + 2] = b;
+        c[4 * i + 3] = 0x80;
+        i += 1;
+    }
+    c
+}
+
+/// Bytes `k` and `k + 1` of every 32-bit lane as the lane's two i16.
+const fn lane_byte_couple(k: u8) -> [u8; 32] {
+    let mut c = [0u8; 32];
+    let mut i = 0;
+    while i < 8 {
+        let b = 4 * (i as u8 % 4) + k;
+        c[4 * i] = b;
+        c[4 * i + 1] = 0x80;
+        c[4 * i + 2] = b + 1;
+        c[4 * i + 3] = 0x80;
+        i += 1;
+    }
+    c
+}
+
+/// Sub-block `s % 4`'s scale of each row as an i16 pair (`LANE_BYTE[s % 4]`).
+const LANE_BYTE: [[u8; 32]; 4] = [
+    lane_byte_pairs(0),
+    lane_byte_pairs(1),
+    lane_byte_pairs(2),
+    lane_byte_pairs(3),
+];
+/// The mins of sub-blocks 2p, 2p + 1 (`p % 2`) of each row as its two i16.
+const LANE_COUPLE: [[u8; 32]; 2] = [lane_byte_couple(0), lane_byte_couple(2)];
+
+/// One group of eight interleaved Q4_K rows · one Q8_K token: lane r = row r's result.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_r8_group(g: &[u8], x: &[u8]) -> __m256 {
+    use crate::quant::rows8::{DMIN_AT, D_AT, GROUP_BLOCK_BYTES, QS_AT, SCALES_AT};
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (m6, m2) = (_mm256_set1_epi8(0x3F), _mm256_set1_epi8(0x03));
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
+    for (b, xb) in g
+        .chunks_exact(GROUP_BLOCK_BYTES)
+        .zip(x.chunks_exact(Q8_K_BYTES))
+    {
+        prefetch_lines::<18>(b, 0);
+        let xd = _mm256_set1_ps(f32_at(xb, 0));
+        // Lane r: row r's scale bytes (sub-blocks 0..4 and 4..8) and min bytes, as
+        // `k4_scales_mins` unpacks one row.
+        let (a0, a1, a2) = (
+            ld(b, SCALES_AT),
+            ld(b, SCALES_AT + 32),
+            ld(b, SCALES_AT + 64),
+        );
+        let top =
+            |a: __m256i| _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(a), m2));
+        let sc = [
+            _mm256_and_si256(a0, m6),
+            _mm256_or_si256(_mm256_and_si256(a2, m4), top(a0)),
+        ];
+        let mn = [
+            _mm256_and_si256(a1, m6),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32::<4>(a2), m4), top(a1)),
+        ];
+        let mut sum = _mm256_setzero_si256();
+        for c in 0..4 {
+            let mut lo = _mm256_setzero_si256();
+            let mut hi = _mm256_setzero_si256();
+            for j in 0..8 {
+                let q = ld(b, QS_AT + 32 * (8 * c + j));
+                let x_lo = _mm256_set1_epi32(u32_at(xb, Q8_K_QS + 64 * c + 4 * j) as i32);
+                let x_hi = _mm256_set1_epi32(u32_at(xb, Q8_K_QS + 64 * c + 32 + 4 * j) as i32);
+                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(q, m4), x_lo));
+                let q_hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(q_hi, x_hi));
+            }
+            // Sub-blocks 2c and 2c + 1: bytes (2c) % 4 and (2c + 1) % 4 of word c / 2.
+            let s = sc[c / 2];
+            let sc_lo = _mm256_shuffle_epi8(s, cv(&LANE_BYTE[(2 * c) % 4]));
+            let sc_hi = _mm256_shuffle_epi8(s, cv(&LANE_BYTE[(2 * c + 1) % 4]));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(lo, sc_lo));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(hi, sc_hi));
+        }
+        // Σ min · (sum of the sub-block's 32 quants), the bsums paired per sub-block.
+        let q8s = _mm_hadd_epi16(ld128(xb, Q8_K_BSUMS), ld128(xb, Q8_K_BSUMS + 16));
+        let mut m = _mm256_setzero_si256();
+        for p in 0..4 {
+            let mins = _mm256_shuffle_epi8(mn[p / 2], cv(&LANE_COUPLE[p % 2]));
+            let pair = _mm256_broadcastd_epi32(match p {
+                0 => q8s,
+                1 => _mm_srli_si128::<4>(q8s),
+                2 => _mm_srli_si128::<8>(q8s),
+                _ => _mm_srli_si128::<12>(q8s),
+            });
+            m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, pair));
+        }
+        let d = _mm256_cvtph_ps(ld128(b, D_AT));
+        let dmin = _mm256_cvtph_ps(ld128(b, DMIN_AT));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, xd), acc);
+        acc_m = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, xd), acc_m);
+    }
+    _mm256_sub_ps(acc, acc_m)
+}
+
 /// Eight Q4_K rows · one Q8_K activation row in CPU_REPACK's GEMV order: as
 /// [`q4_k_repack_rows4`], but each super-block's reduction (`reduce8`: lane r = row r) and
 /// float steps serve eight rows, the token's bsums are paired once per block for all rows,
