@@ -101,24 +101,32 @@ def cmd_report(args):
         rows = [r for r in recs if r["model"] == model and r["threads"] == threads]
         lc = [r for r in rows if r["engine"] == "llama.cpp"]
         ms = [r for r in rows if r["engine"] == "moeshard"]
+        r8 = [r for r in rows if r["engine"] == "moeshard-r8"]
         lc_ok = [r["result"] for r in lc if r["ok"]]
         ms_ok = [r["result"] for r in ms if r["ok"]]
+        r8_ok = [r["result"] for r in r8 if r["ok"]]
+        engines = [("llama.cpp", lc_ok), ("moeshard", ms_ok)]
+        if r8:
+            # The same model converted by `moeshard convert --repack` (Q4_K_R8), same bytes.
+            engines.append(("moeshard Q4_K_R8", r8_ok))
         print()
         print(f"## {os.path.basename(model)}, {threads} thread(s)  "
               f"(llama.cpp {len(lc_ok)}/{len(lc)} runs ok, moeshard {len(ms_ok)}/{len(ms)})")
         col = {}
-        for name, res in (("llama.cpp", lc_ok), ("moeshard", ms_ok)):
+        for name, res in engines:
             pp = [x["prompt_tps"] for x in res if "prompt_tps" in x]
             tg = [x["decode_tps"] for x in res if "decode_tps" in x]
             col[name] = (median(pp), min(pp) if pp else None, median(tg), min(tg) if tg else None)
         print(f"| {'engine':<18} | {'prompt tok/s':>20} | {'decode tok/s':>20} |")
         print(f"|{'-' * 20}|{'-' * 22}|{'-' * 22}|")
-        for name in ("llama.cpp", "moeshard"):
+        for name, _ in engines:
             pmed, pmin, dmed, dmin = col[name]
             print(f"| {name:<18} | {fmt(pmed):>10} [{fmt(pmin):>7}] | {fmt(dmed):>10} [{fmt(dmin):>7}] |")
-        pr = ratio(col["moeshard"][0], col["llama.cpp"][0])
-        dr = ratio(col["moeshard"][2], col["llama.cpp"][2])
-        print(f"| {'moeshard/llama.cpp':<18} | {fmt(pr, '.2f') + ('x' if pr else ''):>20} | {fmt(dr, '.2f') + ('x' if dr else ''):>20} |")
+        for name, _ in engines[1:]:
+            pr = ratio(col[name][0], col["llama.cpp"][0])
+            dr = ratio(col[name][2], col["llama.cpp"][2])
+            label = f"{name}/llama.cpp".replace("moeshard Q4_K_R8", "R8")
+            print(f"| {label:<18} | {fmt(pr, '.2f') + ('x' if pr else ''):>20} | {fmt(dr, '.2f') + ('x' if dr else ''):>20} |")
         if ms_ok:
             bw = median([x["bandwidth_gbs"] for x in ms_ok if "bandwidth_gbs" in x])
             bound = median([x["bound_tps"] for x in ms_ok if "bound_tps" in x])
@@ -130,7 +138,12 @@ def cmd_report(args):
                   f"bound {fmt(bound)} tok/s; decode at {fmt(ms_frac * 100 if ms_frac else None, '.0f')}% "
                   f"of the bound (llama.cpp {fmt(lc_frac * 100 if lc_frac else None, '.0f')}%); "
                   f"peak RSS {fmt(rss / 2**20 if rss else None, '.0f')} MiB")
-        errors = sorted({r["error"] for r in lc + ms if not r["ok"]})
+        if r8_ok:
+            frac = ratio(col["moeshard Q4_K_R8"][2], bound if ms_ok else None)
+            rss = max((x["peak_rss_bytes"] for x in r8_ok if "peak_rss_bytes" in x), default=None)
+            print(f"moeshard Q4_K_R8: decode at {fmt(frac * 100 if frac else None, '.0f')}% of the bound; "
+                  f"peak RSS {fmt(rss / 2**20 if rss else None, '.0f')} MiB")
+        errors = sorted({r["error"] for r in lc + ms + r8 if not r["ok"]})
         for e in errors:
             print("llama.cpp could not run this file:" if any(r.get("error") == e for r in lc) else "error:")
             for ln in e.splitlines():

@@ -242,8 +242,39 @@ mod kernels {
                     });
                 }
             }
+            if ty == GgmlType::Q4_K_R8 {
+                // What a GEMM-order batch pays first: the rows back to plain Q4_K (vector
+                // transposes, and the scalar definition for comparison).
+                let mut plain = vec![0u8; data.len()];
+                let rows8 = 8 * row_bytes;
+                for (name, simd) in [("deinterleave", true), ("deinterleave_scalar", false)] {
+                    let id = format!("kernel_rate/{ty}/{name}");
+                    group_bench(&mut group, name, &id, bytes, || {
+                        for (g, p) in data.chunks_exact(rows8).zip(plain.chunks_exact_mut(rows8)) {
+                            if simd {
+                                kernels.q4_k_r8_deinterleave(g, p);
+                            } else {
+                                shared::quant::rows8::deinterleave(g, p);
+                            }
+                        }
+                    });
+                }
+            }
             group.finish();
         }
+    }
+
+    /// One timed benchmark of `f` on the calling thread.
+    fn group_bench(
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        id: &str,
+        bytes: u64,
+        mut f: impl FnMut(),
+    ) {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| timed(id, bytes, iters, &mut f))
+        });
     }
 
     pub(super) fn bench(c: &mut Criterion, pools: &[(String, ThreadPool)], types: &[GgmlType]) {

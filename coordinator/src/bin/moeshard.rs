@@ -168,7 +168,7 @@ enum Command {
     /// Write one GGUF per node holding only that node's slices of a model (see docs/placement.md)
     Split(SplitArgs),
     /// Write a copy of a model with its Q4_K matrices interleaved by eight rows (Q4_K_R8), which
-    /// the one-token kernel reads zero-copy and faster; same results (docs/performance.md)
+    /// the one-token kernel reads zero-copy and faster; same results (README: Useful knobs)
     Convert {
         /// The model (GGUF; for a split model, its first part)
         #[arg(long, short = 'm')]

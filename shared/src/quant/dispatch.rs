@@ -697,6 +697,28 @@ impl Kernels {
         }
     }
 
+    /// [`super::rows8::deinterleave`]: a group of eight interleaved Q4_K rows back to the
+    /// plain rows, byte for byte (with 32-byte transposes above the scalar level).
+    ///
+    /// Panics as [`super::rows8::deinterleave`] does.
+    pub fn q4_k_r8_deinterleave(&self, group: &[u8], out: &mut [u8]) {
+        let block = super::rows8::GROUP_BLOCK_BYTES;
+        assert!(
+            group.len() == out.len() && group.len().is_multiple_of(block),
+            "q4_k_r8_deinterleave: {} bytes into {} are not a group of whole Q4_K super-blocks",
+            group.len(),
+            out.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.isa >= Isa::Avx2 {
+            // SAFETY: a table above the scalar level is only handed out on a CPU with AVX2
+            // (invariant of `Kernels`); the lengths are whole group blocks (asserted above).
+            unsafe { super::x86_64::avx2::deinterleave_q4_k_r8(group, out) };
+            return;
+        }
+        super::rows8::deinterleave(group, out);
+    }
+
     /// [`Kernels::q4_k_r8_dot_rows`] for several tokens (`xs`: Q8_K rows of `n` back to
     /// back), each in the GEMV order: `out[r * stride + t]` = row r · token t, the bits of
     /// [`Kernels::repack_dot_tiles`]`(.., gemm = false)` on the plain rows.

@@ -730,7 +730,7 @@ fn matmul_rows_in(
                 buf.resize(chunk.len(), 0);
                 let group = GROUP_ROWS * row_bytes;
                 for (g, p) in chunk.chunks_exact(group).zip(buf.chunks_exact_mut(group)) {
-                    crate::quant::rows8::deinterleave(g, p);
+                    kernels.q4_k_r8_deinterleave(g, p);
                 }
                 plain_task(&buf, dst);
             });

@@ -604,6 +604,22 @@ proptest! {
         }
     }
 
+    /// The vector de-interleaving gives the scalar one's bytes, at every level.
+    #[test]
+    fn q4_k_r8_deinterleave_equals_scalar(n_blocks in 1usize..=5, seed in any::<u64>()) {
+        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+        let group: Vec<u8> = (0..n_blocks * super::rows8::GROUP_BLOCK_BYTES)
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let mut want = vec![0u8; group.len()];
+        super::rows8::deinterleave(&group, &mut want);
+        for kernels in Kernels::supported() {
+            let mut got = vec![0u8; group.len()];
+            kernels.q4_k_r8_deinterleave(&group, &mut got);
+            prop_assert!(got == want, "{}", kernels.isa());
+        }
+    }
+
     /// A Q4_K_R8 matrix (the plain matrix interleaved) gives the plain matrix's products bit
     /// for bit through every matmul entry point, for one token and for batches, and for
     /// row ranges of whole groups.

@@ -66,6 +66,15 @@ fn st(bytes: &mut [u8], at: usize, v: __m256i) {
     unsafe { _mm256_storeu_si256(chunk.as_mut_ptr().cast(), v) }
 }
 
+/// Stores 16 bytes at `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn st128(bytes: &mut [u8], at: usize, v: __m128i) {
+    let chunk = &mut bytes[at..at + 16];
+    // SAFETY: `chunk` is 16 writable bytes and `storeu` has no alignment requirement.
+    unsafe { _mm_storeu_si128(chunk.as_mut_ptr().cast(), v) }
+}
+
 /// Loads 8 f32 starting at element `at`.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -1642,6 +1651,91 @@ pub(crate) fn dot_tokens_q4_k_r8(n: usize, w: &[u8], xs: &[u8], out: &mut [f32],
             }
         }
     }
+}
+
+/// [`crate::quant::rows8::deinterleave`] with 32-byte moves: each row's 4-byte words are
+/// columns of 8 × 8 word matrices (a 32-byte load holds one word of each row), so a block
+/// takes one 8 × 4 and four 8 × 8 transposes. Byte-identical to the scalar version (tested);
+/// lengths as there (checked by `dispatch`).
+#[target_feature(enable = "avx2")]
+pub(crate) fn deinterleave_q4_k_r8(group: &[u8], out: &mut [u8]) {
+    use crate::quant::rows8::{
+        DMIN_AT, D_AT, GROUP_BLOCK_BYTES, QS_AT, SCALES_AT, SUPER_BLOCK_BYTES,
+    };
+    let rb = group.len() / 8;
+    for (i, g) in group.chunks_exact(GROUP_BLOCK_BYTES).enumerate() {
+        let at = |r: usize| r * rb + i * SUPER_BLOCK_BYTES;
+        // Words 0..4 of each row: (d, dmin), a0, a1, a2.
+        let (d, dmin) = (ld128(g, D_AT), ld128(g, DMIN_AT));
+        let dd = _mm256_set_m128i(_mm_unpackhi_epi16(d, dmin), _mm_unpacklo_epi16(d, dmin));
+        // `dd` holds rows 0..4 in its low half and 4..8 in its high half; the scale words
+        // hold rows 0..8 in order: permute them to the same (0, 1, 2, 3 | 4, 5, 6, 7) halves.
+        let (a0, a1, a2) = (
+            ld(g, SCALES_AT),
+            ld(g, SCALES_AT + 32),
+            ld(g, SCALES_AT + 64),
+        );
+        let lo01 = _mm256_unpacklo_epi32(dd, a0);
+        let hi01 = _mm256_unpackhi_epi32(dd, a0);
+        let lo23 = _mm256_unpacklo_epi32(a1, a2);
+        let hi23 = _mm256_unpackhi_epi32(a1, a2);
+        // Row r (of each half): words (dd, a0, a1, a2) as one 128-bit lane.
+        let heads = [
+            _mm256_unpacklo_epi64(lo01, lo23), // rows 0 | 4
+            _mm256_unpackhi_epi64(lo01, lo23), // rows 1 | 5
+            _mm256_unpacklo_epi64(hi01, hi23), // rows 2 | 6
+            _mm256_unpackhi_epi64(hi01, hi23), // rows 3 | 7
+        ];
+        for (k, h) in heads.iter().enumerate() {
+            st128(out, at(k), _mm256_castsi256_si128(*h));
+            st128(out, at(k + 4), _mm256_extracti128_si256::<1>(*h));
+        }
+        // Quants: words 8j..8j + 8 of every row from 8 loads.
+        for j in 0..4 {
+            let v: [__m256i; 8] = std::array::from_fn(|k| ld(g, QS_AT + 32 * (8 * j + k)));
+            let t = transpose8x8_epi32(v);
+            for (r, row) in t.iter().enumerate() {
+                st(out, at(r) + 16 + 32 * j, *row);
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 × 8 matrix of 32-bit words (`v[k]` lane r → result r lane k).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8x8_epi32(v: [__m256i; 8]) -> [__m256i; 8] {
+    let a = [
+        _mm256_unpacklo_epi32(v[0], v[1]),
+        _mm256_unpackhi_epi32(v[0], v[1]),
+        _mm256_unpacklo_epi32(v[2], v[3]),
+        _mm256_unpackhi_epi32(v[2], v[3]),
+        _mm256_unpacklo_epi32(v[4], v[5]),
+        _mm256_unpackhi_epi32(v[4], v[5]),
+        _mm256_unpacklo_epi32(v[6], v[7]),
+        _mm256_unpackhi_epi32(v[6], v[7]),
+    ];
+    // b[0]: rows 0 | 4 of columns 0..4; b[1]: rows 1 | 5; ... (columns 4..8 in b[4..8]).
+    let b = [
+        _mm256_unpacklo_epi64(a[0], a[2]),
+        _mm256_unpackhi_epi64(a[0], a[2]),
+        _mm256_unpacklo_epi64(a[1], a[3]),
+        _mm256_unpackhi_epi64(a[1], a[3]),
+        _mm256_unpacklo_epi64(a[4], a[6]),
+        _mm256_unpackhi_epi64(a[4], a[6]),
+        _mm256_unpacklo_epi64(a[5], a[7]),
+        _mm256_unpackhi_epi64(a[5], a[7]),
+    ];
+    [
+        _mm256_permute2x128_si256::<0x20>(b[0], b[4]),
+        _mm256_permute2x128_si256::<0x20>(b[1], b[5]),
+        _mm256_permute2x128_si256::<0x20>(b[2], b[6]),
+        _mm256_permute2x128_si256::<0x20>(b[3], b[7]),
+        _mm256_permute2x128_si256::<0x31>(b[0], b[4]),
+        _mm256_permute2x128_si256::<0x31>(b[1], b[5]),
+        _mm256_permute2x128_si256::<0x31>(b[2], b[6]),
+        _mm256_permute2x128_si256::<0x31>(b[3], b[7]),
+    ]
 }
 
 /// Byte `k` of every 32-bit lane into both i16 halves of the lane (`0x80`: zero).
