@@ -127,13 +127,115 @@ pub fn hsum8(l: &[f32; 8]) -> f32 {
     (t[0] + t[2]) + (t[1] + t[3])
 }
 
+/// Softmax of one row in place as `ggml_soft_max` computes it: `e^(x - max)`
+/// with the vector `expf` over groups of 8 (the sum accumulated per group in
+/// f64), libm for the tail unless `padded` (a row ggml pads with masked
+/// entries to a multiple of 8, so every real entry takes the vector path), then
+/// a multiply by the f32 reciprocal of the sum. With AVX2 the groups of 8 go
+/// through [`expf`] in the lanes of one vector (the same operations: same bits).
+pub fn softmax_in_place(row: &mut [f32], padded: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { softmax_avx2(row, padded) };
+    }
+    softmax_fma_dispatch(row, padded)
+}
+
 crate::fma_dispatch! {
-    /// Softmax of one row in place as `ggml_soft_max` computes it: `e^(x - max)`
-    /// with the vector `expf` over groups of 8 (the sum accumulated per group in
-    /// f64), libm for the tail unless `padded` (a row ggml pads with masked
-    /// entries to a multiple of 8, so every real entry takes the vector path), then
-    /// a multiply by the f32 reciprocal of the sum.
-    pub fn softmax_in_place(row: &mut [f32], padded: bool) => softmax_impl, softmax_fma
+    /// [`softmax_in_place`] one lane at a time (the definition).
+    pub fn softmax_fma_dispatch(row: &mut [f32], padded: bool) => softmax_impl, softmax_fma
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// [`expf`] of 8 lanes, the same operations in each lane, or `None` when a lane needs
+/// `expf`'s rare path (`|n| > 126`: results that overflow or go subnormal), which the
+/// caller then takes lane by lane.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn expf8(x: std::arch::x86_64::__m256) -> Option<std::arch::x86_64::__m256> {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    let r = c(0x4B40_0000);
+    let z = _mm256_fmadd_ps(x, c(0x3FB8_AA3B), r);
+    let n = _mm256_sub_ps(z, r);
+    let b = _mm256_fnmadd_ps(n, c(0x35BF_BE8E), _mm256_fnmadd_ps(n, c(0x3F31_7200), x));
+    let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+    if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0))) != 0 {
+        return None;
+    }
+    let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(
+        e,
+        _mm256_set1_epi32(1.0f32.to_bits() as i32),
+    ));
+    let u = _mm256_mul_ps(b, b);
+    let j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(c(0x3C07_2010), b, c(0x3D2B_9F17)),
+            u,
+            _mm256_fmadd_ps(c(0x3E2A_AF33), b, c(0x3EFF_FEDB)),
+        ),
+        u,
+        _mm256_mul_ps(c(0x3F7F_FFF6), b),
+    );
+    Some(_mm256_fmadd_ps(j, k, k))
+}
+
+/// [`softmax_impl`] with the groups of 8 in vectors ([`expf8`]) and [`hsum8`] in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_avx2(row: &mut [f32], padded: bool) {
+    use std::arch::x86_64::*;
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    let whole = if padded { row.len() } else { row.len() / 8 * 8 };
+    let vmax = _mm256_set1_ps(max);
+    let full = whole / 8 * 8;
+    for group in row[..full].chunks_exact_mut(8) {
+        // SAFETY: `group` is 8 f32, read and written unaligned.
+        let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(group.as_ptr()) }, vmax);
+        let Some(v) = expf8(x) else {
+            let mut lanes = [0.0f32; 8];
+            for (lane, v) in lanes.iter_mut().zip(group.iter_mut()) {
+                *v = expf(*v - max);
+                *lane = *v;
+            }
+            sum += hsum8(&lanes) as f64;
+            continue;
+        };
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(group.as_mut_ptr(), v) };
+        // `hsum8`: t_i = lane i + lane i+4, then (t0 + t2) + (t1 + t3).
+        let t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        sum += _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u))) as f64;
+    }
+    // A padded row's last partial group: its missing lanes are ggml's masked entries (0).
+    if full < whole {
+        let mut lanes = [0.0f32; 8];
+        for (lane, v) in lanes.iter_mut().zip(row[full..whole].iter_mut()) {
+            *v = expf(*v - max);
+            *lane = *v;
+        }
+        sum += hsum8(&lanes) as f64;
+    }
+    for v in &mut row[whole..] {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
 }
 
 #[inline(always)]
@@ -214,6 +316,36 @@ pub fn dot_f16_vec(a: &[f16], b: &[f16]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector softmax gives the lane-by-lane definition's bits: every length around the
+    /// groups of 8, padded or not, scores spread wide enough to reach `expf`'s rare path
+    /// (under -87: subnormal results) and masked (-inf) entries.
+    #[test]
+    fn vector_softmax_equals_the_definition() {
+        let mut rng = crate::rng::SplitMix64::new(5);
+        for len in 1..=41 {
+            for spread in [0.5f32, 8.0, 60.0, 200.0] {
+                for padded in [false, true] {
+                    let mut row: Vec<f32> = (0..len)
+                        .map(|_| (rng.next_f32() * 2.0 - 1.0) * spread)
+                        .collect();
+                    if len > 5 {
+                        row[3] = f32::NEG_INFINITY;
+                    }
+                    let mut want = row.clone();
+                    softmax_fma_dispatch(&mut want, padded);
+                    let mut got = row.clone();
+                    softmax_in_place(&mut got, padded);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "len {len} spread {spread} padded {padded}"
+                    );
+                }
+            }
+        }
+    }
 
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
