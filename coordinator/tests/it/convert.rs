@@ -88,11 +88,10 @@ fn repacked_fixtures_give_the_original_bits_and_llamacpp_greedy() {
     }
 }
 
-#[test]
-fn repacked_experts_on_nodes_give_the_single_process_bits() {
+/// A 2-layer Qwen3-30B-A3B-shaped Q4_K_M model with 16 experts, and its converted copy.
+fn synth_and_convert(dir: &Path, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     use coordinator::synth::{self, SynthConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("qwen3.gguf");
+    let model = dir.join("qwen3.gguf");
     let cfg = SynthConfig {
         shape: "qwen3-30b-a3b".into(),
         quant: "Q4_K_M".into(),
@@ -100,17 +99,24 @@ fn repacked_experts_on_nodes_give_the_single_process_bits() {
         vocab: Some(512),
         experts: Some(16),
         hidden: None,
-        seed: 11,
+        seed,
         header_only: false,
         threads: None,
         out: model.clone(),
     };
     synth::synth(&cfg, &mut |_, _| {}).unwrap();
-    let repacked = dir.path().join("qwen3.r8.gguf");
+    let repacked = dir.join("qwen3.r8.gguf");
     let file = GgufFile::open(&model).unwrap();
     let report =
         coordinator::convert::repack_q4_k(&file, &model, &repacked, &mut |_, _| {}).unwrap();
     assert!(report.repacked > 0);
+    (model, repacked)
+}
+
+#[test]
+fn repacked_experts_on_nodes_give_the_single_process_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, repacked) = synth_and_convert(dir.path(), 11);
     let prompt: Vec<u32> = (0..12).map(|i| (i * 41 + 3) % 512).collect();
     let single = Engine::open(&model).unwrap();
     let want = single.eval(&prompt).unwrap();
@@ -128,6 +134,70 @@ fn repacked_experts_on_nodes_give_the_single_process_bits() {
             "{transport:?}: logits of the repacked file on 2 nodes differ"
         );
         assert_eq!(greedy(&d.engine, &prompt, 4), want_greedy, "{transport:?}");
+    }
+}
+
+/// `split` of a converted model: each node's file keeps the interleaved tensors, and nodes
+/// serving from their files give the single-process bits of the original model.
+#[test]
+fn split_files_of_a_repacked_model_serve_the_original_bits() {
+    use coordinator::distributed::connect::DistOptions;
+    use shared::placement::{ModelShape, Plan};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, repacked) = synth_and_convert(dir.path(), 13);
+    let prompt: Vec<u32> = (0..10).map(|i| (i * 29 + 7) % 512).collect();
+    let want = Engine::open(&model).unwrap().eval(&prompt).unwrap();
+
+    let plan = dir.path().join("plan.toml");
+    let shape = ModelShape::from_gguf(&GgufFile::open(&repacked).unwrap()).unwrap();
+    let names = vec!["node0".to_owned(), "node1".to_owned()];
+    Plan::even_sliced(&names, &shape, true).save(&plan).unwrap();
+    let out = dir.path().join("split");
+    let status = Command::new(env!("CARGO_BIN_EXE_moeshard"))
+        .args(["split", "--model"])
+        .arg(&repacked)
+        .arg("--plan")
+        .arg(&plan)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut children = Vec::new();
+    let mut cluster = String::new();
+    for name in &names {
+        let file = out.join(shared::placement::split::split_file_name(&repacked, name));
+        assert!(
+            count_r8(&file) > 0,
+            "{name}: the split file has no Q4_K_R8 tensor"
+        );
+        let (child, addr) =
+            crate::distributed::spawn_node(&["--model", file.to_str().unwrap(), "--node", name]);
+        cluster +=
+            &format!("[[node]]\nname = \"{name}\"\naddress = \"{addr}\"\ntransport = \"grpc\"\n");
+        children.push(child);
+    }
+    let cluster_path = dir.path().join("cluster.toml");
+    std::fs::write(&cluster_path, cluster).unwrap();
+    let d = open_distributed(
+        &repacked,
+        &DistOptions {
+            cluster: Some(cluster_path),
+            plan: Some(plan),
+            ..DistOptions::default()
+        },
+    )
+    .unwrap();
+    let got = d.engine.eval(&prompt).unwrap();
+    assert!(
+        bits(&got) == bits(&want),
+        "split files of the repacked model"
+    );
+    drop(d);
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
