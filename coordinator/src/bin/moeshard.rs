@@ -694,16 +694,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 out: out.clone(),
             };
-            let bar = indicatif::ProgressBar::with_draw_target(
-                None,
-                indicatif::ProgressDrawTarget::stderr(),
-            );
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "synth {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = bytes_bar("synth");
             let start = std::time::Instant::now();
             let report = coordinator::synth::synth(&cfg, &mut |done, total| {
                 bar.set_length(total);
@@ -726,16 +717,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert { model, repack, out } => {
             debug_assert!(repack, "clap requires --repack");
             let file = open_gguf(&model)?;
-            let bar = indicatif::ProgressBar::with_draw_target(
-                None,
-                indicatif::ProgressDrawTarget::stderr(),
-            );
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "convert {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = bytes_bar("convert");
             let report = coordinator::convert::repack_q4_k(&file, &model, &out, &mut |d, t| {
                 bar.set_length(t);
                 bar.set_position(d);
@@ -1240,4 +1222,17 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// A progress bar on stderr for a long write: `<what> [bar] bytes/total (rate, eta)`.
+fn bytes_bar(what: &str) -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{wide_bar}} {{bytes}}/{{total_bytes}} ({{bytes_per_sec}}, {{eta}})"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }

@@ -90,21 +90,8 @@ fn repacked_fixtures_give_the_original_bits_and_llamacpp_greedy() {
 
 /// A 2-layer Qwen3-30B-A3B-shaped Q4_K_M model with 16 experts, and its converted copy.
 fn synth_and_convert(dir: &Path, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
-    use coordinator::synth::{self, SynthConfig};
     let model = dir.join("qwen3.gguf");
-    let cfg = SynthConfig {
-        shape: "qwen3-30b-a3b".into(),
-        quant: "Q4_K_M".into(),
-        layers: Some(2),
-        vocab: Some(512),
-        experts: Some(16),
-        hidden: None,
-        seed,
-        header_only: false,
-        threads: None,
-        out: model.clone(),
-    };
-    synth::synth(&cfg, &mut |_, _| {}).unwrap();
+    crate::distributed::synth_qwen3_q4_k_m(&model, seed);
     let repacked = dir.join("qwen3.r8.gguf");
     let file = GgufFile::open(&model).unwrap();
     let report =
@@ -142,44 +129,22 @@ fn repacked_experts_on_nodes_give_the_single_process_bits() {
 #[test]
 fn split_files_of_a_repacked_model_serve_the_original_bits() {
     use coordinator::distributed::connect::DistOptions;
-    use shared::placement::{ModelShape, Plan};
     let dir = tempfile::tempdir().unwrap();
     let (model, repacked) = synth_and_convert(dir.path(), 13);
     let prompt: Vec<u32> = (0..10).map(|i| (i * 29 + 7) % 512).collect();
     let want = Engine::open(&model).unwrap().eval(&prompt).unwrap();
 
-    let plan = dir.path().join("plan.toml");
-    let shape = ModelShape::from_gguf(&GgufFile::open(&repacked).unwrap()).unwrap();
-    let names = vec!["node0".to_owned(), "node1".to_owned()];
-    Plan::even_sliced(&names, &shape, true).save(&plan).unwrap();
-    let out = dir.path().join("split");
-    let status = Command::new(env!("CARGO_BIN_EXE_moeshard"))
-        .args(["split", "--model"])
-        .arg(&repacked)
-        .arg("--plan")
-        .arg(&plan)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (names, plan, out) = crate::distributed::split_even(&repacked, dir.path());
 
-    let mut children = Vec::new();
-    let mut cluster = String::new();
     for name in &names {
         let file = out.join(shared::placement::split::split_file_name(&repacked, name));
         assert!(
             count_r8(&file) > 0,
-            "{name}: the split file has no Q4_K_R8 tensor"
+            "{name}: no Q4_K_R8 tensor in the split file"
         );
-        let (child, addr) =
-            crate::distributed::spawn_node(&["--model", file.to_str().unwrap(), "--node", name]);
-        cluster +=
-            &format!("[[node]]\nname = \"{name}\"\naddress = \"{addr}\"\ntransport = \"grpc\"\n");
-        children.push(child);
     }
-    let cluster_path = dir.path().join("cluster.toml");
-    std::fs::write(&cluster_path, cluster).unwrap();
+    let (children, cluster_path) =
+        crate::distributed::serve_split_files(&repacked, &out, &names, dir.path());
     let d = open_distributed(
         &repacked,
         &DistOptions {
@@ -195,7 +160,7 @@ fn split_files_of_a_repacked_model_serve_the_original_bits() {
         "split files of the repacked model"
     );
     drop(d);
-    for mut c in children {
+    for (mut c, _) in children {
         let _ = c.kill();
         let _ = c.wait();
     }

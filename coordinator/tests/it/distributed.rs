@@ -430,6 +430,70 @@ fn node_without_the_planned_expert_is_refused() {
 
 /// Starts `moeshard expert-node ARGS --listen 127.0.0.1:0 --transport grpc` and reads
 /// the address it listens on.
+/// The sliced even plan of 2 nodes (dense parts sliced too) as a file in `dir`, and `moeshard
+/// split` of `model` by it into `dir/split`: (node names, plan file, split folder).
+pub(crate) fn split_even(model: &Path, dir: &Path) -> (Vec<String>, PathBuf, PathBuf) {
+    let plan = dir.join("plan.toml");
+    let out = dir.join("split");
+    let shape = ModelShape::from_gguf(&GgufFile::open(model).unwrap()).unwrap();
+    let names = vec!["node0".to_owned(), "node1".to_owned()];
+    shared::placement::Plan::even_sliced(&names, &shape, true)
+        .save(&plan)
+        .unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_moeshard"))
+        .args(["split", "--model"])
+        .arg(model)
+        .arg("--plan")
+        .arg(&plan)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "moeshard split of {}", model.display());
+    (names, plan, out)
+}
+
+/// A 2-layer Qwen3-30B-A3B-shaped Q4_K_M model with 16 experts and a vocabulary of 512 at
+/// `path`, random weights from `seed`.
+pub(crate) fn synth_qwen3_q4_k_m(path: &Path, seed: u64) {
+    use coordinator::synth::{self, SynthConfig};
+    let cfg = SynthConfig {
+        shape: "qwen3-30b-a3b".into(),
+        quant: "Q4_K_M".into(),
+        layers: Some(2),
+        vocab: Some(512),
+        experts: Some(16),
+        hidden: None,
+        seed,
+        header_only: false,
+        threads: None,
+        out: path.to_path_buf(),
+    };
+    synth::synth(&cfg, &mut |_, _| {}).unwrap();
+}
+
+/// One gRPC node daemon per name serving its `split` file of `model` from `split_dir`, and
+/// the cluster file naming them (written into `dir`).
+pub(crate) fn serve_split_files(
+    model: &Path,
+    split_dir: &Path,
+    names: &[String],
+    dir: &Path,
+) -> (Vec<(Child, PathBuf)>, PathBuf) {
+    let mut children = Vec::new();
+    let mut cluster = String::new();
+    for name in names {
+        let file = split_dir.join(shared::placement::split::split_file_name(model, name));
+        let (child, addr) = spawn_node(&["--model", file.to_str().unwrap(), "--node", name]);
+        cluster +=
+            &format!("[[node]]\nname = \"{name}\"\naddress = \"{addr}\"\ntransport = \"grpc\"\n");
+        children.push((child, file));
+    }
+    let cluster_path = dir.join("cluster.toml");
+    std::fs::write(&cluster_path, cluster).unwrap();
+    (children, cluster_path)
+}
+
 pub(crate) fn spawn_node(args: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_moeshard"))
         .arg("expert-node")
@@ -493,24 +557,7 @@ fn split_files_serve_the_same_results_and_map_only_their_share() {
     let model = fixtures().join("deepseek2/model-q8_0.gguf");
     let prompt = ids(&read_json(&fixtures().join("deepseek2/reference.json"))["prompt_tokens"]);
     let tmp = tempfile::tempdir().unwrap();
-    let plan = tmp.path().join("plan.toml");
-    let out = tmp.path().join("split");
-    let moeshard = env!("CARGO_BIN_EXE_moeshard");
-
-    // The sliced even plan of 2 nodes with the dense parts sliced too, as a file.
-    let shape = ModelShape::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
-    let names = vec!["node0".to_owned(), "node1".to_owned()];
-    shared::placement::Plan::even_sliced(&names, &shape, true)
-        .save(&plan)
-        .unwrap();
-    let status = Command::new(moeshard)
-        .args(["split", "--model", model.to_str().unwrap(), "--plan"])
-        .arg(&plan)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (names, plan, out) = split_even(&model, tmp.path());
 
     // Reference: the same plan served from the full file.
     let full = open(
@@ -529,17 +576,7 @@ fn split_files_serve_the_same_results_and_map_only_their_share() {
         "the sliced plan from the full file vs one process",
     );
 
-    let mut children = Vec::new();
-    let mut cluster = String::new();
-    for name in &names {
-        let file = out.join(shared::placement::split::split_file_name(&model, name));
-        let (child, addr) = spawn_node(&["--model", file.to_str().unwrap(), "--node", name]);
-        cluster +=
-            &format!("[[node]]\nname = \"{name}\"\naddress = \"{addr}\"\ntransport = \"grpc\"\n");
-        children.push((child, file));
-    }
-    let cluster_path = tmp.path().join("cluster.toml");
-    std::fs::write(&cluster_path, cluster).unwrap();
+    let (mut children, cluster_path) = serve_split_files(&model, &out, &names, tmp.path());
     let d = open(
         &model,
         &DistOptions {
@@ -639,22 +676,9 @@ fn load_based_replica_choice_spreads_each_step_over_the_replicas() {
 /// two rounds with repacked Q4_K gate/up rows and Q6_K down rows cut at multiples of 16.
 #[test]
 fn k_quant_experts_sliced_over_nodes_are_exact() {
-    use coordinator::synth::{self, SynthConfig};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("qwen3-30b-1l.gguf");
-    let cfg = SynthConfig {
-        shape: "qwen3-30b-a3b".into(),
-        quant: "Q4_K_M".into(),
-        layers: Some(2),
-        vocab: Some(512),
-        experts: Some(16),
-        hidden: None,
-        seed: 7,
-        header_only: false,
-        threads: None,
-        out: model.clone(),
-    };
-    synth::synth(&cfg, &mut |_, _| {}).unwrap();
+    synth_qwen3_q4_k_m(&model, 7);
     // 12 tokens: the prompt's experts get one to several tokens each (several kernel orders).
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 512).collect();
     let single = Engine::open(&model).unwrap();

@@ -274,6 +274,20 @@ fn check_dot(ty: GgmlType, n_blocks: usize, batch: usize, seed: u64) -> Result<(
     Ok(())
 }
 
+/// `8 · groups` random Q4_K rows of `n_blocks` super-blocks, plain and interleaved by eight
+/// (`Q4_K_R8`), with the generator to go on with and the row length `n`.
+fn r8_matrix(seed: u64, n_blocks: usize, groups: usize) -> (Rng, usize, Vec<u8>, Vec<u8>) {
+    let ty = GgmlType::Q4_K;
+    let mut rng = Rng(crate::rng::SplitMix64::new(seed));
+    let n = n_blocks * ty.block_elems();
+    let plain: Vec<u8> = (0..8 * groups)
+        .flat_map(|_| random_weights(&mut rng, ty, n))
+        .collect();
+    let mut interleaved = plain.clone();
+    super::rows8::interleave_matrix(&mut interleaved, ty.row_bytes(n).unwrap_or(0));
+    (rng, n, plain, interleaved)
+}
+
 /// `n_rows` random rows of `ty` times one activation row through the rows kernels
 /// (`repack`: CPU_REPACK's GEMV order) equal the one-row kernel of that order, bit for bit.
 fn check_rows(
@@ -575,15 +589,9 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let ty = GgmlType::Q4_K;
-        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
-        let n = n_blocks * ty.block_elems();
+        let (mut rng, n, plain, interleaved) = r8_matrix(seed, n_blocks, groups);
         let n_rows = 8 * groups;
-        let plain: Vec<u8> = (0..n_rows)
-            .flat_map(|_| random_weights(&mut rng, ty, n))
-            .collect();
         let x = random_activations(&mut rng, ty, n, 1);
-        let mut interleaved = plain.clone();
-        super::rows8::interleave_matrix(&mut interleaved, ty.row_bytes(n).unwrap());
         for kernels in Kernels::supported() {
             let mut want = vec![f32::NAN; n_rows];
             kernels.repack_dot_rows(ty, n, &plain, &x, &mut want);
@@ -632,14 +640,8 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let ty = GgmlType::Q4_K;
-        let mut rng = Rng(crate::rng::SplitMix64::new(seed));
-        let n = n_blocks * ty.block_elems();
+        let (mut rng, n, plain, interleaved) = r8_matrix(seed, n_blocks, groups);
         let n_rows = 8 * groups;
-        let plain: Vec<u8> = (0..n_rows)
-            .flat_map(|_| random_weights(&mut rng, ty, n))
-            .collect();
-        let mut interleaved = plain.clone();
-        super::rows8::interleave_matrix(&mut interleaved, ty.row_bytes(n).unwrap());
         let x = random_activations(&mut rng, ty, n, n_tokens);
         let act = Activations::from_bytes(GgmlType::Q8_K, n, n_tokens, x).unwrap();
         let w = WeightMatrix::new(ty, n_rows, n, &plain).unwrap();

@@ -1705,27 +1705,26 @@ pub(crate) fn deinterleave_q4_k_r8(group: &[u8], out: &mut [u8]) {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn transpose8x8_epi32(v: [__m256i; 8]) -> [__m256i; 8] {
-    let a = [
-        _mm256_unpacklo_epi32(v[0], v[1]),
-        _mm256_unpackhi_epi32(v[0], v[1]),
-        _mm256_unpacklo_epi32(v[2], v[3]),
-        _mm256_unpackhi_epi32(v[2], v[3]),
-        _mm256_unpacklo_epi32(v[4], v[5]),
-        _mm256_unpackhi_epi32(v[4], v[5]),
-        _mm256_unpacklo_epi32(v[6], v[7]),
-        _mm256_unpackhi_epi32(v[6], v[7]),
-    ];
-    // b[0]: rows 0 | 4 of columns 0..4; b[1]: rows 1 | 5; ... (columns 4..8 in b[4..8]).
-    let b = [
-        _mm256_unpacklo_epi64(a[0], a[2]),
-        _mm256_unpackhi_epi64(a[0], a[2]),
-        _mm256_unpacklo_epi64(a[1], a[3]),
-        _mm256_unpackhi_epi64(a[1], a[3]),
-        _mm256_unpacklo_epi64(a[4], a[6]),
-        _mm256_unpackhi_epi64(a[4], a[6]),
-        _mm256_unpacklo_epi64(a[5], a[7]),
-        _mm256_unpackhi_epi64(a[5], a[7]),
-    ];
+    // a[2p], a[2p + 1]: the low and high word pairs of v[2p] and v[2p + 1].
+    let a: [__m256i; 8] = std::array::from_fn(|i| {
+        let (x, y) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(x, y)
+        } else {
+            _mm256_unpackhi_epi32(x, y)
+        }
+    });
+    // b[0]: rows 0 | 4 of columns 0..4; b[1]: rows 1 | 5; ... (columns 4..8 in b[4..8]): the
+    // low and high quadword pairs of a[4g + j] and a[4g + j + 2].
+    let b: [__m256i; 8] = std::array::from_fn(|i| {
+        let (g, j) = (i / 4, i % 4 / 2);
+        let (x, y) = (a[4 * g + j], a[4 * g + j + 2]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi64(x, y)
+        } else {
+            _mm256_unpackhi_epi64(x, y)
+        }
+    });
     [
         _mm256_permute2x128_si256::<0x20>(b[0], b[4]),
         _mm256_permute2x128_si256::<0x20>(b[1], b[5]),
@@ -1738,31 +1737,14 @@ fn transpose8x8_epi32(v: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
-/// Byte `k` of every 32-bit lane into both i16 halves of the lane (`0x80`: zero).
-const fn lane_byte_pairs(k: u8) -> [u8; 32] {
-    let mut c = [0u8; 32];
+/// Bytes `k0` and `k1` of every 32-bit lane as the lane's two i16 (zero-extended).
+const fn lane_bytes(k0: u8, k1: u8) -> [u8; 32] {
+    let mut c = [0x80u8; 32];
     let mut i = 0;
     while i < 8 {
-        let b = 4 * (i as u8 % 4) + k;
-        c[4 * i] = b;
-        c[4 * i + 1] = 0x80;
-        c[4 * i + 2] = b;
-        c[4 * i + 3] = 0x80;
-        i += 1;
-    }
-    c
-}
-
-/// Bytes `k` and `k + 1` of every 32-bit lane as the lane's two i16.
-const fn lane_byte_couple(k: u8) -> [u8; 32] {
-    let mut c = [0u8; 32];
-    let mut i = 0;
-    while i < 8 {
-        let b = 4 * (i as u8 % 4) + k;
-        c[4 * i] = b;
-        c[4 * i + 1] = 0x80;
-        c[4 * i + 2] = b + 1;
-        c[4 * i + 3] = 0x80;
+        let base = 4 * (i as u8 % 4);
+        c[4 * i] = base + k0;
+        c[4 * i + 2] = base + k1;
         i += 1;
     }
     c
@@ -1770,13 +1752,13 @@ const fn lane_byte_couple(k: u8) -> [u8; 32] {
 
 /// Sub-block `s % 4`'s scale of each row as an i16 pair (`LANE_BYTE[s % 4]`).
 const LANE_BYTE: [[u8; 32]; 4] = [
-    lane_byte_pairs(0),
-    lane_byte_pairs(1),
-    lane_byte_pairs(2),
-    lane_byte_pairs(3),
+    lane_bytes(0, 0),
+    lane_bytes(1, 1),
+    lane_bytes(2, 2),
+    lane_bytes(3, 3),
 ];
 /// The mins of sub-blocks 2p, 2p + 1 (`p % 2`) of each row as its two i16.
-const LANE_COUPLE: [[u8; 32]; 2] = [lane_byte_couple(0), lane_byte_couple(2)];
+const LANE_COUPLE: [[u8; 32]; 2] = [lane_bytes(0, 1), lane_bytes(2, 3)];
 
 /// One group of eight interleaved Q4_K rows · one Q8_K token: lane r = row r's result.
 #[inline]
